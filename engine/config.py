@@ -1,0 +1,253 @@
+"""Typed configuration: YAML files in configs/ loaded into dataclasses, with key=value overrides.
+
+One config describes a whole InstaGen setting (model, prompts, synthesis, annotation, output,
+and each trainer); every job reads the sections it needs. Unknown keys and wrong types are
+errors that name the key, so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config the user wrote is wrong; the message names the key and the fix."""
+
+
+@dataclass
+class TinyModelConfig:
+    """Sizes of the tiny randomly initialised Stable Diffusion used on CPU and in tests."""
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
+    layers_per_block: int = 1
+    cross_attention_dim: int = 32
+    attention_head_dim: int = 8
+    vae_block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
+    latent_channels: int = 4
+    text_hidden_size: int = 32
+    text_layers: int = 2
+    text_heads: int = 4
+    seed: int = 0  # every actor builds the same random weights from this seed
+
+
+@dataclass
+class ModelConfig:
+    # "tiny" (random weights from `tiny`), a local diffusers folder, or a single-file
+    # checkpoint (.ckpt / .safetensors). A hub id fails offline with a hint to use a path.
+    source: str = "tiny"
+    # For single-file checkpoints: a local diffusers folder (or the original LDM yaml) giving
+    # component configs, text encoder and tokenizer, since no hub is reachable.
+    config_source: Optional[str] = None
+    scheduler: str = "ddim"  # ddim | pndm | euler | dpm
+    dtype: str = "auto"  # auto = float16 on CUDA, float32 on CPU; or float32 | float16 | bfloat16
+    attention: str = "auto"  # auto = xformers when CUDA and xformers exist, else sdpa
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class PromptConfig:
+    base: list[str] = field(default_factory=list)
+    novel: list[str] = field(default_factory=list)
+    # Which categories to generate: "base", "novel", "all", or an explicit list in `categories`.
+    generate: str = "base"
+    categories: list[str] = field(default_factory=list)
+    images_per_category: int = 4
+    max_categories: int = 2  # one or two categories per prompt, as in the paper
+    template: str = "a photograph of {c1} and {c2}"
+    template_single: str = "a photograph of {c1}"
+    seed: int = 0
+
+
+@dataclass
+class SynthesisConfig:
+    height: int = 64
+    width: int = 64
+    steps: int = 50
+    guidance: float = 5.0
+    batch_size: int = 4
+    num_actors: int = 0  # 0 = as many as the cluster fits
+    gpus_per_actor: float = 1.0  # used only when the cluster has GPUs
+    keep_features: bool = False  # also store UNet decoder features of the last step
+    jpeg_quality: int = 95
+    on_nonfinite: str = "regenerate"  # regenerate (derived seed) | drop
+    max_regenerations: int = 3
+
+
+@dataclass
+class AnnotationConfig:
+    labeller: str = "detector"  # a name in engine.annotation.LABELLERS
+    model: str = "tiny"  # "tiny" or a local folder (closed-set or zero-shot detector)
+    alpha: float = 0.8  # teacher score threshold for base categories (paper: 0.8)
+    beta: float = 0.4  # grounding-head threshold for novel categories (paper: 0.4)
+    batch_size: int = 8
+    num_actors: int = 0
+    gpus_per_actor: float = 0.5
+
+
+@dataclass
+class OutputConfig:
+    path: str = "outputs/tiny"
+    shard_size: int = 16
+    preview_images: int = 16
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None  # None = RAY_ADDRESS if set, else an embedded local Ray
+    num_cpus: Optional[int] = None  # embedded Ray only
+    allow_autoscale: bool = False  # skip the "cluster cannot fit this actor" check
+
+
+@dataclass
+class Config:
+    name: str = "tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    annotation: AnnotationConfig = field(default_factory=AnnotationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None,
+                cls: type = Config) -> Any:
+    """Load `path` (YAML) into `cls`, then apply `a.b=value` overrides, then validate."""
+    raw: dict = {}
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path!r} does not exist; pass a file from configs/") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path!r} must hold a mapping of sections, not {type(raw).__name__}")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            parsed = value
+        node = raw
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
+        node[parts[-1]] = parsed
+    cfg = from_dict(cls, raw)
+    validate = getattr(cfg, "validate", None)
+    if validate:
+        validate()
+    return cfg
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = prefix or "top level"
+        raise ConfigError(f"unknown config key {_join(prefix, unknown[0])!r} "
+                          f"(in {where}; known keys: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(hints[k], v, _join(prefix, k)) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for a in inner:
+            try:
+                return _coerce(a, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r} must be a mapping, got {value!r}")
+        return {str(k): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"config key {key!r} must be {tp.__name__}, got {value!r} "
+                          f"({type(value).__name__})")
+    return value
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def fingerprint(obj: Any) -> str:
+    """A stable hash of a config section, to tell a resumed run from a different one."""
+    data = to_dict(obj) if dataclasses.is_dataclass(obj) else obj
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def _validate(cfg: Config) -> None:
+    p, s, a, o = cfg.prompts, cfg.synthesis, cfg.annotation, cfg.output
+    _require(p.generate in ("base", "novel", "all", "list"),
+             f"prompts.generate must be base, novel, all or list, got {p.generate!r}")
+    _require(p.images_per_category >= 1, "prompts.images_per_category must be >= 1")
+    _require(p.max_categories in (1, 2), "prompts.max_categories must be 1 or 2")
+    _require(s.height % 8 == 0 and s.width % 8 == 0 and s.height > 0 and s.width > 0,
+             f"synthesis.height and synthesis.width must be positive multiples of 8, "
+             f"got {s.height}x{s.width}")
+    _require(s.steps >= 2, "synthesis.steps must be >= 2 (InstaGen keeps the latents of step T-1)")
+    _require(s.batch_size >= 1, "synthesis.batch_size must be >= 1")
+    _require(s.num_actors >= 0 and a.num_actors >= 0, "num_actors must be >= 0 (0 = fit the cluster)")
+    _require(s.on_nonfinite in ("regenerate", "drop"),
+             f"synthesis.on_nonfinite must be regenerate or drop, got {s.on_nonfinite!r}")
+    _require(0.0 <= a.alpha <= 1.0 and 0.0 <= a.beta <= 1.0, "annotation.alpha and beta must lie in [0, 1]")
+    _require(o.shard_size >= 1, "output.shard_size must be >= 1")
+    _require(cfg.model.dtype in ("auto", "float32", "float16", "bfloat16"),
+             f"model.dtype must be auto, float32, float16 or bfloat16, got {cfg.model.dtype!r}")
+    _require(cfg.model.attention in ("auto", "sdpa", "xformers"),
+             f"model.attention must be auto, sdpa or xformers, got {cfg.model.attention!r}")
+
+
+Config.validate = _validate  # type: ignore[attr-defined]

@@ -1,0 +1,36 @@
+"""Fault injection for the reliability tests: switched on only by environment variables.
+
+INSTAGEN_FAULT_CRASH=<stage>:<k>   the process of that stage's actor exits on its k-th batch,
+                                   once per marker file (INSTAGEN_FAULT_DIR), so a restarted
+                                   actor does not crash again.
+INSTAGEN_FAULT_NAN=<id>,<id>...    those prompt ids come out of the model as NaN on their first
+                                   attempt (a regeneration with a derived seed is clean).
+"""
+from __future__ import annotations
+
+import os
+
+
+def maybe_crash(stage: str, batch_number: int) -> None:
+    spec = os.environ.get("INSTAGEN_FAULT_CRASH")
+    if not spec:
+        return
+    want_stage, _, k = spec.partition(":")
+    if want_stage != stage or int(k) != batch_number:
+        return
+    marker = os.path.join(os.environ.get("INSTAGEN_FAULT_DIR", "/tmp"), f"instagen-crashed-{stage}")
+    if os.path.exists(marker):
+        return
+    open(marker, "w").close()
+    os._exit(1)  # a hard crash, as a killed or OOM worker would die
+
+
+def poison_nonfinite(ids: list[int], drawn, attempt: int) -> None:
+    spec = os.environ.get("INSTAGEN_FAULT_NAN")
+    if not spec or attempt > 0:
+        return
+    bad = {int(x) for x in spec.split(",") if x}
+    for j, i in enumerate(ids):
+        if i in bad:
+            drawn.latents[j] = float("nan")
+            drawn.finite[j] = False
