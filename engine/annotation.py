@@ -42,10 +42,17 @@ def register_labeller(name: str):
     return wrap
 
 
-def build_labeller(cfg: AnnotationConfig, categories: list[str]) -> Labeller:
+def check_labeller(cfg: AnnotationConfig) -> None:
     if cfg.labeller not in LABELLERS:
         raise AnnotationError(f"annotation.labeller {cfg.labeller!r} is unknown; choose one of "
                               f"{', '.join(sorted(LABELLERS))}")
+    if cfg.model != "tiny" and not os.path.isdir(cfg.model):
+        raise AnnotationError(f"annotation.model {cfg.model!r} is not a local folder; point it at a "
+                              f"detector saved with save_pretrained, or use 'tiny'")
+
+
+def build_labeller(cfg: AnnotationConfig, categories: list[str]) -> Labeller:
+    check_labeller(cfg)
     return LABELLERS[cfg.labeller](cfg, categories)
 
 
@@ -81,9 +88,6 @@ class DetectorLabeller:
             self.model = tiny_detector(categories)
             self.processor = DetrImageProcessor(size={"shortest_edge": 64, "longest_edge": 128})
         else:
-            if not os.path.isdir(cfg.model):
-                raise AnnotationError(f"annotation.model {cfg.model!r} is not a local folder; point it at a "
-                                      f"detector saved with save_pretrained, or use 'tiny'")
             try:
                 self.model = AutoModelForObjectDetection.from_pretrained(cfg.model, local_files_only=True).eval()
                 self.processor = AutoImageProcessor.from_pretrained(cfg.model, local_files_only=True)

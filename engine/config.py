@@ -41,8 +41,8 @@ class ModelConfig:
     # "tiny" (random weights from `tiny`), a local diffusers folder, or a single-file
     # checkpoint (.ckpt / .safetensors). A hub id fails offline with a hint to use a path.
     source: str = "tiny"
-    # For single-file checkpoints: a local diffusers folder (or the original LDM yaml) giving
-    # component configs, text encoder and tokenizer, since no hub is reachable.
+    # For single-file checkpoints: a local diffusers folder of the same architecture giving the
+    # component configs and tokenizer (its weights are not needed), since no hub is reachable.
     config_source: Optional[str] = None
     scheduler: str = "ddim"  # ddim | pndm | euler | dpm
     dtype: str = "auto"  # auto = float16 on CUDA, float32 on CPU; or float32 | float16 | bfloat16
@@ -113,6 +113,9 @@ class Config:
     annotation: AnnotationConfig = field(default_factory=AnnotationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+
+    def validate(self) -> None:
+        _validate(self)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,5 +252,9 @@ def _validate(cfg: Config) -> None:
     _require(cfg.model.attention in ("auto", "sdpa", "xformers"),
              f"model.attention must be auto, sdpa or xformers, got {cfg.model.attention!r}")
 
-
-Config.validate = _validate  # type: ignore[attr-defined]
+    for name, template in (("template", p.template), ("template_single", p.template_single)):
+        try:
+            template.format(c1="x", c2="y")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError(f"prompts.{name} {template!r} is not a valid template ({e!r}); "
+                              f"use {{c1}} and {{c2}} for the category names") from None

@@ -74,7 +74,7 @@ class Progress:
 def generate(cfg: Config) -> Summary:
     import ray
 
-    from engine.annotation import Annotator
+    from engine.annotation import Annotator, check_labeller
     from engine.cluster import cluster_state, connect, plan_pools, threads_for
     from engine.shards import ShardStore
     from engine.synthesis import Synthesizer
@@ -84,26 +84,24 @@ def generate(cfg: Config) -> Summary:
     categories = all_categories(cfg)
     size = cfg.output.shard_size
     n_shards = (len(rows) + size - 1) // size
+    run_info = {"fingerprint": run_fingerprint(cfg), "name": cfg.name, "categories": categories,
+                "base": cfg.prompts.base, "novel": cfg.prompts.novel, "prompts": len(rows), "shard_size": size}
     store = ShardStore(cfg.output.path)
-    store.prepare({"fingerprint": run_fingerprint(cfg), "name": cfg.name, "categories": categories,
-                   "base": cfg.prompts.base, "novel": cfg.prompts.novel, "prompts": len(rows),
-                   "shard_size": size})
-    store.remove_temporaries()
+    store.check_same_run(run_info)
     done = store.finished()
-    todo = [i for i in range(n_shards) if i not in done]
-    todo_rows = [r for r in rows if r.id // size in set(todo)]
+    todo = set(range(n_shards)) - set(done)
+    todo_rows = [r for r in rows if r.id // size in todo]
     written: dict[int, dict] = {}
     if todo_rows:
-        # Build the labeller once here so a bad annotation config fails before any model loads.
-        from engine.annotation import LABELLERS, AnnotationError
-        if cfg.annotation.labeller not in LABELLERS:
-            raise AnnotationError(f"annotation.labeller {cfg.annotation.labeller!r} is unknown; choose one "
-                                  f"of {', '.join(sorted(LABELLERS))}")
+        # Everything a user can get wrong is checked before the first byte is written.
+        check_labeller(cfg.annotation)
         connect(cfg.ray)
         resources, nodes = cluster_state()
         synth, annot = plan_pools(resources, nodes, cfg.synthesis.num_actors, cfg.synthesis.gpus_per_actor,
                                   cfg.annotation.num_actors, cfg.annotation.gpus_per_actor,
                                   cfg.ray.allow_autoscale)
+        store.prepare(run_info)
+        store.remove_temporaries()
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
         ctx.enable_progress_bars = False
@@ -117,7 +115,7 @@ def generate(cfg: Config) -> Summary:
             Annotator, fn_constructor_args=(cfg.annotation, categories, threads_for(annot.num_cpus)),
             batch_size=cfg.annotation.batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=annot.size), **annot.remote_args())
-        written = _write_shards(ds, store, todo, todo_rows, size)
+        written = _write_shards(ds, store, sorted(todo), todo_rows, size)
     entries = {**done, **written}
     return Summary(images=sum(e["samples"] for e in entries.values()),
                    boxes=sum(e["boxes"] for e in entries.values()), shards=len(entries),

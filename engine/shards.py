@@ -62,8 +62,21 @@ class ShardStore:
         return path if protocol in ("file", "local") else f"{protocol}://{path}"
 
     # -- run identity ---------------------------------------------------------------------------
+    def check_same_run(self, run_info: dict) -> None:
+        """Refuse to resume into an output that another configuration wrote (reads only)."""
+        run_path = self._path("run.json")
+        if self.fs.exists(run_path):
+            with self.fs.open(run_path, "r") as f:
+                old = json.load(f)
+            if old.get("fingerprint") != run_info["fingerprint"]:
+                raise ShardError(
+                    f"output path {self.url!r} holds a different run (its prompts, model or image settings "
+                    f"differ from this config's); resuming would mix two datasets. Use a new output.path, "
+                    f"or delete the old output.")
+
     def prepare(self, run_info: dict) -> None:
-        """Create the layout and check this output belongs to the same run (or is new)."""
+        """Create the layout, check it is writable, and record which run owns it."""
+        self.check_same_run(run_info)
         try:
             self.fs.makedirs(self._path("shards"), exist_ok=True)
             self.fs.makedirs(self._path("manifest"), exist_ok=True)
@@ -75,15 +88,7 @@ class ShardStore:
             raise ShardError(f"output path {self.url!r} is not writable ({e}); choose a path you can "
                              f"write to with output.path=...") from None
         run_path = self._path("run.json")
-        if self.fs.exists(run_path):
-            with self.fs.open(run_path, "r") as f:
-                old = json.load(f)
-            if old.get("fingerprint") != run_info["fingerprint"]:
-                raise ShardError(
-                    f"output path {self.url!r} holds a different run (its prompts, model or image settings "
-                    f"differ from this config's); resuming would mix two datasets. Use a new output.path, "
-                    f"or delete the old output.")
-        else:
+        if not self.fs.exists(run_path):
             self._write_atomic(run_path, json.dumps(run_info, indent=2).encode())
 
     # -- manifest --------------------------------------------------------------------------------

@@ -1,0 +1,631 @@
+"""Detector training on real + synthetic data, and its evaluation.
+
+    cfg = load_config("configs/detector.yaml", cls=DetectorJobConfig).detector
+    summary = train_detector(cfg)      # Ray Train + DeepSpeed; resumes; saves cfg.output_dir
+    metrics = evaluate_detector(cfg)   # predictions on cfg.eval_annotations -> COCO AP / LVIS AP
+
+Data: real COCO/LVIS records (engine.datasets) and synthetic WebDataset shards (engine.shards)
+are mixed so that `mix_ratio` of each epoch's samples are synthetic, streamed through Ray Data
+(shards are read where they are, a shard per read task) and augmented on CPU workers: scale
+jitter around `image_size`, random crop or pad to a fixed `image_size` square canvas, horizontal
+flip. Boxes follow every transform; a box the crop leaves without area is dropped.
+
+Epoch: `samples_per_epoch` samples (0 = every real image once, plus as many synthetic ones as
+the ratio asks; or every synthetic sample once when mix_ratio is 1), rounded down to whole
+batches on every worker so all workers take the same steps. Which real and synthetic samples
+fill an epoch is drawn once per run (seeded): a pool larger than its share is subsampled, a
+smaller one repeated. Augmentation is drawn afresh every epoch.
+
+Training: `train_loop_per_worker` on Ray Train workers, DeepSpeed over gloo (CPU) or NCCL,
+checkpoints every `checkpoint_every` steps under storage_path/name through engine.training;
+rerunning the same command resumes at the saved step. At the end the trained weights go to
+`output_dir` with `save_pretrained` (model + image processor), a folder the "detector" labeller
+of the generation stage loads as its teacher.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from engine.config import ConfigError, RayConfig, from_dict
+from engine.detectors import ATTENTION, DETECTORS, Detector, TinyDetectorConfig, build_detector
+
+log = logging.getLogger(__name__)
+
+REAL, SYNTHETIC = "real", "synthetic"
+
+
+class DetectionDataError(ValueError):
+    """Training data that cannot be used as configured; the message names the fix."""
+
+
+@dataclass
+class AugmentConfig:
+    flip_prob: float = 0.5
+    # Large-scale jitter: the image is resized to scale x image_size (longer side), scale drawn
+    # uniformly from [min_scale, max_scale], then cropped or padded to the image_size canvas.
+    min_scale: float = 0.8
+    max_scale: float = 1.2
+
+
+@dataclass
+class DetectorConfig:
+    kind: str = "deformable_detr"  # a name in engine.detectors.DETECTORS
+    model: str = "tiny"  # "tiny" (random weights from `tiny`) or a local save_pretrained folder
+    tiny: TinyDetectorConfig = field(default_factory=TinyDetectorConfig)
+    attention: str = "reference"  # reference (transformers) | project_op (engine.ops.ms_deform_attn)
+    categories: list[str] = field(default_factory=list)  # empty = the real dataset's categories
+    image_size: int = 64  # training canvas side and inference resize target
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Data
+    real_annotations: Optional[str] = None  # COCO/LVIS instances JSON (local path or URL)
+    real_image_root: Optional[str] = None
+    real_format: str = "coco"  # coco (also Objects365) | lvis
+    synthetic: list[str] = field(default_factory=list)  # shard output paths of `instagen generate`
+    mix_ratio: float = 0.5  # fraction of each epoch's samples that are synthetic
+    samples_per_epoch: int = 0  # 0 = automatic (see the module docstring)
+    # Optimisation
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 0
+    clip: float = 0.1  # Deformable DETR's gradient clipping
+    batch_size: int = 4  # per worker
+    epochs: int = 1
+    max_steps: int = 0  # > 0 caps the total steps (smoke runs, benchmarks)
+    seed: int = 0
+    # Ray Train / DeepSpeed
+    num_workers: int = 1
+    cpus_per_worker: float = 0.5
+    use_gpu: bool = False
+    zero_stage: int = 1
+    bf16: bool = False
+    checkpoint_every: int = 50
+    max_failures: int = 2
+    storage_path: str = "outputs/train"
+    name: str = "detector"
+    output_dir: str = "outputs/detector"
+    # Evaluation
+    eval_annotations: Optional[str] = None
+    eval_image_root: Optional[str] = None
+    eval_format: str = "coco"  # coco | lvis
+    base: list[str] = field(default_factory=list)  # base / novel split for AP50 (coco only)
+    novel: list[str] = field(default_factory=list)
+    eval_threshold: float = 0.0  # keep detections scoring at least this (AP wants them all)
+    eval_batch_size: int = 8
+    draw_images: int = 8  # images in the predictions PNG
+    draw_threshold: float = 0.3
+    eval_dir: str = ""  # "" = output_dir/eval
+
+    def validate(self) -> None:
+        def require(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(message)
+        require(self.kind in DETECTORS, f"detector.kind {self.kind!r} is unknown; choose one of "
+                                        f"{', '.join(sorted(DETECTORS))}")
+        require(self.attention in ATTENTION, f"detector.attention must be one of {', '.join(ATTENTION)}, "
+                                             f"got {self.attention!r}")
+        require(0.0 <= self.mix_ratio <= 1.0, f"detector.mix_ratio must lie in [0, 1], got {self.mix_ratio}")
+        require(self.mix_ratio == 0.0 or bool(self.synthetic),
+                f"detector.mix_ratio={self.mix_ratio} asks for synthetic samples but detector.synthetic "
+                f"names no shard path; set detector.synthetic=[path] or detector.mix_ratio=0")
+        require(self.mix_ratio == 1.0 or bool(self.real_annotations and self.real_image_root),
+                f"detector.mix_ratio={self.mix_ratio} asks for real samples; set detector.real_annotations "
+                f"and detector.real_image_root, or detector.mix_ratio=1 for synthetic data only")
+        require(self.mix_ratio < 1.0 or bool(self.categories),
+                "with synthetic data only (mix_ratio=1) list the detector's classes in detector.categories")
+        require(self.real_format in ("coco", "lvis") and self.eval_format in ("coco", "lvis"),
+                "detector.real_format and detector.eval_format must be coco or lvis")
+        require(self.image_size >= 32 and self.image_size % 32 == 0,
+                f"detector.image_size must be a multiple of 32 (the backbone's stride), got {self.image_size}")
+        a = self.augment
+        require(0.0 <= a.flip_prob <= 1.0, "detector.augment.flip_prob must lie in [0, 1]")
+        require(0.0 < a.min_scale <= a.max_scale, "detector.augment needs 0 < min_scale <= max_scale")
+        require(self.batch_size >= 1 and self.epochs >= 1 and self.max_steps >= 0 and self.samples_per_epoch >= 0,
+                "detector.batch_size and epochs must be >= 1, max_steps and samples_per_epoch >= 0")
+        require(self.num_workers >= 1, "detector.num_workers must be >= 1")
+        require(self.zero_stage in (0, 1, 2), f"detector.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
+        require(not (self.eval_format == "lvis" and (self.base or self.novel)),
+                "detector.base/novel apply to eval_format coco; for LVIS the novel metric is APr")
+
+
+@dataclass
+class DetectorJobConfig:
+    """What jobs/train_detector.py reads until the root Config has a `detector` section."""
+    name: str = "detector"
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def validate(self) -> None:
+        self.detector.validate()
+
+
+# --------------------------------------------------------------------------------------------
+# Sources
+
+
+@dataclass
+class SyntheticPool:
+    """Finished samples of one or more shard outputs: (shard url, sample key) pairs."""
+    samples: list[tuple[str, str]]
+    categories: set[str]  # every label the generating run could have written
+
+
+def synthetic_pool(paths: list[str], detector_categories: list[str]) -> SyntheticPool:
+    """Finished shards under each path, checked against the detector's categories up front
+    (from the run's run.json, or every sample's labels where it has none), so a disagreeing
+    category fails here with its name instead of deep inside a Ray worker."""
+    from engine.shards import ShardError, ShardStore, iter_samples
+    samples: list[tuple[str, str]] = []
+    labels: set[str] = set()
+    for path in paths:
+        store = ShardStore(path)
+        entries = store.finished()
+        if not entries:
+            raise DetectionDataError(f"synthetic path {path!r} holds no finished shards; run `instagen generate` "
+                                     f"with output.path={path} first, or remove it from detector.synthetic")
+        urls = {i: store.shard_url(i) for i in entries}
+        for i in sorted(entries):
+            samples += [(urls[i], key) for key in entries[i]["keys"]]
+        run_json = store._path("run.json")
+        if store.fs.exists(run_json):
+            with store.fs.open(run_json, "r") as f:
+                labels |= set(json.load(f).get("categories") or [])
+        else:
+            try:
+                for sample in iter_samples([urls[i] for i in sorted(entries)], decode=False):
+                    labels |= set(json.loads(sample["json"])["labels"])
+            except (ShardError, OSError, KeyError, ValueError) as e:
+                raise DetectionDataError(f"synthetic shards under {path!r} cannot be read ({e}); regenerate them") from e
+    if not samples:
+        raise DetectionDataError(f"the synthetic shards under {', '.join(map(repr, paths))} hold no samples (every "
+                                 f"prompt was dropped); generate again, or set detector.mix_ratio=0")
+    unknown = sorted(labels - set(detector_categories))
+    if unknown:
+        raise DetectionDataError(
+            f"synthetic category {unknown[0]!r}{f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''} "
+            f"is not one of the detector's categories ({', '.join(detector_categories[:10])}"
+            f"{' ...' if len(detector_categories) > 10 else ''}); add it to detector.categories, or train on "
+            f"shards generated for these categories")
+    return SyntheticPool(samples, labels)
+
+
+def detector_categories(cfg: DetectorConfig) -> tuple[list[str], list[dict]]:
+    """The detector's classes and the real rows (boxes of other categories dropped)."""
+    from engine.datasets import load_detection_dataset, records_to_rows
+    if cfg.mix_ratio >= 1.0:
+        return list(cfg.categories), []
+    # Images are decoded (and bad ones skipped) in the pipeline, not twice up front.
+    real = load_detection_dataset(cfg.real_annotations, cfg.real_image_root, fmt=cfg.real_format,
+                                  check_images=False)
+    if real.skipped.total:
+        log.warning("real data: %s", real.skipped.summary())
+    categories = list(cfg.categories) or real.categories
+    keep = set(categories)
+    rows = []
+    for row in records_to_rows(real.records):
+        boxes, labels = json.loads(row["boxes"]), json.loads(row["labels"])
+        idx = [i for i, label in enumerate(labels) if label in keep]
+        rows.append({**row, "boxes": json.dumps([boxes[i] for i in idx]), "labels": json.dumps([labels[i] for i in idx])})
+    if not rows:
+        raise DetectionDataError(f"real dataset {cfg.real_annotations!r} has no usable images "
+                                 f"({real.skipped.summary()})")
+    return categories, rows
+
+
+# --------------------------------------------------------------------------------------------
+# Mixing
+
+
+@dataclass
+class EpochPlan:
+    real: list[dict]  # real rows, one per sample (repeats allowed)
+    synthetic: dict[str, list[str]]  # shard url -> sample keys to take (repeats allowed)
+    steps_per_epoch: int
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {REAL: len(self.real), SYNTHETIC: sum(len(k) for k in self.synthetic.values())}
+
+
+def plan_epoch(cfg: DetectorConfig, real_rows: list[dict], pool: Optional[SyntheticPool]) -> EpochPlan:
+    """How many real and synthetic samples one epoch holds, and which."""
+    ratio = cfg.mix_ratio
+    n_syn_pool = len(pool.samples) if pool else 0
+    if cfg.samples_per_epoch:
+        total = cfg.samples_per_epoch
+    elif ratio >= 1.0:
+        total = n_syn_pool
+    else:
+        total = math.ceil(len(real_rows) / (1.0 - ratio))
+    per_step = cfg.batch_size * cfg.num_workers
+    steps = total // per_step
+    if steps < 1:
+        raise DetectionDataError(f"an epoch of {total} samples is less than one step of batch_size={cfg.batch_size} "
+                                 f"x num_workers={cfg.num_workers}; lower detector.batch_size or raise "
+                                 f"detector.samples_per_epoch")
+    total = steps * per_step
+    n_syn = round(ratio * total)
+    rng = random.Random(cfg.seed)
+    real = [real_rows[i] for i in _draw(rng, len(real_rows), total - n_syn)]
+    synthetic: dict[str, list[str]] = defaultdict(list)
+    for i in sorted(_draw(rng, n_syn_pool, n_syn)):
+        url, key = pool.samples[i]
+        synthetic[url].append(key)
+    return EpochPlan(real, dict(synthetic), steps)
+
+
+def _draw(rng: random.Random, pool: int, n: int) -> list[int]:
+    """n indices into range(pool): a shuffled subset, or whole shuffled passes plus a subset."""
+    out: list[int] = []
+    while len(out) < n:
+        order = list(range(pool))
+        rng.shuffle(order)
+        out += order[:n - len(out)]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Augmentation
+
+
+def augment(image, boxes: list[list[float]], labels: list[Any], size: int, scale: float, flip: bool,
+            crop_xy: tuple[float, float] = (0.0, 0.0), keep_aspect: bool = True):
+    """Resize to `scale` x `size` (longer side; or a square when not keep_aspect), crop to the
+    `size` x `size` canvas at the fraction `crop_xy` of the overhang, flip, pad bottom/right.
+
+    Returns (pixels uint8 (size, size, 3), mask uint8 (size, size) with 1 on the image,
+    boxes xyxy on the canvas, labels of the kept boxes, (valid_w, valid_h))."""
+    from PIL import Image
+    w, h = image.size
+    if keep_aspect:
+        r = scale * size / max(w, h)
+        new_w, new_h = max(1, round(w * r)), max(1, round(h * r))
+    else:
+        new_w = new_h = max(1, round(scale * size))
+    image = image.convert("RGB").resize((new_w, new_h), Image.BILINEAR)
+    sx, sy = new_w / w, new_h / h
+    x0 = round((new_w - size) * crop_xy[0]) if new_w > size else 0
+    y0 = round((new_h - size) * crop_xy[1]) if new_h > size else 0
+    vw, vh = min(new_w, size), min(new_h, size)
+    image = image.crop((x0, y0, x0 + vw, y0 + vh))
+    if flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    kept_boxes, kept_labels = [], []
+    for (bx0, by0, bx1, by1), label in zip(boxes, labels):
+        bx0, bx1 = min(max(bx0 * sx - x0, 0.0), vw), min(max(bx1 * sx - x0, 0.0), vw)
+        by0, by1 = min(max(by0 * sy - y0, 0.0), vh), min(max(by1 * sy - y0, 0.0), vh)
+        if bx1 - bx0 < 1.0 or by1 - by0 < 1.0:
+            continue  # cropped away (or under a pixel): nothing left to detect
+        if flip:
+            bx0, bx1 = vw - bx1, vw - bx0
+        kept_boxes.append([bx0, by0, bx1, by1])
+        kept_labels.append(label)
+    pixels = np.zeros((size, size, 3), dtype=np.uint8)
+    pixels[:vh, :vw] = np.asarray(image)
+    mask = np.zeros((size, size), dtype=np.uint8)
+    mask[:vh, :vw] = 1
+    return pixels, mask, kept_boxes, kept_labels, (vw, vh)
+
+
+def to_target(boxes: list[list[float]], valid: tuple[int, int]) -> list[list[float]]:
+    """xyxy canvas pixels -> (cx, cy, w, h) normalised by the valid region, the DETR targets
+    that post_process_object_detection maps back with the original image size."""
+    vw, vh = valid
+    return [[(x0 + x1) / 2 / vw, (y0 + y1) / 2 / vh, (x1 - x0) / vw, (y1 - y0) / vh] for x0, y0, x1, y1 in boxes]
+
+
+class Augmenter:
+    """Ray Data batch function: decode, augment, and encode the targets of one batch of rows."""
+
+    def __init__(self, categories: list[str], size: int, augment_cfg: dict, keep_aspect: bool, train: bool = True):
+        self.index = {c: i for i, c in enumerate(categories)}
+        self.size, self.keep_aspect, self.train = size, keep_aspect, train
+        self.cfg = AugmentConfig(**augment_cfg)
+        self.rng = np.random.default_rng()  # fresh draws on every epoch's pass
+
+    def __call__(self, batch: dict) -> dict:
+        from engine.datasets import decode_image, open_image
+        pixels, masks, targets = [], [], []
+        for i in range(len(batch["source"])):
+            image = open_image(batch["file"][i]) if batch["source"][i] == REAL else decode_image(batch["image"][i])
+            labels = json.loads(batch["labels"][i])
+            unknown = [label for label in labels if label not in self.index]
+            if unknown and batch["source"][i] == SYNTHETIC:
+                raise DetectionDataError(f"synthetic sample {batch['file'][i]} has category {unknown[0]!r}, "
+                                         f"which is not one of the detector's categories")
+            keep = [j for j, label in enumerate(labels) if label in self.index]
+            boxes = [json.loads(batch["boxes"][i])[j] for j in keep]
+            scale = self.rng.uniform(self.cfg.min_scale, self.cfg.max_scale) if self.train else 1.0
+            flip = bool(self.rng.random() < self.cfg.flip_prob) if self.train else False
+            crop = tuple(self.rng.random(2)) if self.train else (0.0, 0.0)
+            px, mask, boxes, kept, valid = augment(image, boxes, [labels[j] for j in keep], self.size, scale,
+                                                   flip, crop, self.keep_aspect)
+            pixels.append(px)
+            masks.append(mask)
+            targets.append(json.dumps({"boxes": to_target(boxes, valid), "labels": [self.index[c] for c in kept]}))
+        return {"pixels": np.stack(pixels), "mask": np.stack(masks), "target": np.array(targets, dtype=object),
+                "source": np.asarray(batch["source"], dtype=object)}
+
+
+def read_shard_samples(item: dict) -> list[dict]:
+    """Ray Data flat_map: the planned samples of one shard, read in one pass over its tar."""
+    from engine.shards import iter_samples
+    wanted = Counter(item["keys"])
+    rows = []
+    for sample in iter_samples([item["url"]], decode=False):
+        key = sample["__key__"].rsplit("/", 1)[-1]
+        if key in wanted:
+            record = json.loads(sample["json"])
+            row = {"source": SYNTHETIC, "file": f"{item['url']}#{key}", "image": sample["jpg"],
+                   "boxes": json.dumps(record["boxes"]), "labels": json.dumps(record["labels"])}
+            rows += [row] * wanted[key]
+    return rows
+
+
+def build_train_dataset(cfg: DetectorConfig, plan: EpochPlan, categories: list[str], keep_aspect: bool):
+    """The Ray Dataset of one epoch: planned real and synthetic rows, augmented on CPU workers."""
+    import ray
+    parts = []
+    if plan.real:
+        rows = [{"source": REAL, "file": r["file"], "image": b"", "boxes": r["boxes"], "labels": r["labels"]}
+                for r in plan.real]
+        parts.append(ray.data.from_items(rows, override_num_blocks=max(1, min(16, len(rows) // 8))))
+    if plan.synthetic:
+        items = [{"url": url, "keys": keys} for url, keys in plan.synthetic.items()]
+        # One read task per shard; a fraction of a CPU, since two trainer workers already hold
+        # most of a small machine.
+        parts.append(ray.data.from_items(items, override_num_blocks=len(items))
+                     .flat_map(read_shard_samples, num_cpus=0.25))
+    ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+    ds = ds.randomize_block_order(seed=None)
+    return ds.map_batches(Augmenter, fn_constructor_args=(categories, cfg.image_size, asdict(cfg.augment), keep_aspect),
+                          batch_size=cfg.batch_size, batch_format="numpy", num_cpus=0.25,
+                          compute=ray.data.ActorPoolStrategy(size=1))
+
+
+def collate(batch: dict, image_mean, image_std) -> dict:
+    """Numpy batch -> the detector's inputs (transformers-style targets) plus the sources."""
+    pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(image_mean, dtype=torch.float32)[None, :, None, None]
+    std = torch.tensor(image_std, dtype=torch.float32)[None, :, None, None]
+    labels = []
+    for t in batch["target"]:
+        t = json.loads(t)
+        labels.append({"class_labels": torch.tensor(t["labels"], dtype=torch.long),
+                       "boxes": torch.tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4)})
+    return {"pixel_values": (pixels - mean) / std, "pixel_mask": torch.from_numpy(batch["mask"]).long(),
+            "labels": labels, "sources": list(batch["source"])}
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker; everything it needs arrives in `config`."""
+    import ray.train
+    import torch.distributed as dist
+
+    from engine.training import deepspeed_config, deepspeed_engine, report, restore_checkpoint, seed_everything
+
+    cfg: DetectorConfig = from_dict(DetectorConfig, config["detector"])
+    categories, steps_per_epoch, total = config["categories"], config["steps_per_epoch"], config["total_steps"]
+    rank = ray.train.get_context().get_world_rank()
+    seed_everything(cfg.seed + rank)
+    det = build_detector(cfg.kind, cfg.model, categories, cfg.image_size, cfg.attention, cfg.tiny)
+    device = torch.device("cuda", torch.cuda.current_device()) if cfg.use_gpu else torch.device("cpu")
+    det.model.to(device).train()
+    engine = deepspeed_engine(det.model, deepspeed_config(
+        cfg.zero_stage, cfg.lr, cfg.weight_decay, cfg.warmup_steps, total, cfg.bf16,
+        batch_per_worker=cfg.batch_size, clip=cfg.clip))
+    history: dict[str, list] = {"losses": [], "epochs": []}
+
+    def on_load(directory: str, meta: dict) -> None:
+        history.update(meta["extra"])
+
+    step = restore_checkpoint(engine, on_load=on_load)
+    shard = ray.train.get_dataset_shard("train")
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    while step < total:
+        epoch, done_in_epoch = divmod(step, steps_per_epoch)
+        seen = Counter()
+        start = time.time()
+        batches = shard.iter_torch_batches(
+            batch_size=cfg.batch_size, drop_last=True, local_shuffle_buffer_size=4 * cfg.batch_size,
+            collate_fn=lambda b: collate(b, det.image_mean, det.image_std))
+        for i, batch in enumerate(batches):
+            if i < done_in_epoch:
+                continue  # resumed mid-epoch: these batches were trained on before the checkpoint
+            if step >= total or i >= steps_per_epoch:
+                break
+            labels = [{k: v.to(device) for k, v in t.items()} for t in batch["labels"]]
+            out = engine(pixel_values=batch["pixel_values"].to(device, dtype),
+                         pixel_mask=batch["pixel_mask"].to(device), labels=labels)
+            engine.backward(out.loss)
+            engine.step()
+            step += 1
+            seen.update(batch["sources"])
+            loss = _mean_over_workers(out.loss.detach().float(), dist)
+            history["losses"].append(round(loss, 6))
+            end_of_epoch = i + 1 == steps_per_epoch or step == total
+            metrics = {"loss": loss, "epoch": epoch, "lr": engine.get_lr()[0]}
+            if end_of_epoch:
+                counts = _sum_over_workers([seen[REAL], seen[SYNTHETIC]], dist)
+                # Samples by source over the epoch's steps on all workers (the mixing check).
+                history["epochs"].append({"epoch": epoch, REAL: counts[0], SYNTHETIC: counts[1],
+                                          "images_per_s": sum(counts) / max(time.time() - start, 1e-9)})
+                metrics.update(history["epochs"][-1])
+            report(metrics, engine, step, cfg.checkpoint_every, extra=history, last=step == total)
+
+
+def _mean_over_workers(value: torch.Tensor, dist) -> float:
+    if dist.is_available() and dist.is_initialized():
+        value = value.cpu().clone()
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    v = float(value)
+    if not math.isfinite(v):
+        raise FloatingPointError(f"detector loss became {v}; lower detector.lr or check the boxes of the data")
+    return v
+
+
+def _sum_over_workers(values: list[int], dist) -> list[int]:
+    t = torch.tensor(values, dtype=torch.long)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return [int(v) for v in t]
+
+
+@dataclass
+class TrainSummary:
+    output_dir: str
+    steps: int
+    epochs: list[dict]  # per epoch: real / synthetic sample counts, images_per_s
+    losses: list[float]
+    plan: dict[str, int]  # samples per epoch by source
+    wall_s: float
+
+    def line(self) -> str:
+        last = self.losses[-1] if self.losses else float("nan")
+        rate = self.epochs[-1]["images_per_s"] if self.epochs else 0.0
+        return (f"{self.steps} steps, epoch = {self.plan[REAL]} real + {self.plan[SYNTHETIC]} synthetic samples, "
+                f"last loss {last:.4f}, {rate:.2f} images/s, {self.wall_s:.1f} s -> {self.output_dir}")
+
+
+def prepare(cfg: DetectorConfig) -> tuple[list[str], EpochPlan]:
+    """Everything the driver checks and plans before any worker starts."""
+    cfg.validate()
+    categories, real_rows = detector_categories(cfg)
+    pool = synthetic_pool(cfg.synthetic, categories) if cfg.mix_ratio > 0 else None
+    return categories, plan_epoch(cfg, real_rows, pool)
+
+
+def train_detector(cfg: DetectorConfig, ray_cfg: Optional[RayConfig] = None) -> TrainSummary:
+    """Train on Ray Train workers (resuming an earlier run of the same storage_path/name), then
+    save the detector to cfg.output_dir."""
+    from safetensors.torch import load_file
+
+    from engine.cluster import connect
+    from engine.training import MODEL_FILE, TrainRunConfig, read_meta, run_trainer
+
+    start = time.time()
+    categories, plan = prepare(cfg)
+    # Build once on the driver: a bad kind, folder or attention fails here, not in every worker.
+    det = build_detector(cfg.kind, cfg.model, categories, cfg.image_size, "reference", cfg.tiny)
+    total = plan.steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    connect(ray_cfg or RayConfig())
+    dataset = build_train_dataset(cfg, plan, categories, det.keep_aspect)
+    run = TrainRunConfig(storage_path=cfg.storage_path, name=cfg.name, num_workers=cfg.num_workers,
+                         use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker,
+                         max_failures=cfg.max_failures, checkpoint_every=cfg.checkpoint_every)
+    loop_config = {"detector": asdict(cfg), "categories": categories,
+                   "steps_per_epoch": plan.steps_per_epoch, "total_steps": total}
+    result = run_trainer(train_loop_per_worker, loop_config, run, datasets={"train": dataset})
+    if result.error:
+        raise result.error
+    with result.checkpoint.as_directory() as d:
+        meta = read_meta(d)
+        det.model.load_state_dict(load_file(os.path.join(d, MODEL_FILE)))
+    det.save(cfg.output_dir)
+    history = meta["extra"]
+    summary = TrainSummary(os.path.abspath(cfg.output_dir), int(meta["step"]), history.get("epochs", []),
+                           history.get("losses", []), plan.counts, time.time() - start)
+    with open(os.path.join(cfg.output_dir, "training.json"), "w") as f:
+        json.dump({**asdict(summary), "categories": categories, "config": asdict(cfg)}, f, indent=2)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# Prediction and evaluation
+
+
+def load_trained(cfg: DetectorConfig, folder: Optional[str] = None, attention: Optional[str] = None) -> Detector:
+    """The detector saved in `folder` (default cfg.output_dir), its categories from the folder."""
+    from transformers import AutoConfig
+    folder = folder or cfg.output_dir
+    if not os.path.isdir(folder):
+        raise DetectionDataError(f"no trained detector at {folder!r}; train one first (jobs/train_detector.py) "
+                                 f"or point detector.output_dir at one")
+    with open(os.path.join(folder, "config.json")) as f:
+        saved = json.load(f)
+    if "categories" in saved:  # faster_rcnn's own folder
+        categories = saved["categories"]
+    else:
+        id2label = AutoConfig.from_pretrained(folder, local_files_only=True).id2label
+        categories = [id2label[i] for i in sorted(id2label)]
+    return build_detector(cfg.kind, folder, categories, cfg.image_size, attention or cfg.attention, cfg.tiny)
+
+
+def predict_coco(det: Detector, gt: dict, image_root: str, batch_size: int = 8,
+                 threshold: float = 0.0) -> tuple[list[dict], dict[int, list[dict]]]:
+    """COCO results entries for every image of the ground truth `gt`. Detections of a category
+    the ground truth does not list cannot be scored and are left out."""
+    from engine.datasets import open_image, resolve_file
+    by_name = {c["name"]: c["id"] for c in gt["categories"]}
+    results, per_image = [], {}
+    images = gt["images"]
+    for s in range(0, len(images), batch_size):
+        chunk = images[s:s + batch_size]
+        pics = [open_image(resolve_file(image_root, im.get("file_name") or
+                                        "/".join(im["coco_url"].split("/")[-2:]))) for im in chunk]
+        for im, found in zip(chunk, det.predict(pics, threshold=threshold)):
+            entries = [{"image_id": im["id"], "category_id": by_name[f["category"]],
+                        "bbox": [f["bbox"][0], f["bbox"][1], f["bbox"][2] - f["bbox"][0], f["bbox"][3] - f["bbox"][1]],
+                        "score": f["score"]} for f in found if f["category"] in by_name]
+            results += entries
+            per_image[im["id"]] = entries
+    return results, per_image
+
+
+def _read_json(path: str) -> dict:
+    """The ground truth; engine.evaluation validates its content."""
+    from engine.datasets import _read_bytes
+    try:
+        return json.loads(_read_bytes(path))
+    except FileNotFoundError:
+        raise DetectionDataError(f"ground truth {path!r} does not exist; set detector.eval_annotations") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DetectionDataError(f"ground truth {path!r} is not valid JSON ({e})") from None
+
+
+def evaluate_detector(cfg: DetectorConfig, folder: Optional[str] = None, out_dir: Optional[str] = None) -> dict:
+    """Predict on cfg.eval_annotations, then write OUT/detections.json (COCO results), OUT/report.json
+    and .md (engine.evaluation), and OUT/predictions.png. Returns the metrics."""
+    from engine.datasets import open_image, resolve_file
+    from engine.evaluation import draw_predictions, evaluate_coco, evaluate_lvis, save_detections, write_report
+    if not (cfg.eval_annotations and cfg.eval_image_root):
+        raise ConfigError("set detector.eval_annotations and detector.eval_image_root to evaluate")
+    out_dir = out_dir or cfg.eval_dir or os.path.join(cfg.output_dir, "eval")
+    det = load_trained(cfg, folder)
+    gt = _read_json(cfg.eval_annotations)
+    start = time.time()
+    detections, per_image = predict_coco(det, gt, cfg.eval_image_root, cfg.eval_batch_size, cfg.eval_threshold)
+    predict_s = time.time() - start
+    save_detections(os.path.join(out_dir, "detections.json"), detections)
+    if cfg.eval_format == "lvis":
+        metrics = evaluate_lvis(gt, detections)
+    else:
+        metrics = evaluate_coco(gt, detections, base=cfg.base or None, novel=cfg.novel or None)
+    metrics["predict_s"] = round(predict_s, 3)
+    metrics["eval_s"] = round(time.time() - start - predict_s, 3)
+    write_report(metrics, out_dir)
+    shown = gt["images"][:cfg.draw_images]
+    if shown:
+        pairs = [(open_image(resolve_file(cfg.eval_image_root, im.get("file_name") or
+                                          "/".join(im["coco_url"].split("/")[-2:]))), per_image[im["id"]])
+                 for im in shown]
+        draw_predictions(pairs, {c["id"]: c["name"] for c in gt["categories"]},
+                         os.path.join(out_dir, "predictions.png"), score_threshold=cfg.draw_threshold)
+    return metrics

@@ -1,0 +1,542 @@
+"""Stable Diffusion fine-tuning on crops of a real detection dataset (InstaGen 3.2).
+
+Off the shelf, Stable Diffusion draws one or two objects on a plain background; detectors trained
+on such images do worse. So the UNet is fine-tuned on random crops of the base-category images of
+a detection dataset, each captioned with the names of the categories inside it:
+"a photograph of person and bicycle".
+
+Stages:
+* driver: load the dataset (engine.datasets), keep base-category images, plan every crop
+  (position, scale, prompt) from the boxes alone: no pixel is read on the driver. A crop with no
+  counted object is re-drawn up to `max_redraws` times; if none of those has one, that sample
+  is skipped and counted ("no object in crop").
+* Ray Data (CPU tasks): decode, scale and cut the planned crops; an image that fails to decode is
+  marked, skipped by the trainer and counted, never raised.
+* Ray Train workers (engine.training): VAE and text encoder frozen; the UNet trained with the
+  epsilon-prediction MSE of Eq. 1, t uniform over the scheduler's training timesteps; DeepSpeed
+  AdamW with warmup, optional EMA of the UNet weights; checkpoints every `checkpoint_every` steps;
+  a restarted worker or a rerun of the same command resumes from the latest one.
+* driver: the base pipeline with the trained (EMA, if enabled) UNet, written with
+  `save_pretrained` to `output_dir` (via a temporary folder, so no half-written pipeline is ever
+  left there); `engine.models.load_pipeline(ModelConfig(source=output_dir))` loads it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from engine.config import Config, ConfigError, ModelConfig, from_dict
+from engine.datasets import (CORRUPT_IMAGE, DatasetError, ImageRecord, SkipReport, decode_image,
+                             load_detection_dataset, read_bytes, split_records)
+
+NO_OBJECT = "no object in crop"
+TOO_SMALL = "image smaller than crop"
+DECODE_REASONS = ("missing image", CORRUPT_IMAGE)
+
+
+@dataclass
+class FinetuneConfig:
+    annotations: str = ""  # COCO/LVIS instances JSON: local path or fsspec URL
+    image_root: str = ""
+    format: str = "coco"  # coco | lvis (Objects365 is COCO-format)
+    base: list[str] = field(default_factory=list)  # empty = the config's prompts.base
+    check_images: bool = True  # decode every image once before training, to count bad ones up front
+    crop_size: int = 512
+    # Images whose short side is below crop_size are scaled up by at most this factor (COCO's
+    # 640x480 images need 1.07 for 512 crops); smaller ones are skipped and counted.
+    max_upscale: float = 1.25
+    min_visible_fraction: float = 0.5  # an object cut by the crop edge is named if this much shows
+    max_redraws: int = 10
+    template: str = "a photograph of {categories}"
+    name_template: str = "{name}"  # e.g. "a {name}" for "a photograph of a dog and a cat"
+    joiner: str = " and "
+    lr: float = 1e-5
+    weight_decay: float = 1e-2
+    warmup_steps: int = 500
+    max_steps: int = 10000
+    batch_size: int = 4  # per worker
+    grad_accum: int = 1
+    clip: float = 1.0
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: str = "auto"  # auto (GPU when the cluster has one) | true | false
+    data_cpus: float = 0.25  # CPUs per Ray Data decode-and-crop task
+    zero_stage: int = 2
+    ema: bool = True
+    ema_decay: float = 0.9999
+    grad_checkpointing: bool = True  # GPU only: on CPU memory is not the limit, time is
+    storage_path: str = "outputs/finetune/ray"
+    name: str = "sd-finetune"
+    output_dir: str = "outputs/finetune/pipeline"
+    seed: int = 0
+    max_failures: int = 2
+    checkpoint_every: int = 500
+    # Debugging: train on one batch, one noise draw and one set of timesteps, over and over. The
+    # loss must then fall; if it does not, the training step itself is broken.
+    overfit_batch: bool = False
+
+
+@dataclass
+class FinetuneJobConfig(Config):
+    """The root Config plus the `finetune` section, until the lead adds it to Config."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Crops and prompts (pure functions, no pixels)
+
+
+@dataclass
+class Crop:
+    x0: int  # in the scaled image
+    y0: int
+    size: int
+    scale: float  # the image is resized by this factor before cutting
+    names: list[str]  # unique category names of counted objects, most visible first
+
+
+def visible_fraction(box: list[float], x0: float, y0: float, size: float) -> float:
+    bx0, by0, bx1, by1 = box
+    area = (bx1 - bx0) * (by1 - by0)
+    if area <= 0:
+        return 0.0
+    iw = min(bx1, x0 + size) - max(bx0, x0)
+    ih = min(by1, y0 + size) - max(by0, y0)
+    return max(iw, 0.0) * max(ih, 0.0) / area
+
+
+def crop_names(boxes: list[list[float]], labels: list[str], x0: float, y0: float, size: float,
+               min_visible: float) -> list[str]:
+    """Names of the categories with an object at least `min_visible` inside the crop, each once,
+    ordered by the largest visible area of an object of that category."""
+    best: dict[str, float] = {}
+    for box, label in zip(boxes, labels):
+        frac = visible_fraction(box, x0, y0, size)
+        if frac >= min_visible and frac > 0:
+            area = frac * (box[2] - box[0]) * (box[3] - box[1])
+            best[label] = max(best.get(label, 0.0), area)
+    return sorted(best, key=lambda n: -best[n])
+
+
+def crop_scale(width: int, height: int, size: int, max_upscale: float) -> Optional[float]:
+    """Scale that makes the short side at least `size` (1.0 if it already is); None if that
+    needs more than `max_upscale`."""
+    short = min(width, height)
+    if short >= size:
+        return 1.0
+    scale = size / short
+    return scale if scale <= max_upscale + 1e-9 else None
+
+
+def plan_crop(record: ImageRecord, size: int, min_visible: float, max_upscale: float,
+              rng: np.random.Generator, max_redraws: int) -> Optional[Crop]:
+    """A random crop holding at least one counted object, or None.
+
+    Up to `max_redraws` + 1 uniformly placed crops are drawn; if none holds a counted object
+    (small objects in a large image), the crop is placed uniformly among the positions that hold
+    a randomly chosen object whole (or centred on it when it is larger than the crop). None when
+    even that names nothing (an object too large to show `min_visible` of it) or the image is
+    too small for the crop.
+    """
+    scale = crop_scale(record.width, record.height, size, max_upscale)
+    if scale is None:
+        return None
+    w, h = int(math.ceil(record.width * scale)), int(math.ceil(record.height * scale))
+    w, h = max(w, size), max(h, size)
+    boxes = [[v * scale for v in b] for b in record.boxes]
+    for _ in range(max_redraws + 1):
+        x0 = int(rng.integers(0, w - size + 1))
+        y0 = int(rng.integers(0, h - size + 1))
+        names = crop_names(boxes, record.labels, x0, y0, size, min_visible)
+        if names:
+            return Crop(x0, y0, size, scale, names)
+    if not boxes:
+        return None
+    bx0, by0, bx1, by1 = boxes[int(rng.integers(len(boxes)))]
+    x0 = _anchored(bx0, bx1, size, w, rng)
+    y0 = _anchored(by0, by1, size, h, rng)
+    names = crop_names(boxes, record.labels, x0, y0, size, min_visible)
+    return Crop(x0, y0, size, scale, names) if names else None
+
+
+def _anchored(lo: float, hi: float, size: int, extent: int, rng: np.random.Generator) -> int:
+    """A crop start along one axis that keeps [lo, hi) inside the crop, or centres it if it is
+    longer than the crop; always within the image."""
+    first, last = int(math.ceil(hi)) - size, int(math.floor(lo))
+    if first > last:  # the object is longer than the crop
+        first = last = int(round((lo + hi - size) / 2))
+    first, last = max(first, 0), min(last, extent - size)
+    if first > last:
+        return min(max(first, 0), extent - size)
+    return int(rng.integers(first, last + 1))
+
+
+def make_prompt(names: list[str], template: str, name_template: str = "{name}", joiner: str = " and ") -> str:
+    return template.format(categories=joiner.join(name_template.format(name=n) for n in names))
+
+
+def plan_samples(records: list[ImageRecord], fc: FinetuneConfig, n_samples: int,
+                 skipped: SkipReport) -> list[dict]:
+    """`n_samples` rows (file, crop, prompt) cycling through the images in a seeded random order.
+    Images that can never give a crop are counted once and dropped from the cycle."""
+    rng = np.random.default_rng(fc.seed)
+    usable = []
+    for r in records:
+        if crop_scale(r.width, r.height, fc.crop_size, fc.max_upscale) is None:
+            skipped.add(TOO_SMALL, f"{r.file} ({r.width}x{r.height})")
+        else:
+            usable.append(r)
+    rows: list[dict] = []
+    attempts, limit = 0, 10 * n_samples + len(usable)  # ends a plan where almost no crop has an object
+    while len(rows) < n_samples and usable and attempts < limit:
+        for i in rng.permutation(len(usable)):
+            attempts += 1
+            r = usable[int(i)]
+            crop = plan_crop(r, fc.crop_size, fc.min_visible_fraction, fc.max_upscale, rng, fc.max_redraws)
+            if crop is None:
+                skipped.add(NO_OBJECT, r.file)
+            else:
+                rows.append({"id": r.id, "file": r.file, "x0": crop.x0, "y0": crop.y0, "scale": crop.scale,
+                             "prompt": make_prompt(crop.names, fc.template, fc.name_template, fc.joiner)})
+            if len(rows) == n_samples or attempts >= limit:
+                break
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Data: decode and cut (CPU tasks)
+
+
+def decode_crops(batch: dict, size: int) -> dict:
+    """map_batches function: planned crop rows -> uint8 pixels. A file that cannot be read or
+    decoded becomes a row with ok=False and its reason, for the trainer to skip and count."""
+    from PIL import Image
+    n = len(batch["file"])
+    pixels = np.zeros((n, size, size, 3), np.uint8)
+    ok = np.zeros(n, bool)
+    reason = [""] * n
+    for i in range(n):
+        try:
+            data = read_bytes(str(batch["file"][i]))
+        except OSError:
+            reason[i] = "missing image"
+            continue
+        try:
+            img = decode_image(data)
+        except Exception:  # PIL raises many exception types for a damaged file
+            reason[i] = CORRUPT_IMAGE
+            continue
+        scale = float(batch["scale"][i])
+        if scale != 1.0:
+            w = max(size, int(math.ceil(img.width * scale)))
+            h = max(size, int(math.ceil(img.height * scale)))
+            img = img.resize((w, h), Image.BICUBIC)
+        x0, y0 = int(batch["x0"][i]), int(batch["y0"][i])
+        pixels[i] = np.asarray(img.crop((x0, y0, x0 + size, y0 + size)))
+        ok[i] = True
+    return {"pixels": pixels, "prompt": np.asarray(batch["prompt"]), "ok": ok, "reason": np.asarray(reason)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker
+
+
+class EMA:
+    """Exponential moving average of the UNet weights, in fp32, with the usual warmup of the
+    decay (min(decay, (1 + step) / (10 + step))) so early averages are not dominated by the
+    random start."""
+
+    def __init__(self, module, decay: float):
+        import torch
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in module.state_dict().items()
+                       if torch.is_floating_point(v)}
+
+    def update(self, module, step: int) -> None:
+        import torch
+        d = min(self.decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, v in module.state_dict().items():
+                if k in self.shadow:
+                    self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+
+    def load(self, state: dict) -> None:
+        for k, v in state.items():
+            self.shadow[k].copy_(v)
+
+
+def _batches(shard, batch_size: int, skips: dict):
+    """Batches of exactly `batch_size` good samples from a Ray Data shard; bad rows counted."""
+    pix: list[np.ndarray] = []
+    prompts: list[str] = []
+    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        for p, t, ok, why in zip(batch["pixels"], batch["prompt"], batch["ok"], batch["reason"]):
+            if not ok:
+                skips[str(why)] = skips.get(str(why), 0) + 1
+                continue
+            pix.append(p)
+            prompts.append(str(t))
+            if len(pix) == batch_size:
+                yield np.stack(pix), prompts
+                pix, prompts = [], []
+
+
+def train_loop(config: dict) -> None:
+    """The Ray Train worker: everything it needs arrives in `config` (plain dicts)."""
+    import ray.train
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+
+    from engine.faults import maybe_crash
+    from engine.models import load_pipeline
+    from engine.training import deepspeed_config, deepspeed_engine, load_tensors, report, restore_checkpoint
+
+    fc = from_dict(FinetuneConfig, config["finetune"])
+    mc = from_dict(ModelConfig, config["model"])
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    cuda = torch.cuda.is_available() and config["use_gpu"]
+    if not cuda:
+        torch.set_num_threads(max(1, int(round(fc.cpus_per_worker))))
+    device = f"cuda:{ctx.get_local_rank()}" if cuda else "cpu"
+    bf16 = bool(cuda)  # bf16 on GPU; fp32 on CPU, where gloo all-reduces fp32 anyway
+    torch.manual_seed(fc.seed + 1000 * rank)
+
+    # The UNet loads in fp32 (DeepSpeed makes its own bf16 copy); the frozen parts run in bf16 on GPU.
+    pipe = load_pipeline(dataclasses.replace(mc, dtype="float32"), device=device)
+    vae, text_encoder, tokenizer, unet = pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet
+    frozen_dtype = torch.bfloat16 if bf16 else torch.float32
+    for m in (vae, text_encoder):
+        m.requires_grad_(False).eval().to(device, frozen_dtype)
+    unet.train()
+    if fc.grad_checkpointing and cuda:
+        unet.enable_gradient_checkpointing()
+    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    steps_t = noise_sched.config.num_train_timesteps
+    ema = EMA(unet, fc.ema_decay) if fc.ema else None
+
+    ds_cfg = deepspeed_config(fc.zero_stage, fc.lr, fc.weight_decay, fc.warmup_steps, fc.max_steps, bf16,
+                              fc.grad_accum, fc.batch_size, fc.clip)
+    engine = deepspeed_engine(unet, ds_cfg)
+
+    def on_load(directory: str, meta: dict) -> None:
+        state = load_tensors(directory, "ema")
+        if ema is not None and state is not None:
+            ema.load(state)
+
+    start = restore_checkpoint(engine, on_load=on_load)
+    skips: dict[str, int] = {}
+    shard = ray.train.get_dataset_shard("train")
+    stream = _batches(shard, fc.batch_size, skips)
+    fixed = None
+    t0 = time.time()
+    samples = 0
+    losses: list[float] = []  # since this worker (re)started
+    for step in range(start + 1, fc.max_steps + 1):
+        maybe_crash("finetune", step)
+        if fixed is None or not fc.overfit_batch:
+            try:
+                pixels, prompts = next(stream)
+            except StopIteration:
+                # The driver planned enough samples for every step; ending early would leave the
+                # other ranks waiting in an all-reduce, so say clearly why.
+                raise RuntimeError(f"rank {rank} ran out of training samples at step {step} "
+                                   f"({skips} skipped); too many images failed to decode") from None
+            x = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).to(frozen_dtype) / 127.5 - 1.0
+            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids.to(device)
+            with torch.no_grad():
+                latents = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
+                text = text_encoder(ids)[0]
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, steps_t, (latents.shape[0],), device=device)
+            if fc.overfit_batch:
+                fixed = (latents, text, noise, t)
+        if fc.overfit_batch:
+            latents, text, noise, t = fixed
+        # Eq. 1: || eps - eps_theta(z_t, t, c) ||^2 with z_t = sqrt(a_t) z_0 + sqrt(1 - a_t) eps.
+        noisy = noise_sched.add_noise(latents.float(), noise.float(), t)
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        pred = engine(noisy.to(dtype), t, encoder_hidden_states=text.to(dtype)).sample
+        loss = F.mse_loss(pred.float(), noise.float())
+        engine.backward(loss)
+        engine.step()
+        if ema is not None:
+            ema.update(engine.module, step)
+        samples += latents.shape[0]
+        losses.append(float(loss.detach()))
+        last = step == fc.max_steps
+        metrics = {"loss": float(loss.detach()), "start_step": start, "lr": engine.get_lr()[0],
+                   "samples_per_s": samples / max(time.time() - t0, 1e-9)}
+        if last:
+            metrics["decode_skips"] = _all_reduce_counts(skips)
+            metrics["losses"] = losses
+        report(metrics, engine, step, fc.checkpoint_every, last=last,
+               tensors=(lambda: {"ema": ema.shadow}) if ema is not None else None)
+
+
+def _all_reduce_counts(skips: dict) -> dict:
+    import torch
+    import torch.distributed as dist
+    counts = torch.tensor([float(skips.get(r, 0)) for r in DECODE_REASONS])
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    return {r: int(c) for r, c in zip(DECODE_REASONS, counts.tolist()) if c}
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+
+def _check_config(fc: FinetuneConfig, base: list[str]) -> None:
+    def need(cond: bool, message: str) -> None:
+        if not cond:
+            raise ConfigError(message)
+    need(bool(fc.annotations), "finetune.annotations is empty; set it to a COCO/LVIS instances JSON")
+    need(bool(base), "no base categories: set prompts.base (or finetune.base) to the categories to fine-tune on")
+    need(fc.crop_size >= 8 and fc.crop_size % 8 == 0, f"finetune.crop_size must be a positive multiple of 8, got {fc.crop_size}")
+    need(0.0 < fc.min_visible_fraction <= 1.0, f"finetune.min_visible_fraction must lie in (0, 1], got {fc.min_visible_fraction}")
+    need(fc.max_upscale >= 1.0, f"finetune.max_upscale must be >= 1, got {fc.max_upscale}")
+    need("{categories}" in fc.template, f"finetune.template must contain {{categories}}, got {fc.template!r}")
+    need("{name}" in fc.name_template, f"finetune.name_template must contain {{name}}, got {fc.name_template!r}")
+    need(fc.max_steps >= 1 and fc.batch_size >= 1 and fc.grad_accum >= 1,
+         "finetune.max_steps, batch_size and grad_accum must be >= 1")
+    need(0 <= fc.warmup_steps <= fc.max_steps, f"finetune.warmup_steps ({fc.warmup_steps}) must lie in [0, max_steps={fc.max_steps}]")
+    need(fc.zero_stage in (0, 1, 2), f"finetune.zero_stage must be 0, 1 or 2, got {fc.zero_stage}")
+    need(0.0 < fc.ema_decay < 1.0, f"finetune.ema_decay must lie in (0, 1), got {fc.ema_decay}")
+    need(fc.use_gpu in ("auto", "true", "false"), f"finetune.use_gpu must be auto, true or false, got {fc.use_gpu!r}")
+    need(fc.checkpoint_every >= 1, "finetune.checkpoint_every must be >= 1")
+
+
+def _check_model_fits(pipe, crop_size: int) -> None:
+    factor = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    if crop_size % factor:
+        raise ConfigError(f"finetune.crop_size={crop_size} must be a multiple of {factor} for this model "
+                          f"(VAE downsampling x UNet levels)")
+    if pipe.scheduler.config.get("prediction_type", "epsilon") != "epsilon":
+        raise ConfigError(f"the base model predicts {pipe.scheduler.config['prediction_type']!r}; this "
+                          f"fine-tuning trains the epsilon-prediction loss of the paper (SD v1.x)")
+
+
+def prepare(cfg: Any) -> tuple[FinetuneConfig, list[dict], SkipReport, int]:
+    """Everything that can fail before training: config, dataset, crop plan. Returns the config,
+    the planned rows, the skip report and the number of usable images."""
+    fc: FinetuneConfig = cfg.finetune
+    base = list(fc.base) or list(cfg.prompts.base)
+    _check_config(fc, base)
+    ds = load_detection_dataset(fc.annotations, fc.image_root, fc.format, check_images=fc.check_images)
+    base_ds = split_records(ds, base)
+    if not base_ds.records:
+        raise DatasetError(f"no image of {fc.annotations!r} holds a base category ({', '.join(base[:10])}); "
+                           f"{ds.skipped.summary()}; check prompts.base against the dataset's category names")
+    skipped = base_ds.skipped
+    fits = [r for r in base_ds.records if crop_scale(r.width, r.height, fc.crop_size, fc.max_upscale) is not None]
+    if not fits:
+        largest = max(min(r.width, r.height) for r in base_ds.records)
+        raise ConfigError(f"finetune.crop_size={fc.crop_size} is larger than every base-category image (largest "
+                          f"short side {largest}, max_upscale {fc.max_upscale}); lower crop_size or raise max_upscale")
+    if fc.batch_size * fc.num_workers > len(fits):
+        raise ConfigError(f"finetune.batch_size={fc.batch_size} x num_workers={fc.num_workers} is more than the "
+                          f"{len(fits)} usable base-category images; lower batch_size or num_workers")
+    # Enough samples for every rank to reach max_steps, plus a margin for images that fail to
+    # decode inside Ray Data (counted there, and a rank that ran short would stall the others).
+    need = fc.max_steps * fc.batch_size * fc.grad_accum * fc.num_workers
+    rows = plan_samples(base_ds.records, fc, int(need * 1.1) + fc.batch_size * fc.num_workers, skipped)
+    if len(rows) < need:
+        raise ConfigError(f"only {len(rows)} crops with an object at least {fc.min_visible_fraction} visible "
+                          f"could be planned ({need} needed); lower finetune.min_visible_fraction or crop_size")
+    return fc, rows, skipped, len(fits)
+
+
+def finetune(cfg: Any) -> dict:
+    """Fine-tune cfg.model on cfg.finetune's dataset; write the pipeline to finetune.output_dir.
+    `cfg` needs .model, .prompts, .finetune and .ray. Returns a summary dict."""
+    import ray
+    import torch
+
+    from engine.cluster import connect
+    from engine.models import load_pipeline
+    from engine.training import TrainRunConfig, check_resources, read_meta, run_trainer
+
+    started = time.time()
+    fc, rows, skipped, n_images = prepare(cfg)
+    base_pipe = load_pipeline(dataclasses.replace(cfg.model, dtype="float32"), device="cpu")
+    _check_model_fits(base_pipe, fc.crop_size)
+
+    connect(cfg.ray)
+    resources = ray.cluster_resources()
+    use_gpu = resources.get("GPU", 0) > 0 if fc.use_gpu == "auto" else fc.use_gpu == "true"
+    run = TrainRunConfig(fc.storage_path, fc.name, fc.num_workers, use_gpu, fc.cpus_per_worker,
+                         fc.max_failures, fc.checkpoint_every)
+    check_resources(run, resources, data_cpus=fc.data_cpus)
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    data = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // max(fc.batch_size, 1), 64)))
+    # Plain CPU tasks, not actors: decoding is stateless, and tasks scale with the CPUs there are.
+    data = data.map_batches(decode_crops, fn_kwargs={"size": fc.crop_size}, batch_size=fc.batch_size,
+                            batch_format="numpy", num_cpus=fc.data_cpus)
+    loop_cfg = {"finetune": dataclasses.asdict(fc), "model": dataclasses.asdict(cfg.model), "use_gpu": use_gpu}
+    result = run_trainer(train_loop, loop_cfg, run, datasets={"train": data})
+    if result.error is not None:
+        raise RuntimeError(f"fine-tuning failed after {fc.max_failures} restarts: {result.error}") from result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"fine-tuning under {fc.storage_path}/{fc.name} finished without a checkpoint")
+    metrics = result.metrics or {}
+    for reason, n in (metrics.get("decode_skips") or {}).items():
+        skipped.add(reason, n=n)
+
+    with result.checkpoint.as_directory() as d:
+        meta = read_meta(d)
+        from engine.training import load_tensors
+        state = (load_tensors(d, "ema") if fc.ema else None) or load_tensors(d, "model")
+        base_pipe.unet.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
+    _save_pipeline(base_pipe, fc.output_dir)
+    summary = {"output_dir": fc.output_dir, "steps": meta["step"], "start_step": metrics.get("start_step", 0),
+               "final_loss": metrics.get("loss"), "losses": metrics.get("losses", []), "samples_per_s": metrics.get("samples_per_s"),
+               "images": n_images, "planned_crops": len(rows), "ema": fc.ema,
+               "checkpoint": result.checkpoint.path, "skipped": skipped.to_dict(),
+               "skipped_summary": skipped.summary(), "wall_s": time.time() - started}
+    return summary
+
+
+def _save_pipeline(pipe, output_dir: str) -> None:
+    """save_pretrained into a temporary sibling, then swap it in: a crash never leaves a
+    half-written pipeline where the generate job would load it."""
+    out = os.path.abspath(os.path.expanduser(output_dir))
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".finetune-", dir=parent)
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if os.path.exists(out):
+            old = tempfile.mkdtemp(prefix=".finetune-old-", dir=parent)
+            os.replace(out, os.path.join(old, "p"))
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def summary_lines(summary: dict) -> list[str]:
+    return [f"[finetune] {summary['steps']} steps (resumed at {summary['start_step']}), final loss "
+            f"{summary['final_loss']:.4f}, {summary['samples_per_s']:.2f} samples/s per worker -> {summary['output_dir']}",
+            f"[finetune] data: {summary['images']} base-category images, {summary['planned_crops']} crops; "
+            f"{summary['skipped_summary']}"]
+
+
+def config_json(summary: dict) -> str:
+    return json.dumps(summary, indent=2, default=str)

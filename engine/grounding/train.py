@@ -1,0 +1,431 @@
+"""Training the grounding head (paper 3.3 and 4.1).
+
+Stage 1 (epochs before `transfer_epoch`): supervised on base-category triplets from generation
+shards: (UNet features recomputed from the stored latents, teacher-detector boxes with score >=
+alpha, the prompt). Stage 2 (from `transfer_epoch`): at the transfer the mean teacher becomes a
+copy of the student and then follows it by EMA; on every step the teacher (eval mode, so no
+dropout) labels a batch of novel-category features, its boxes with score >= beta become the
+student's targets, and the student (dropout after each enhancer and decoder layer) minimises
+L_base + L_novel. The learning rate drops 10x at `lr_drop_epoch` (1-based, paper: 11 of 12).
+
+Each image's text is its prompt's categories plus `negatives` other categories of the same
+split, so the contrastive scores learn to say "not here" as well as "here".
+
+Driver: `train_grounding(job)` reads the shards through Ray Data and runs `train_loop_per_worker`
+on Ray Train workers with DeepSpeed (engine.training); rank 0 writes the head (safetensors) and
+its config to `grounding.output`, loadable with `load_grounding_head`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+
+from engine.config import ModelConfig, RayConfig, from_dict
+from engine.grounding.features import Featurizer, head_inputs
+from engine.grounding.loss import LossConfig, grounding_loss, targets_from_boxes
+from engine.grounding.model import GroundingConfig, GroundingHead, ema_update, make_teacher, predictions
+from engine.training import TrainRunConfig
+
+log = logging.getLogger(__name__)
+
+HEAD_FILE = "head.safetensors"
+CONFIG_FILE = "grounding.json"
+
+
+class GroundingTrainError(ValueError):
+    pass
+
+
+@dataclass
+class GroundingTrainConfig:
+    base_shards: str = ""  # output.path of a generation run on base categories (teacher boxes)
+    novel_shards: str = ""  # output.path of a run on novel categories; "" = no self-training
+    base: list[str] = field(default_factory=list)  # base category names (boxes of others are dropped)
+    novel: list[str] = field(default_factory=list)
+    synthesis_steps: int = 50  # the steps the shards were drawn with: fixes the last timestep
+    alpha: float = 0.8  # teacher-detector score threshold for base boxes (paper 0.8)
+    beta: float = 0.4  # EMA-teacher score threshold for novel pseudo-labels (paper 0.4)
+    epochs: int = 12
+    transfer_epoch: int = 6  # epochs [0, transfer_epoch) supervised; self-training after
+    lr: float = 1e-4
+    lr_drop_epoch: int = 11  # 1-based epoch from which the lr is lr / 10
+    weight_decay: float = 1e-4
+    clip: float = 0.1  # gradient clipping of DINO / Grounding DINO
+    batch_size: int = 64  # global, over all workers
+    ema_momentum: float = 0.999
+    negatives: int = 4  # extra categories per image that are not in its prompt
+    nms_iou: float = 0.7  # per-category NMS on pseudo-labels and labeller output (1.0 = off)
+    zero_stage: int = 0
+    bf16: bool = False  # only on GPU
+    seed: int = 0
+    output: str = "outputs/grounding"
+    head: GroundingConfig = field(default_factory=GroundingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainRunConfig = field(default_factory=lambda: TrainRunConfig(name="grounding"))
+
+    def validate(self) -> None:
+        if not self.base_shards:
+            raise GroundingTrainError("grounding.base_shards is empty; set it to the output.path of a "
+                                      "generation run on base categories")
+        if not self.base:
+            raise GroundingTrainError("grounding.base lists no categories; set it to the base categories "
+                                      "(prompts.base of the generation run)")
+        if self.novel_shards and not self.novel:
+            raise GroundingTrainError("grounding.novel_shards is set but grounding.novel lists no categories")
+        if not 0 <= self.transfer_epoch <= self.epochs:
+            raise GroundingTrainError(f"grounding.transfer_epoch ({self.transfer_epoch}) must lie in "
+                                      f"[0, epochs={self.epochs}]")
+        if not (0 <= self.alpha <= 1 and 0 <= self.beta <= 1 and 0 <= self.ema_momentum <= 1):
+            raise GroundingTrainError("grounding.alpha, beta and ema_momentum must lie in [0, 1]")
+        if self.batch_size < self.train.num_workers or self.batch_size % self.train.num_workers:
+            raise GroundingTrainError(f"grounding.batch_size ({self.batch_size}) must be a multiple of "
+                                      f"grounding.train.num_workers ({self.train.num_workers})")
+        if self.synthesis_steps < 2:
+            raise GroundingTrainError("grounding.synthesis_steps must be >= 2")
+
+
+@dataclass
+class GroundingJob:
+    """What `jobs/train_grounding.py` reads: the pipeline whose features the head reads, the
+    grounding section, and where Ray is."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    grounding: GroundingTrainConfig = field(default_factory=GroundingTrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def validate(self) -> None:
+        self.grounding.validate()
+
+
+# ------------------------------------------------------------------------------------------------
+# Rows: what one training sample is once read from a shard
+
+
+def sample_to_row(sample: dict, allowed: set[str], alpha: float) -> dict:
+    """A decoded shard sample -> a training row of plain columns. Boxes: the teacher detector's
+    (a box another labeller made is no ground truth), of allowed categories, score >= alpha (the
+    shards were filtered at generation time, possibly with another alpha), normalised xyxy."""
+    meta = sample["json"]
+    w, h = float(meta["width"]), float(meta["height"])
+    labellers = meta.get("labellers") or ["detector"] * len(meta["boxes"])
+    boxes, labels = [], []
+    for box, label, score, who in zip(meta["boxes"], meta["labels"], meta["scores"], labellers):
+        if who == "detector" and label in allowed and score >= alpha:
+            x0, y0, x1, y1 = box
+            boxes.append([x0 / w, y0 / h, x1 / w, y1 / h])
+            labels.append(label)
+    return {"latent": np.asarray(sample["latent"], np.float32), "prompt": str(meta["prompt"]),
+            "categories": json.dumps(list(meta["categories"])), "boxes": json.dumps(boxes),
+            "labels": json.dumps(labels)}
+
+
+def collate(rows: list[dict]) -> dict:
+    """Rows -> a column batch like Ray Data's numpy batches."""
+    return {"latent": np.stack([r["latent"] for r in rows]),
+            **{k: np.array([r[k] for r in rows], dtype=object) for k in ("prompt", "categories", "boxes", "labels")}}
+
+
+def read_rows(url: str, allowed: list[str], alpha: float):
+    """A Ray dataset of training rows from the finished shards under `url`. Shards are read raw
+    and decoded by engine.shards.decode_sample (never unpickled)."""
+    import ray.data
+
+    from engine.shards import decode_sample, shard_urls
+    urls = shard_urls(url)
+    allowed_set = set(allowed)
+
+    def to_row(raw: dict) -> dict:
+        raw = {k: v for k, v in raw.items() if k != "jpg"}  # the image is not needed to train
+        return sample_to_row(decode_sample(raw), allowed_set, alpha)
+
+    return ray.data.read_webdataset(urls, decoder=None, suffixes=["latent.npy", "json"]).map(to_row)
+
+
+# ------------------------------------------------------------------------------------------------
+# One training step, shared by the Ray Train worker and the plain loop
+
+
+class GroundingStep:
+    """Turns column batches into the loss of Eq. 2 (base) plus, when a teacher exists, the
+    self-training loss on novel batches."""
+
+    def __init__(self, cfg: GroundingTrainConfig, featurizer: Featurizer, rng: random.Random):
+        self.cfg, self.featurizer, self.rng = cfg, featurizer, rng
+
+    def texts(self, categories: list[list[str]], pool: list[str]) -> list[list[str]]:
+        """Each image's category list: its prompt's categories, then `negatives` others from `pool`."""
+        out = []
+        for cats in categories:
+            others = [c for c in pool if c not in cats]
+            out.append(list(cats) + self.rng.sample(others, min(self.cfg.negatives, len(others))))
+        return out
+
+    def inputs(self, batch: dict, pool: list[str], device):
+        latents = torch.as_tensor(np.stack(list(batch["latent"])), dtype=torch.float32)
+        feats = self.featurizer.unet_features(latents, [str(p) for p in batch["prompt"]])
+        cats = [json.loads(c) for c in batch["categories"]]
+        names = self.texts(cats, pool)
+        text, mask = self.featurizer.text_batch(names)
+        return [f.to(device) for f in feats], text.to(device), mask.to(device), cats, names
+
+    def base_loss(self, student, batch: dict, device) -> tuple[torch.Tensor, dict]:
+        feats, text, mask, _, names = self.inputs(batch, self.cfg.base, device)
+        labels = [[n.index(lab) for lab in json.loads(ls)] for n, ls in zip(names, batch["labels"])]
+        boxes = [json.loads(b) for b in batch["boxes"]]
+        targets = targets_from_boxes(labels, boxes, device)
+        loss, parts = grounding_loss(student(feats, text, mask), mask, targets, self.cfg.loss)
+        return loss, {f"base_{k}": v for k, v in parts.items()} | {"base_boxes": sum(map(len, labels))}
+
+    def novel_loss(self, student, teacher, batch: dict, device) -> tuple[torch.Tensor, dict]:
+        feats, text, mask, cats, names = self.inputs(batch, self.cfg.novel, device)
+        with torch.no_grad():
+            teacher_out = teacher(feats, text, mask)
+        labels, boxes = pseudo_labels(teacher_out, mask, [len(c) for c in cats], self.cfg.beta, self.cfg.nms_iou)
+        targets = targets_from_boxes(labels, boxes, device)
+        loss, parts = grounding_loss(student(feats, text, mask), mask, targets, self.cfg.loss)
+        return loss, {f"novel_{k}": v for k, v in parts.items()} | {"pseudo_boxes": sum(map(len, labels))}
+
+
+def pseudo_labels(teacher_out: dict, text_mask: torch.Tensor, prompted: list[int], beta: float,
+                  nms_iou: float = 0.7) -> tuple[list[list[int]], list[list[list[float]]]]:
+    """The teacher's boxes with score >= beta, of the categories the prompt named (the first
+    `prompted[b]` entries of image b's list; the rest are negatives, never labelled), as
+    (label indices, normalised xyxy boxes) per image."""
+    labels, boxes = [], []
+    for b, found in enumerate(predictions(teacher_out, text_mask, beta, nms_iou)):
+        keep = [(c, box) for c, _, box in found if c < prompted[b]]
+        labels.append([c for c, _ in keep])
+        boxes.append([box for _, box in keep])
+    return labels, boxes
+
+
+def lr_at(cfg: GroundingTrainConfig, epoch: int) -> float:
+    """Epoch is 0-based; lr_drop_epoch is 1-based, as the paper counts."""
+    return cfg.lr * (0.1 if epoch + 1 >= cfg.lr_drop_epoch else 1.0)
+
+
+def build_head(cfg: GroundingTrainConfig, pipe) -> GroundingHead:
+    in_channels, text_dim = head_inputs(pipe)
+    head_cfg = dataclasses.replace(cfg.head, in_channels=in_channels, text_dim=text_dim)
+    return GroundingHead(head_cfg)
+
+
+def _cycle(make: Callable[[], Iterator[dict]]) -> Iterator[dict]:
+    while True:
+        empty = True
+        for batch in make():
+            empty = False
+            yield batch
+        if empty:
+            raise GroundingTrainError("the novel-category dataset gave no batch; it needs at least "
+                                      "batch_size / num_workers samples")
+
+
+# ------------------------------------------------------------------------------------------------
+# Ray Train worker
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker: everything it needs arrives in `config`."""
+    import ray.train
+
+    from engine.models import load_pipeline
+    from engine.training import deepspeed_config, deepspeed_engine, load_tensors, report, restore_checkpoint, \
+        seed_everything
+
+    job = from_dict(GroundingJob, config["job"])
+    cfg = job.grounding
+    rank = ray.train.get_context().get_world_rank()
+    world = ray.train.get_context().get_world_size()
+    seed_everything(cfg.seed)  # same head initialisation on every rank
+    if config.get("threads"):
+        torch.set_num_threads(int(config["threads"]))
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.use_gpu else "cpu")
+    pipe = load_pipeline(job.model, str(device))
+    pipe.unet.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    featurizer = Featurizer(pipe, cfg.synthesis_steps)
+    head = build_head(cfg, pipe).to(device)
+
+    per_worker = cfg.batch_size // world
+    ds_cfg = deepspeed_config(cfg.zero_stage, cfg.lr, cfg.weight_decay, 0, 1, cfg.bf16,
+                              batch_per_worker=per_worker, clip=cfg.clip)
+    # The paper's schedule is a step drop by epoch, set on the optimizer below (lr_at); DeepSpeed's
+    # warmup-decay scheduler is not used, so there is no scheduler state to checkpoint either.
+    ds_cfg.pop("scheduler")
+    engine = deepspeed_engine(head, ds_cfg)
+
+    holder: dict = {"teacher": None, "extra": {}}
+
+    def on_load(directory: str, meta: dict) -> None:
+        holder["extra"] = meta.get("extra", {})
+        state = load_tensors(directory, "teacher")
+        if state is not None:
+            teacher = make_teacher(engine.module)
+            teacher.load_state_dict({k: v.to(device) for k, v in state.items()})
+            holder["teacher"] = teacher
+
+    step = restore_checkpoint(engine, on_load=on_load)
+    teacher = holder["teacher"]
+    start_epoch = int(holder["extra"].get("epoch", 0))
+    skip = int(holder["extra"].get("batches", 0))
+    if skip < 0:  # the checkpoint was taken at the end of that epoch
+        start_epoch, skip = start_epoch + 1, 0
+
+    rng = random.Random(cfg.seed * 1000 + rank)
+    trainer = GroundingStep(cfg, featurizer, rng)
+    base_ds = ray.train.get_dataset_shard("base")
+    novel_ds = ray.train.get_dataset_shard("novel") if cfg.novel_shards else None
+    novel_iter = None
+    if novel_ds is not None:
+        novel_iter = _cycle(lambda: novel_ds.iter_batches(batch_size=per_worker, batch_format="numpy",
+                                                          drop_last=True))
+    teacher_tensors = lambda: {"teacher": teacher.state_dict()} if teacher is not None else {}  # noqa: E731
+
+    for epoch in range(start_epoch, cfg.epochs):
+        self_training = novel_iter is not None and epoch >= cfg.transfer_epoch
+        if self_training and teacher is None:
+            teacher = make_teacher(engine.module)  # the transfer: teacher = student
+        head.set_layer_dropout(cfg.head.layer_dropout if self_training else 0.0)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr_at(cfg, epoch)
+        batches = base_ds.iter_batches(batch_size=per_worker, batch_format="numpy", drop_last=True)
+        for i, batch in enumerate(batches):
+            if epoch == start_epoch and i < skip:
+                continue  # done before the restart
+            engine.train()
+            loss, metrics = trainer.base_loss(engine, batch, device)
+            if self_training:
+                novel_loss, novel_metrics = trainer.novel_loss(engine, teacher, next(novel_iter), device)
+                loss = loss + novel_loss
+                metrics |= novel_metrics
+            engine.backward(loss)
+            engine.step()
+            if self_training:
+                ema_update(teacher, engine.module, cfg.ema_momentum)
+            step += 1
+            report({"loss": float(loss.detach()), "epoch": epoch, **metrics}, engine, step, cfg.train.checkpoint_every,
+                   extra={"epoch": epoch, "batches": i + 1}, tensors=teacher_tensors)
+        # An end-of-epoch checkpoint, so a restart never redoes a finished epoch.
+        report({"loss": float("nan"), "epoch": epoch, "epoch_end": 1}, engine, step, cfg.train.checkpoint_every,
+               extra={"epoch": epoch, "batches": -1}, last=True, tensors=teacher_tensors)
+
+    if rank == 0:
+        save_grounding_head(cfg.output, engine.module, job)
+
+
+def train_grounding(job: GroundingJob):
+    """Driver: read the shards through Ray Data and train on Ray Train + DeepSpeed."""
+    from engine.cluster import threads_for
+    from engine.training import run_trainer
+    job.validate()
+    cfg = job.grounding
+    datasets = {"base": read_rows(cfg.base_shards, cfg.base, cfg.alpha)}
+    if cfg.novel_shards:
+        datasets["novel"] = read_rows(cfg.novel_shards, cfg.novel, 1.0)
+    loop_config = {"job": dataclasses.asdict(job), "threads": threads_for(cfg.train.cpus_per_worker)}
+    result = run_trainer(train_loop_per_worker, loop_config, cfg.train, datasets)
+    if result.error:
+        raise result.error
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# The trained head on disk
+
+
+def save_grounding_head(folder: str, head: GroundingHead, job: GroundingJob) -> str:
+    """head.safetensors + grounding.json (head sizes, the pipeline it reads, its base categories,
+    the synthesis steps), written to a temporary folder and moved into place whole."""
+    from safetensors.torch import save_file
+    parent = os.path.dirname(os.path.abspath(folder)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".grounding-", dir=parent)
+    try:
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()},
+                  os.path.join(tmp, HEAD_FILE))
+        meta = {"head": dataclasses.asdict(head.cfg), "model": dataclasses.asdict(job.model),
+                "base": list(job.grounding.base), "novel": list(job.grounding.novel),
+                "synthesis_steps": job.grounding.synthesis_steps,
+                "text_embedding": "EOS-pooled hidden state of the pipeline's text encoder, one per category name"}
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            json.dump(meta, f, indent=2)
+        if os.path.isdir(folder):
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def load_grounding_head(folder: str, device: Optional[str] = None) -> tuple[GroundingHead, dict]:
+    """(the head in eval mode, its grounding.json) from a folder written by save_grounding_head."""
+    from safetensors.torch import load_file
+    cfg_path, weights = os.path.join(folder, CONFIG_FILE), os.path.join(folder, HEAD_FILE)
+    if not (os.path.isfile(cfg_path) and os.path.isfile(weights)):
+        raise GroundingTrainError(f"{folder!r} is not a grounding-head folder (it needs {CONFIG_FILE} and "
+                                  f"{HEAD_FILE}); train one with `python jobs/train_grounding.py`")
+    with open(cfg_path) as f:
+        meta = json.load(f)
+    head = GroundingHead(from_dict(GroundingConfig, meta["head"]))
+    head.load_state_dict(load_file(weights))
+    return head.to(device or "cpu").eval(), meta
+
+
+# ------------------------------------------------------------------------------------------------
+# A plain single-process loop (tests, the learning check): the same steps without Ray or DeepSpeed
+
+
+def train_local(cfg: GroundingTrainConfig, featurizer: Featurizer, head: GroundingHead,
+                base_rows: list[dict], novel_rows: Optional[list[dict]] = None,
+                max_steps: Optional[int] = None, time_limit_s: Optional[float] = None,
+                log_every: int = 0) -> list[float]:
+    """Train `head` in place on in-memory rows (see sample_to_row); returns the loss per step."""
+    import time
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    trainer = GroundingStep(cfg, featurizer, rng)
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    teacher, losses, start = None, [], time.time()
+    novel_batches = None
+    if novel_rows:
+        novel_batches = _cycle(lambda: (collate(novel_rows[i:i + cfg.batch_size])
+                                        for i in range(0, len(novel_rows) - cfg.batch_size + 1, cfg.batch_size)))
+    for epoch in range(cfg.epochs):
+        self_training = novel_batches is not None and epoch >= cfg.transfer_epoch
+        if self_training and teacher is None:
+            teacher = make_teacher(head)
+        head.set_layer_dropout(cfg.head.layer_dropout if self_training else 0.0)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, epoch)
+        order = rng.sample(range(len(base_rows)), len(base_rows))
+        for i in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
+            head.train()
+            batch = collate([base_rows[j] for j in order[i:i + cfg.batch_size]])
+            loss, metrics = trainer.base_loss(head, batch, "cpu")
+            if self_training:
+                nl, _ = trainer.novel_loss(head, teacher, next(novel_batches), "cpu")
+                loss = loss + nl
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.clip)
+            opt.step()
+            if teacher is not None:
+                ema_update(teacher, head, cfg.ema_momentum)
+            losses.append(float(loss.detach()))
+            if log_every and len(losses) % log_every == 0:
+                print(f"step {len(losses)} epoch {epoch} loss {np.mean(losses[-log_every:]):.3f} "
+                      f"({time.time() - start:.0f} s)", flush=True)
+            if (max_steps and len(losses) >= max_steps) or (time_limit_s and time.time() - start > time_limit_s):
+                return losses
+    return losses

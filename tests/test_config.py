@@ -1,0 +1,85 @@
+"""Typed configs: YAML into dataclasses, overrides, and errors that name the key."""
+import pytest
+
+from engine.config import Config, ConfigError, load_config
+from engine.prompts import make_prompts, target_categories
+
+
+def test_tiny_and_coco_ovd_load():
+    tiny = load_config("configs/tiny.yaml")
+    assert isinstance(tiny, Config) and tiny.model.source == "tiny"
+    coco = load_config("configs/coco_ovd.yaml")
+    assert (len(coco.prompts.base), len(coco.prompts.novel)) == (48, 17)
+    assert not set(coco.prompts.base) & set(coco.prompts.novel)
+    assert coco.synthesis.steps == 50 and coco.synthesis.guidance == 5.0
+    assert (coco.synthesis.height, coco.synthesis.width) == (512, 512)
+    assert (coco.annotation.alpha, coco.annotation.beta) == (0.8, 0.4)
+    assert coco.model.scheduler == "ddim"
+
+
+def test_overrides_are_typed():
+    cfg = load_config("configs/tiny.yaml", ["synthesis.steps=7", "output.path=/x/y", "prompts.base=[a, b]",
+                                           "synthesis.guidance=3", "ray.address=null"])
+    assert cfg.synthesis.steps == 7 and cfg.output.path == "/x/y" and cfg.prompts.base == ["a", "b"]
+    assert isinstance(cfg.synthesis.guidance, float) and cfg.ray.address is None
+
+
+@pytest.mark.parametrize("override, key", [
+    ("synthesis.stepz=3", "synthesis.stepz"),
+    ("synthesis.steps=many", "synthesis.steps"),
+    ("synthesis.keep_features=3", "synthesis.keep_features"),
+    ("prompts.base=cat", "prompts.base"),
+    ("nonsense.key=1", "nonsense"),
+    ("synthesis.height=65", "synthesis.height"),
+    ("annotation.alpha=1.5", "annotation.alpha"),
+])
+def test_bad_keys_and_types_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("configs/tiny.yaml", [override])
+
+
+def test_malformed_and_missing_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n  source: tiny")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "nope.yaml"))
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("just a string")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(str(scalar))
+
+
+def test_prompts_are_deterministic_and_shaped():
+    cfg = load_config("configs/tiny.yaml").prompts
+    rows = make_prompts(cfg)
+    assert rows == make_prompts(cfg)
+    assert len(rows) == len(cfg.base) * cfg.images_per_category
+    assert [r.id for r in rows] == list(range(len(rows)))
+    for r in rows:
+        assert 1 <= len(r.categories) <= 2 and set(r.categories) <= set(cfg.base)
+        assert len(set(r.categories)) == len(r.categories)
+        expected = (cfg.template.format(c1=r.categories[0], c2=r.categories[1]) if len(r.categories) == 2
+                    else cfg.template_single.format(c1=r.categories[0]))
+        assert r.text == expected
+    assert any(len(r.categories) == 2 for r in rows) and any(len(r.categories) == 1 for r in rows)
+    other = make_prompts(load_config("configs/tiny.yaml", ["prompts.seed=1"]).prompts)
+    assert [r.seed for r in other] != [r.seed for r in rows]
+
+
+def test_category_errors():
+    with pytest.raises(ConfigError, match="unknown category 'zebra'"):
+        target_categories(load_config("configs/tiny.yaml", ["prompts.generate=list",
+                                                            "prompts.categories=[cat, zebra]"]).prompts)
+    with pytest.raises(ConfigError, match="no categories"):
+        target_categories(load_config("configs/tiny.yaml", ["prompts.base=[]"]).prompts)
+    with pytest.raises(ConfigError, match="listed twice"):
+        target_categories(load_config("configs/tiny.yaml", ["prompts.base=[cat, cat]"]).prompts)
+    with pytest.raises(ConfigError, match="characters"):
+        make_prompts(load_config("configs/tiny.yaml", [f"prompts.base=[{'x' * 100_000}]"]).prompts)
+
+
+def test_bad_template():
+    with pytest.raises(ConfigError, match="prompts.template"):
+        load_config("configs/tiny.yaml", ["prompts.template=a photo of {c3}"])

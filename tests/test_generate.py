@@ -1,0 +1,168 @@
+"""The main job end to end on a real local Ray: shards, resume, export, and the user's errors."""
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import ray
+import webdataset as wds
+
+from engine.config import load_config
+from engine.export import export
+from engine.generate import generate
+from engine.prompts import make_prompts
+from engine.shards import ShardError, ShardStore, iter_samples, shard_urls
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 4 base categories x 2 images = 8 prompts in shards of 3, 3 and 2.
+SMALL = ["prompts.images_per_category=2", "synthesis.steps=3", "synthesis.batch_size=2",
+         "output.shard_size=3", "annotation.batch_size=4"]
+
+
+def small_config(path, *extra):
+    return load_config(os.path.join(ROOT, "configs/tiny.yaml"), SMALL + [f"output.path={path}", *extra])
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def dataset(local_ray, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("gen") / "run")
+    cfg = small_config(out)
+    summary = generate(cfg)
+    return cfg, summary, out
+
+
+def expected_keys(cfg):
+    return {f"{r.id:09d}" for r in make_prompts(cfg.prompts)}
+
+
+def test_generate_writes_whole_shards(dataset):
+    cfg, summary, out = dataset
+    assert (summary.images, summary.shards, summary.shards_written, summary.dropped) == (8, 3, 3, 0)
+    assert sorted(os.listdir(os.path.join(out, "shards"))) == [f"shard-00000{i}.tar" for i in range(3)]
+    # Read back with the webdataset library itself, as a user would.
+    raw = list(wds.WebDataset(shard_urls(out), shardshuffle=False))
+    keys = [s["__key__"] for s in raw]
+    assert len(keys) == len(set(keys)) == 8 and set(keys) == expected_keys(cfg)
+    rows = {f"{r.id:09d}": r for r in make_prompts(cfg.prompts)}
+    for s in raw:
+        assert set(k for k in s if not k.startswith("__")) == {"jpg", "latent.npy", "json"}
+        meta = json.loads(s["json"])
+        row = rows[s["__key__"]]
+        assert (meta["prompt"], tuple(meta["categories"]), meta["seed"]) == (row.text, row.categories, row.seed)
+        latent = np.load(io.BytesIO(s["latent.npy"]), allow_pickle=False)
+        down = 2 ** (len(cfg.model.tiny.vae_block_out_channels) - 1)  # the VAE halves size per level
+        assert latent.shape == (4, 64 // down, 64 // down) and latent.dtype == np.float32 and np.isfinite(latent).all()
+        assert meta["box_format"].startswith("xyxy")
+        for box, label, score in zip(meta["boxes"], meta["labels"], meta["scores"]):
+            assert label in row.categories and score >= cfg.annotation.alpha
+            assert 0 <= box[0] < box[2] <= 64 and 0 <= box[1] < box[3] <= 64
+        assert set(meta["labellers"]) <= {"detector"}
+
+
+def test_ray_data_reads_the_shards(dataset):
+    cfg, _, out = dataset
+    ds = ray.data.read_webdataset(shard_urls(out), decoder=None)
+    keys = [r["__key__"] for r in ds.take_all()]
+    assert sorted(keys) == sorted(expected_keys(cfg))
+
+
+def test_export_loads_in_pycocotools(dataset):
+    from pycocotools.coco import COCO
+    cfg, summary, out = dataset
+    result = export(out)
+    coco = COCO(result["coco"])
+    assert len(coco.getImgIds()) == 8
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == cfg.prompts.base + cfg.prompts.novel
+    assert len(coco.getAnnIds()) == summary.boxes
+    for img in coco.loadImgs(coco.getImgIds()):
+        assert os.path.exists(os.path.join(out, img["file_name"]))
+    from PIL import Image
+    assert Image.open(result["preview"]).size[0] > 0
+    lvis = json.load(open(result["lvis"]))
+    assert all(c["frequency"] in "rcf" for c in lvis["categories"])
+
+
+def test_rerun_writes_only_missing_shards(dataset, tmp_path):
+    cfg, _, out = dataset
+    # Simulate an interruption: shard 1 never finished (no manifest entry), a stale temporary lies around.
+    os.remove(os.path.join(out, "manifest", "shard-000001.json"))
+    open(os.path.join(out, "shards", ".shard-000001.tar.tmp-dead"), "wb").write(b"partial")
+    summary = generate(cfg)
+    assert summary.shards_written == 1 and summary.images == 8
+    assert not [f for f in os.listdir(os.path.join(out, "shards")) if ".tmp-" in f]
+    keys = [s["__key__"] for s in iter_samples(shard_urls(out), decode=False)]
+    assert len(keys) == len(set(keys)) and set(keys) == expected_keys(cfg)
+    # Nothing left to do: a third run writes nothing.
+    assert generate(cfg).shards_written == 0
+
+
+def test_different_run_in_same_output_is_refused(dataset):
+    cfg, _, out = dataset
+    with pytest.raises(ShardError, match="different run"):
+        generate(small_config(out, "synthesis.guidance=2.0"))
+
+
+def test_driver_killed_mid_run_then_resumed(local_ray, tmp_path):
+    out = str(tmp_path / "killed")
+    # 24 prompts in 12 shards: long enough to be caught between its first and last shard.
+    longer = [*SMALL, "prompts.images_per_category=6", "synthesis.steps=6", "output.shard_size=2"]
+    args = [sys.executable, "-m", "engine.cli", "generate", "--no-export", "--config", "configs/tiny.yaml",
+            *longer, f"output.path={out}"]
+    proc = subprocess.Popen(args, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "RAY_ADDRESS": ""})
+    manifest = os.path.join(out, "manifest")
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if os.path.isdir(manifest) and len(os.listdir(manifest)) >= 1:
+                break
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, without warning
+        proc.wait()
+    finished = len(os.listdir(manifest))
+    assert 1 <= finished < 12, "the driver should have been killed mid-run"
+    cfg = load_config(os.path.join(ROOT, "configs/tiny.yaml"), longer + [f"output.path={out}"])
+    summary = generate(cfg)
+    assert summary.shards_written == 12 - finished and summary.shards == 12
+    keys = [s["__key__"] for s in iter_samples(shard_urls(out), decode=False)]
+    assert len(keys) == len(set(keys)) and set(keys) == expected_keys(cfg)
+
+
+def test_unwritable_output_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ShardError, match="not writable"):
+        generate(small_config(str(blocker / "run")))
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    cases = [
+        (["synthesis.stepz=3"], "unknown config key 'synthesis.stepz'"),
+        (["prompts.base=[]"], "no categories"),
+        (["model.source=/does/not/exist"], "does not exist"),
+        (["model.source=CompVis/stable-diffusion-v1-4"], "model-hub id"),
+        (["prompts.generate=list", "prompts.categories=[unicorn]"], "unknown category 'unicorn'"),
+        (["annotation.labeller=oracle"], "annotation.labeller 'oracle' is unknown"),
+    ]
+    for overrides, message in cases:
+        out = tmp_path / "never"
+        proc = subprocess.run([sys.executable, "-m", "engine.cli", "generate", "--config", "configs/tiny.yaml",
+                               f"output.path={out}", *overrides], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert message in proc.stderr and "Traceback" not in proc.stderr
+        assert not out.exists(), "a failed run must leave nothing behind"
