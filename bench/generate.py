@@ -1,0 +1,116 @@
+"""Generation throughput: a bare diffusers loop vs the engine, and the driver's memory.
+
+    .venv/bin/python bench/generate.py [--images 48] [--steps 20]
+
+From one run on the same tiny model, batch and machine, prints images/s of
+  (a) a bare loop in one process: the pipeline's denoising + VAE decode + the teacher, nothing else;
+  (b) the engine with one synthesis actor (Ray Data, JPEG/npy encoding, annotation actor, shards);
+  (c) the engine with as many synthesis actors as the machine fits;
+and the driver's peak RSS at 1x and 10x the image count (it must not grow with the count).
+Engine throughput is steady-state: from the first finished shard to the last, so Ray start-up and
+model loading (paid once per job) are reported apart.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def overrides(images: int, steps: int, batch: int, out: str, actors: int = 0) -> list[str]:
+    per_cat = max(1, images // 4)  # tiny.yaml generates 4 base categories
+    return [f"prompts.images_per_category={per_cat}", f"synthesis.steps={steps}",
+            f"synthesis.batch_size={batch}", f"annotation.batch_size={batch}", f"output.shard_size={batch}",
+            f"synthesis.num_actors={actors}", f"output.path={out}"]
+
+
+def bare(images: int, steps: int, batch: int) -> dict:
+    import torch
+
+    from engine.annotation import build_labeller
+    from engine.config import load_config
+    from engine.generate import all_categories
+    from engine.models import load_pipeline
+    from engine.prompts import make_prompts
+    from engine.synthesis import draw
+    torch.set_num_threads(1)
+    cfg = load_config(os.path.join(ROOT, "configs/tiny.yaml"), overrides(images, steps, batch, "/tmp/unused"))
+    pipe = load_pipeline(cfg.model)
+    labeller = build_labeller(cfg.annotation, all_categories(cfg))
+    rows = make_prompts(cfg.prompts)
+    start = time.perf_counter()
+    for i in range(0, len(rows), batch):
+        chunk = rows[i:i + batch]
+        drawn = draw(pipe, [r.text for r in chunk], [r.seed for r in chunk], cfg.synthesis)
+        labeller.label(list(drawn.images), [list(r.categories) for r in chunk])
+    return {"images": len(rows), "seconds": time.perf_counter() - start}
+
+
+def engine_run(images: int, steps: int, batch: int, actors: int) -> dict:
+    from engine import generate as gen
+    from engine.config import load_config
+    stamps = []
+    original = gen.Progress.update
+
+    def update(self, images=0, shards=0):
+        stamps.append((time.perf_counter(), images))
+        original(self, images, shards)
+    gen.Progress.update = update
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(os.path.join(ROOT, "configs/tiny.yaml"), overrides(images, steps, batch, tmp, actors))
+        start = time.perf_counter()
+        summary = gen.generate(cfg)
+        wall = time.perf_counter() - start
+    # Steady state: images after the first shard, over the time from first to last shard.
+    steady = sum(n for _, n in stamps[1:]) / (stamps[-1][0] - stamps[0][0]) if len(stamps) > 2 else float("nan")
+    return {"images": summary.images, "seconds": wall, "steady_images_per_s": steady,
+            "first_shard_s": stamps[0][0] - start if stamps else float("nan"),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def in_subprocess(mode: str, **kw) -> dict:
+    """Each measurement in a fresh process, so one's memory or Ray state never leaks into another."""
+    code = (f"import json, sys; sys.path.insert(0, {ROOT!r}); from bench.generate import {mode}; "
+            f"print('RESULT' + json.dumps({mode}(**{kw!r})))")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT"):
+            return json.loads(line[6:])
+    raise RuntimeError(f"{mode} failed:\n{proc.stderr[-3000:]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=48)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--actors", type=int, default=2, help="synthesis actors for (c)")
+    args = ap.parse_args()
+    a = in_subprocess("bare", images=args.images, steps=args.steps, batch=args.batch)
+    b = in_subprocess("engine_run", images=args.images, steps=args.steps, batch=args.batch, actors=1)
+    c = in_subprocess("engine_run", images=args.images, steps=args.steps, batch=args.batch, actors=args.actors)
+    m10 = in_subprocess("engine_run", images=args.images * 10, steps=2, batch=args.batch, actors=1)
+    m1 = in_subprocess("engine_run", images=args.images, steps=2, batch=args.batch, actors=1)
+    bare_rate = a["images"] / a["seconds"]
+    print(f"tiny model, {args.images} images of 64x64, {args.steps} DDIM steps, batch {args.batch}, "
+          f"{os.cpu_count()} CPUs")
+    print(f"{'run':<34}{'images/s':>10}{'vs (a)':>8}{'wall s':>9}{'1st shard s':>13}")
+    print(f"{'(a) bare loop, one process':<34}{bare_rate:>10.2f}{1.0:>8.2f}{a['seconds']:>9.1f}{'':>13}")
+    for name, r in (("(b) engine, 1 synthesis actor", b), (f"(c) engine, {args.actors} synthesis actors", c)):
+        rate = r["steady_images_per_s"]
+        print(f"{name:<34}{rate:>10.2f}{rate / bare_rate:>8.2f}{r['seconds']:>9.1f}{r['first_shard_s']:>13.1f}")
+    print(f"driver peak RSS: {m1['peak_rss_mb']:.0f} MB at {m1['images']} images, "
+          f"{m10['peak_rss_mb']:.0f} MB at {m10['images']} images (2 steps)")
+
+
+if __name__ == "__main__":
+    main()
