@@ -105,6 +105,48 @@ class RayConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    annotations: str = ""  # COCO/LVIS instances JSON: local path or fsspec URL
+    image_root: str = ""
+    format: str = "coco"  # coco | lvis (Objects365 is COCO-format)
+    base: list[str] = field(default_factory=list)  # empty = the config's prompts.base
+    check_images: bool = True  # decode every image once before training, to count bad ones up front
+    crop_size: int = 512
+    # Images whose short side is below crop_size are scaled up by at most this factor (COCO's
+    # 640x480 images need 1.07 for 512 crops); smaller ones are skipped and counted.
+    max_upscale: float = 1.25
+    min_visible_fraction: float = 0.5  # an object cut by the crop edge is named if this much shows
+    max_redraws: int = 10
+    template: str = "a photograph of {categories}"
+    name_template: str = "{name}"  # e.g. "a {name}" for "a photograph of a dog and a cat"
+    joiner: str = " and "
+    lr: float = 1e-5
+    weight_decay: float = 1e-2
+    warmup_steps: int = 500
+    max_steps: int = 10000
+    batch_size: int = 4  # per worker
+    grad_accum: int = 1
+    clip: float = 1.0
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: str = "auto"  # auto (GPU when the cluster has one) | true | false
+    data_cpus: float = 0.25  # CPUs per Ray Data decode-and-crop task
+    zero_stage: int = 2
+    ema: bool = True
+    ema_decay: float = 0.9999
+    grad_checkpointing: bool = True  # GPU only: on CPU memory is not the limit, time is
+    storage_path: str = "outputs/finetune/ray"
+    name: str = "sd-finetune"
+    output_dir: str = "outputs/finetune/pipeline"
+    seed: int = 0
+    max_failures: int = 2
+    checkpoint_every: int = 500
+    # Debugging: train on one batch, one noise draw and one set of timesteps, over and over. The
+    # loss must then fall; if it does not, the training step itself is broken.
+    overfit_batch: bool = False
+
+
+@dataclass
 class Config:
     name: str = "tiny"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -113,6 +155,7 @@ class Config:
     annotation: AnnotationConfig = field(default_factory=AnnotationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self) -> None:
         _validate(self)

@@ -21,7 +21,7 @@ import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 from PIL import Image
 
@@ -193,7 +193,7 @@ def _file_name(img: dict, fmt: str) -> Optional[str]:
     return None
 
 
-def _clean(data: dict, path: str, fmt: str, skipped: SkipReport) -> dict:
+def _clean(data: dict, path: str, fmt: str, skipped: SkipReport) -> tuple[dict, set]:
     """Drop malformed and duplicated entries before the reference API indexes the file (both
     index by id and would silently keep only the last of two images with one id)."""
     cats = []
@@ -225,7 +225,8 @@ def _clean(data: dict, path: str, fmt: str, skipped: SkipReport) -> dict:
             skipped.add(MALFORMED, f"annotation {str(a)[:80]}")
             continue
         anns.append({**a, "id": a.get("id", f"_{i}")})
-    return {**data, "categories": cats, "images": images, "annotations": anns}
+    duplicated = {i for i, n in id_counts.items() if n > 1}
+    return {**data, "categories": cats, "images": images, "annotations": anns}, duplicated
 
 
 def _index(data: dict, fmt: str):
@@ -293,7 +294,7 @@ def load_detection_dataset(annotations: str, image_root: str, fmt: str = "coco",
     if fmt not in FORMATS:
         raise DatasetError(f"dataset format {fmt!r} is unknown; use one of {', '.join(FORMATS)}")
     skipped = SkipReport()
-    data = _clean(_load_json(annotations), annotations, fmt, skipped)
+    data, duplicated = _clean(_load_json(annotations), annotations, fmt, skipped)
     imgs, img_anns, cats = _index(data, fmt)
 
     names = [c["name"] for c in sorted(cats.values(), key=lambda c: c["id"])]
@@ -306,7 +307,7 @@ def load_detection_dataset(annotations: str, image_root: str, fmt: str = "coco",
     else:
         keep = set(names)
     for a in data["annotations"]:
-        if a["image_id"] not in imgs:
+        if a["image_id"] not in imgs and a["image_id"] not in duplicated:
             skipped.add(UNKNOWN_IMAGE, f"annotation {a['id']} -> image {a['image_id']}")
 
     records = []
@@ -360,9 +361,3 @@ def split_records(dataset: DetectionDataset, base: list[str]) -> DetectionDatase
                                        [r.labels[i] for i in idx]))
     return DetectionDataset(records, [c for c in dataset.categories if c in keep],
                             SkipReport().merge(dataset.skipped))
-
-
-def records_to_rows(records: list[ImageRecord]) -> list[dict[str, Any]]:
-    """Plain dict rows (for Ray Data)."""
-    return [{"id": r.id, "file": r.file, "width": r.width, "height": r.height,
-             "boxes": json.dumps(r.boxes), "labels": json.dumps(r.labels)} for r in records]

@@ -29,66 +29,18 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 
-from engine.config import Config, ConfigError, ModelConfig, from_dict
+from engine.config import ConfigError, FinetuneConfig, ModelConfig, from_dict
 from engine.datasets import (CORRUPT_IMAGE, DatasetError, ImageRecord, SkipReport, decode_image,
                              load_detection_dataset, read_bytes, split_records)
 
 NO_OBJECT = "no object in crop"
 TOO_SMALL = "image smaller than crop"
 DECODE_REASONS = ("missing image", CORRUPT_IMAGE)
-
-
-@dataclass
-class FinetuneConfig:
-    annotations: str = ""  # COCO/LVIS instances JSON: local path or fsspec URL
-    image_root: str = ""
-    format: str = "coco"  # coco | lvis (Objects365 is COCO-format)
-    base: list[str] = field(default_factory=list)  # empty = the config's prompts.base
-    check_images: bool = True  # decode every image once before training, to count bad ones up front
-    crop_size: int = 512
-    # Images whose short side is below crop_size are scaled up by at most this factor (COCO's
-    # 640x480 images need 1.07 for 512 crops); smaller ones are skipped and counted.
-    max_upscale: float = 1.25
-    min_visible_fraction: float = 0.5  # an object cut by the crop edge is named if this much shows
-    max_redraws: int = 10
-    template: str = "a photograph of {categories}"
-    name_template: str = "{name}"  # e.g. "a {name}" for "a photograph of a dog and a cat"
-    joiner: str = " and "
-    lr: float = 1e-5
-    weight_decay: float = 1e-2
-    warmup_steps: int = 500
-    max_steps: int = 10000
-    batch_size: int = 4  # per worker
-    grad_accum: int = 1
-    clip: float = 1.0
-    num_workers: int = 1
-    cpus_per_worker: float = 1.0
-    use_gpu: str = "auto"  # auto (GPU when the cluster has one) | true | false
-    data_cpus: float = 0.25  # CPUs per Ray Data decode-and-crop task
-    zero_stage: int = 2
-    ema: bool = True
-    ema_decay: float = 0.9999
-    grad_checkpointing: bool = True  # GPU only: on CPU memory is not the limit, time is
-    storage_path: str = "outputs/finetune/ray"
-    name: str = "sd-finetune"
-    output_dir: str = "outputs/finetune/pipeline"
-    seed: int = 0
-    max_failures: int = 2
-    checkpoint_every: int = 500
-    # Debugging: train on one batch, one noise draw and one set of timesteps, over and over. The
-    # loss must then fall; if it does not, the training step itself is broken.
-    overfit_batch: bool = False
-
-
-@dataclass
-class FinetuneJobConfig(Config):
-    """The root Config plus the `finetune` section, until the lead adds it to Config."""
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,6 +245,7 @@ def _batches(shard, batch_size: int, skips: dict):
 def train_loop(config: dict) -> None:
     """The Ray Train worker: everything it needs arrives in `config` (plain dicts)."""
     import ray.train
+    import ray.train.torch
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
@@ -308,7 +261,7 @@ def train_loop(config: dict) -> None:
     cuda = torch.cuda.is_available() and config["use_gpu"]
     if not cuda:
         torch.set_num_threads(max(1, int(round(fc.cpus_per_worker))))
-    device = f"cuda:{ctx.get_local_rank()}" if cuda else "cpu"
+    device = str(ray.train.torch.get_device()) if cuda else "cpu"  # the GPU Ray Train gave this worker
     bf16 = bool(cuda)  # bf16 on GPU; fp32 on CPU, where gloo all-reduces fp32 anyway
     torch.manual_seed(fc.seed + 1000 * rank)
 
@@ -329,7 +282,10 @@ def train_loop(config: dict) -> None:
                               fc.grad_accum, fc.batch_size, fc.clip)
     engine = deepspeed_engine(unet, ds_cfg)
 
+    losses: list[float] = []  # per step, carried across restarts in the checkpoints
+
     def on_load(directory: str, meta: dict) -> None:
+        losses.extend(meta["extra"].get("losses", []))
         state = load_tensors(directory, "ema")
         if ema is not None and state is not None:
             ema.load(state)
@@ -338,51 +294,77 @@ def train_loop(config: dict) -> None:
     skips: dict[str, int] = {}
     shard = ray.train.get_dataset_shard("train")
     stream = _batches(shard, fc.batch_size, skips)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+
+    def next_batch():
+        try:
+            pixels, prompts = next(stream)
+        except StopIteration:
+            # The driver planned enough samples for every step; ending early would leave the
+            # other ranks waiting in an all-reduce, so say clearly why.
+            raise RuntimeError(f"rank {rank} ran out of training samples ({skips} skipped); too many "
+                               f"images failed to decode") from None
+        x = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).to(frozen_dtype) / 127.5 - 1.0
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids.to(device)
+        with torch.no_grad():
+            latents = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
+            text = text_encoder(ids)[0]
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, steps_t, (latents.shape[0],), device=device)  # uniform over training steps
+        return latents, text, noise, t
+
     fixed = None
-    t0 = time.time()
-    samples = 0
-    losses: list[float] = []  # since this worker (re)started
+    t0, timed = None, 0  # throughput from the third step on: the first ones pay for warm-up
     for step in range(start + 1, fc.max_steps + 1):
         maybe_crash("finetune", step)
-        if fixed is None or not fc.overfit_batch:
-            try:
-                pixels, prompts = next(stream)
-            except StopIteration:
-                # The driver planned enough samples for every step; ending early would leave the
-                # other ranks waiting in an all-reduce, so say clearly why.
-                raise RuntimeError(f"rank {rank} ran out of training samples at step {step} "
-                                   f"({skips} skipped); too many images failed to decode") from None
-            x = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).to(frozen_dtype) / 127.5 - 1.0
-            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids.to(device)
-            with torch.no_grad():
-                latents = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
-                text = text_encoder(ids)[0]
-            noise = torch.randn_like(latents)
-            t = torch.randint(0, steps_t, (latents.shape[0],), device=device)
+        for _ in range(fc.grad_accum):  # DeepSpeed steps the optimizer on the last micro-batch
             if fc.overfit_batch:
-                fixed = (latents, text, noise, t)
-        if fc.overfit_batch:
-            latents, text, noise, t = fixed
-        # Eq. 1: || eps - eps_theta(z_t, t, c) ||^2 with z_t = sqrt(a_t) z_0 + sqrt(1 - a_t) eps.
-        noisy = noise_sched.add_noise(latents.float(), noise.float(), t)
-        dtype = torch.bfloat16 if bf16 else torch.float32
-        pred = engine(noisy.to(dtype), t, encoder_hidden_states=text.to(dtype)).sample
-        loss = F.mse_loss(pred.float(), noise.float())
-        engine.backward(loss)
-        engine.step()
+                fixed = fixed or next_batch()
+                latents, text, noise, t = fixed
+            else:
+                latents, text, noise, t = next_batch()
+            # Eq. 1: || eps - eps_theta(z_t, t, c) ||^2, z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps.
+            noisy = noise_sched.add_noise(latents.float(), noise.float(), t)
+            pred = engine(noisy.to(dtype), t, encoder_hidden_states=text.to(dtype)).sample
+            loss = F.mse_loss(pred.float(), noise.float())
+            engine.backward(loss)
+            engine.step()
         if ema is not None:
             ema.update(engine.module, step)
-        samples += latents.shape[0]
+        if step - start == 2:
+            t0 = time.time()
+        elif step - start > 2:
+            timed += latents.shape[0] * fc.grad_accum
         losses.append(float(loss.detach()))
         last = step == fc.max_steps
         metrics = {"loss": float(loss.detach()), "start_step": start, "lr": engine.get_lr()[0],
-                   "samples_per_s": samples / max(time.time() - t0, 1e-9)}
+                   "samples_per_s": timed / (time.time() - t0) if timed else None}
         if last:
             metrics["decode_skips"] = _all_reduce_counts(skips)
             metrics["losses"] = losses
-        report(metrics, engine, step, fc.checkpoint_every, last=last,
+            metrics["peak_rss_mb"] = _gather_peak_rss()
+        report(metrics, engine, step, fc.checkpoint_every, extra={"losses": losses}, last=last,
                tensors=(lambda: {"ema": ema.shadow}) if ema is not None else None)
+    if start >= fc.max_steps:
+        # A rerun of a finished run: nothing to train; the latest checkpoint is the result.
+        ray.train.report({"loss": losses[-1] if losses else None, "start_step": start, "step": start,
+                          "losses": losses, "samples_per_s": None, "decode_skips": {},
+                          "peak_rss_mb": _gather_peak_rss()})
+
+
+def _gather_peak_rss() -> list[float]:
+    """Peak resident memory of every worker process, in MiB, in rank order."""
+    import resource
+
+    import torch
+    import torch.distributed as dist
+    mine = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])
+    if not dist.is_initialized():
+        return mine.tolist()
+    out = [torch.zeros(1) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, mine)
+    return [round(t.item(), 1) for t in out]
 
 
 def _all_reduce_counts(skips: dict) -> dict:
@@ -432,7 +414,7 @@ def prepare(cfg: Any) -> tuple[FinetuneConfig, list[dict], SkipReport, int]:
     """Everything that can fail before training: config, dataset, crop plan. Returns the config,
     the planned rows, the skip report and the number of usable images."""
     fc: FinetuneConfig = cfg.finetune
-    base = list(fc.base) or list(cfg.prompts.base)
+    base = base_of(cfg)
     _check_config(fc, base)
     ds = load_detection_dataset(fc.annotations, fc.image_root, fc.format, check_images=fc.check_images)
     base_ds = split_records(ds, base)
@@ -477,9 +459,10 @@ def finetune(cfg: Any) -> dict:
     resources = ray.cluster_resources()
     use_gpu = resources.get("GPU", 0) > 0 if fc.use_gpu == "auto" else fc.use_gpu == "true"
     run = TrainRunConfig(fc.storage_path, fc.name, fc.num_workers, use_gpu, fc.cpus_per_worker,
-                         fc.max_failures, fc.checkpoint_every)
-    check_resources(run, resources, data_cpus=fc.data_cpus)
+                         fc.max_failures, fc.checkpoint_every, data_cpus=fc.data_cpus)
+    check_resources(run, resources)
 
+    _check_same_run(cfg, fc, base_of(cfg))
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     data = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // max(fc.batch_size, 1), 64)))
@@ -504,10 +487,45 @@ def finetune(cfg: Any) -> dict:
     _save_pipeline(base_pipe, fc.output_dir)
     summary = {"output_dir": fc.output_dir, "steps": meta["step"], "start_step": metrics.get("start_step", 0),
                "final_loss": metrics.get("loss"), "losses": metrics.get("losses", []), "samples_per_s": metrics.get("samples_per_s"),
-               "images": n_images, "planned_crops": len(rows), "ema": fc.ema,
+               "peak_rss_mb": metrics.get("peak_rss_mb"), "images": n_images, "planned_crops": len(rows), "ema": fc.ema,
                "checkpoint": result.checkpoint.path, "skipped": skipped.to_dict(),
                "skipped_summary": skipped.summary(), "wall_s": time.time() - started}
     return summary
+
+
+def base_of(cfg: Any) -> list[str]:
+    return list(cfg.finetune.base) or list(cfg.prompts.base)
+
+
+# What a resumed run must share with the run that wrote the checkpoints; max_steps, workers,
+# checkpoint_every and the like may change between the two.
+_RUN_KEYS = ("annotations", "format", "crop_size", "min_visible_fraction", "template", "name_template",
+             "joiner", "ema", "zero_stage")
+
+
+def _check_same_run(cfg: Any, fc: FinetuneConfig, base: list[str]) -> None:
+    """Refuse to resume checkpoints of a different fine-tuning under the same storage_path/name
+    (they would silently continue from another model or dataset)."""
+    import fsspec
+
+    from engine.config import fingerprint
+    want = {"fingerprint": fingerprint({"model": dataclasses.asdict(cfg.model), "base": base,
+                                        **{k: getattr(fc, k) for k in _RUN_KEYS}})}
+    path = f"{fc.storage_path.rstrip('/')}/{fc.name}/instagen_run.json"
+    if "://" not in path:
+        path = os.path.abspath(os.path.expanduser(path))
+    fs, p = fsspec.core.url_to_fs(path)
+    if fs.exists(p):
+        with fs.open(p, "r") as f:
+            have = json.load(f)
+        if have.get("fingerprint") != want["fingerprint"]:
+            raise ConfigError(f"{fc.storage_path}/{fc.name} holds checkpoints of a fine-tuning with another model, "
+                              f"dataset or crop/prompt settings; set finetune.name to a new run name (or delete "
+                              f"that folder to start over)")
+        return
+    fs.makedirs(fs._parent(p), exist_ok=True)
+    with fs.open(p, "w") as f:
+        json.dump(want, f)
 
 
 def _save_pipeline(pipe, output_dir: str) -> None:
@@ -532,11 +550,10 @@ def _save_pipeline(pipe, output_dir: str) -> None:
 
 
 def summary_lines(summary: dict) -> list[str]:
+    rate, loss = summary["samples_per_s"], summary["final_loss"]
     return [f"[finetune] {summary['steps']} steps (resumed at {summary['start_step']}), final loss "
-            f"{summary['final_loss']:.4f}, {summary['samples_per_s']:.2f} samples/s per worker -> {summary['output_dir']}",
+            + (f"{loss:.4f}" if loss is not None else "n/a") + ", "
+            + (f"{rate:.2f} samples/s per worker" if rate else "too few steps to time")
+            + f" -> {summary['output_dir']}",
             f"[finetune] data: {summary['images']} base-category images, {summary['planned_crops']} crops; "
             f"{summary['skipped_summary']}"]
-
-
-def config_json(summary: dict) -> str:
-    return json.dumps(summary, indent=2, default=str)

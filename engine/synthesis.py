@@ -9,7 +9,6 @@ not depend on the batch it was drawn in, nor on the actor that drew it.
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass
 from typing import Optional
 

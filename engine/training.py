@@ -16,7 +16,10 @@ Resume: Ray Train V2 (the default in Ray 2.60; `TorchTrainer.restore` is depreca
 its checkpoint bookkeeping under `storage_path/name`. A worker that dies is restarted by
 `FailureConfig(max_failures)` and a rerun of the same command with the same storage_path and
 name starts from the latest checkpoint: in both cases `ray.train.get_checkpoint()` returns it
-and `restore_checkpoint` loads it, so training continues at the saved step, not at 0.
+and `restore_checkpoint` loads it, so training continues at the saved step, not at 0. The
+latest checkpoint is the latest one Ray Train's controller has collected: a worker that dies
+within a moment of reporting one can lose it, and the run then repeats at most
+`checkpoint_every` more steps.
 
 Checkpoint layout (one directory per checkpoint, all ranks writing into it):
     meta.json              step, caller's `extra`, LR scheduler state, world size, ZeRO stage
@@ -35,7 +38,7 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -112,10 +115,12 @@ class TrainRunConfig:
     cpus_per_worker: float = 0.5  # on a 2-CPU machine two workers must leave CPU for Ray Data
     max_failures: int = 2
     checkpoint_every: int = 50
+    data_cpus: float = 0.5  # CPU kept free for Ray Data tasks (0 for a trainer without datasets)
 
 
-def check_resources(run: TrainRunConfig, resources: dict, data_cpus: float = 0.5) -> None:
+def check_resources(run: TrainRunConfig, resources: dict, data_cpus: Optional[float] = None) -> None:
     """Ray waits forever (no error) for workers the cluster cannot place: say so up front."""
+    data_cpus = run.data_cpus if data_cpus is None else data_cpus
     if run.num_workers < 1:
         raise TrainingConfigError(f"num_workers must be >= 1, got {run.num_workers}")
     cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
@@ -153,7 +158,18 @@ def run_trainer(train_loop_per_worker: Callable[[dict], None], loop_config: dict
                              failure_config=FailureConfig(max_failures=run.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets=datasets or {})
+    if not _train_v2():
+        # Ray Train V1 (RAY_TRAIN_V2_ENABLED=0) only resumes through an explicit restore.
+        path = f"{storage.rstrip('/')}/{run.name}"
+        if TorchTrainer.can_restore(path):
+            trainer = TorchTrainer.restore(path, train_loop_per_worker=train_loop_per_worker,
+                                           train_loop_config=loop_config, datasets=datasets or {})
     return trainer.fit()
+
+
+def _train_v2() -> bool:
+    from ray.train.v2._internal.constants import is_v2_enabled
+    return is_v2_enabled()
 
 
 def _storage_uri(path: str) -> str:

@@ -16,7 +16,7 @@ from engine.config import load_config
 from engine.export import export
 from engine.generate import generate
 from engine.prompts import make_prompts
-from engine.shards import ShardError, ShardStore, iter_samples, shard_urls
+from engine.shards import ShardError, iter_samples, shard_urls
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 4 base categories x 2 images = 8 prompts in shards of 3, 3 and 2.
