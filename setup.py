@@ -68,7 +68,8 @@ setup(
     extras_require={
         "gpu": ["xformers"],
         "cloud": ["s3fs", "gcsfs"],
-        "dev": ["pytest>=7", "pytest-timeout"],
+        # boto3: the tests validate cluster.yaml's node configs against the EC2 API model offline.
+        "dev": ["pytest>=7", "pytest-timeout", "boto3"],
     },
     entry_points={"console_scripts": ["instagen=engine.cli:main"]},
     ext_modules=ext_modules,

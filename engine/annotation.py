@@ -8,6 +8,7 @@ head for novel categories with score >= beta joins this registry later).
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Callable, Protocol
@@ -28,8 +29,11 @@ class AnnotationError(ValueError):
 class Labeller(Protocol):
     name: str
 
-    def label(self, images: list[np.ndarray], categories: list[list[str]]) -> list[list[dict]]:
-        """Per image: a list of {"bbox": [x0, y0, x1, y1], "category": str, "score": float}."""
+    def label(self, images: list[np.ndarray], categories: list[list[str]], **kw) -> list[list[dict]]:
+        """Per image: a list of {"bbox": [x0, y0, x1, y1], "category": str, "score": float} and
+        optionally "labeller" (a combined labeller says which of its parts made each box).
+        Labellers with `needs_latents = True` also get `latents=` (the stored step T-1 latents)
+        and `prompts=`, from which they recompute UNet features."""
 
 
 LABELLERS: dict[str, Callable[[AnnotationConfig, list[str]], Labeller]] = {}
@@ -43,10 +47,15 @@ def register_labeller(name: str):
 
 
 def check_labeller(cfg: AnnotationConfig) -> None:
+    import engine.grounding.labeller  # noqa: F401  registers grounding_head and teacher+head
     if cfg.labeller not in LABELLERS:
         raise AnnotationError(f"annotation.labeller {cfg.labeller!r} is unknown; choose one of "
                               f"{', '.join(sorted(LABELLERS))}")
-    if cfg.model != "tiny" and not os.path.isdir(cfg.model):
+    if cfg.labeller in ("grounding_head", "teacher+head") and not os.path.isdir(cfg.head or cfg.model):
+        raise AnnotationError(f"annotation.labeller={cfg.labeller} needs the grounding head's folder, and "
+                              f"{cfg.head or cfg.model!r} is none; set annotation.head to the folder that "
+                              f"`instagen train-grounding` wrote")
+    if cfg.model != "tiny" and not os.path.isdir(cfg.model) and cfg.labeller != "grounding_head":
         raise AnnotationError(f"annotation.model {cfg.model!r} is not a local folder; point it at a "
                               f"detector saved with save_pretrained, or use 'tiny'")
 
@@ -143,7 +152,11 @@ class Annotator:
         maybe_crash("annotation", self.batches)
         ok = [i for i, s in enumerate(batch["status"]) if s == "ok"]
         cats = [json.loads(c) for c in batch["categories"]]
-        found = self.labeller.label([batch["pixels"][i] for i in ok], [cats[i] for i in ok]) if ok else []
+        extra = {}
+        if getattr(self.labeller, "needs_latents", False):  # the grounding head reads UNet features
+            extra = {"latents": [np.load(io.BytesIO(batch["latent"][i]), allow_pickle=False) for i in ok],
+                     "prompts": [str(batch["text"][i]) for i in ok]}
+        found = self.labeller.label([batch["pixels"][i] for i in ok], [cats[i] for i in ok], **extra) if ok else []
         boxes_of = dict(zip(ok, found))
         records = []
         for i in range(len(batch["id"])):
@@ -152,7 +165,7 @@ class Annotator:
             for b in boxes_of.get(i, []):
                 clipped = clip_box(b["bbox"], w, h)
                 if clipped:
-                    boxes.append({**b, "bbox": clipped, "labeller": self.labeller.name})
+                    boxes.append({**b, "bbox": clipped, "labeller": b.get("labeller", self.labeller.name)})
             records.append(json.dumps({
                 "id": int(batch["id"][i]), "prompt": str(batch["text"][i]), "categories": cats[i],
                 "seed": int(batch["seed"][i]), "seed_used": int(batch["seed_used"][i]),

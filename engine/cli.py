@@ -2,6 +2,10 @@
 
     instagen generate --config configs/tiny.yaml [section.key=value ...]
     instagen export --output outputs/tiny
+    instagen finetune --config ...          (jobs/finetune_sd.py)
+    instagen train-grounding --config ...   (jobs/train_grounding.py)
+    instagen train-detector --config ...    (jobs/train_detector.py)
+    instagen evaluate --gt ... --detections ...  (jobs/evaluate.py)
 """
 from __future__ import annotations
 
@@ -69,11 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dest", default=None, help="where to write (default: the output path itself)")
     e.add_argument("--no-images", action="store_true", help="write JSON and preview only")
     e.set_defaults(func=cmd_export)
+    for name, module in JOB_COMMANDS.items():
+        sub.add_parser(name, help=f"see `instagen {name} --help` ({module.replace('.', '/')}.py)", add_help=False)
     return parser
+
+
+# Training and evaluation steps keep their argument parsing in their job file; the CLI hands over.
+JOB_COMMANDS = {"finetune": "jobs.finetune_sd", "train-grounding": "jobs.train_grounding",
+                "train-detector": "jobs.train_detector", "evaluate": "jobs.evaluate"}
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in JOB_COMMANDS:
+        import importlib
+        return importlib.import_module(JOB_COMMANDS[argv[0]]).main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

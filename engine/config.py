@@ -83,6 +83,7 @@ class SynthesisConfig:
 class AnnotationConfig:
     labeller: str = "detector"  # a name in engine.annotation.LABELLERS
     model: str = "tiny"  # "tiny" or a local folder (closed-set or zero-shot detector)
+    head: str = ""  # the trained grounding head's folder (labeller grounding_head or teacher+head)
     alpha: float = 0.8  # teacher score threshold for base categories (paper: 0.8)
     beta: float = 0.4  # grounding-head threshold for novel categories (paper: 0.4)
     batch_size: int = 8
@@ -156,9 +157,20 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    # Sections whose validation needs their component registries live beside those (they import
+    # this module, so they are resolved lazily: see _lazy_sections). Each job validates its own
+    # section; Config.validate checks only what every job shares.
+    detector: "DetectorConfig" = field(default_factory=lambda: _lazy_sections()["DetectorConfig"]())
+    grounding: "GroundingTrainConfig" = field(default_factory=lambda: _lazy_sections()["GroundingTrainConfig"]())
 
     def validate(self) -> None:
         _validate(self)
+
+
+def _lazy_sections() -> dict:
+    from engine.detection_train import DetectorConfig
+    from engine.grounding.train import GroundingTrainConfig
+    return {"DetectorConfig": DetectorConfig, "GroundingTrainConfig": GroundingTrainConfig}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +216,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
 def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, localns=_lazy_sections() if cls is Config else None)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
@@ -247,6 +259,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-3 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
     if tp in (int, float) and isinstance(value, bool):
@@ -301,3 +318,4 @@ def _validate(cfg: Config) -> None:
         except (KeyError, IndexError, ValueError) as e:
             raise ConfigError(f"prompts.{name} {template!r} is not a valid template ({e!r}); "
                               f"use {{c1}} and {{c2}} for the category names") from None
+

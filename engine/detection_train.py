@@ -37,7 +37,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from engine.config import ConfigError, RayConfig, from_dict
+# Only names defined before engine.config's Config, so config.py can import DetectorConfig for its
+# `detector` section without a circular import.
+from engine.config import ConfigError, RayConfig
 from engine.detectors import ATTENTION, DETECTORS, Detector, TinyDetectorConfig, build_detector
 
 log = logging.getLogger(__name__)
@@ -138,17 +140,6 @@ class DetectorConfig:
                 "detector.base/novel apply to eval_format coco; for LVIS the novel metric is APr")
 
 
-@dataclass
-class DetectorJobConfig:
-    """What jobs/train_detector.py reads until the root Config has a `detector` section."""
-    name: str = "detector"
-    detector: DetectorConfig = field(default_factory=DetectorConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
-
-    def validate(self) -> None:
-        self.detector.validate()
-
-
 # --------------------------------------------------------------------------------------------
 # Sources
 
@@ -201,21 +192,22 @@ def synthetic_pool(paths: list[str], detector_categories: list[str]) -> Syntheti
 
 def detector_categories(cfg: DetectorConfig) -> tuple[list[str], list[dict]]:
     """The detector's classes and the real rows (boxes of other categories dropped)."""
-    from engine.datasets import load_detection_dataset, records_to_rows
+    from engine.datasets import load_detection_dataset
     if cfg.mix_ratio >= 1.0:
         return list(cfg.categories), []
-    # Images are decoded (and bad ones skipped) in the pipeline, not twice up front.
+    # Bad images are found (and skipped) here, not in the pipeline: a row dropped there would
+    # leave one worker a batch short, and Ray Train needs every worker at every step.
     real = load_detection_dataset(cfg.real_annotations, cfg.real_image_root, fmt=cfg.real_format,
-                                  check_images=False)
+                                  check_images=True)
     if real.skipped.total:
         log.warning("real data: %s", real.skipped.summary())
     categories = list(cfg.categories) or real.categories
     keep = set(categories)
     rows = []
-    for row in records_to_rows(real.records):
-        boxes, labels = json.loads(row["boxes"]), json.loads(row["labels"])
-        idx = [i for i, label in enumerate(labels) if label in keep]
-        rows.append({**row, "boxes": json.dumps([boxes[i] for i in idx]), "labels": json.dumps([labels[i] for i in idx])})
+    for r in real.records:
+        idx = [i for i, label in enumerate(r.labels) if label in keep]
+        rows.append({"id": r.id, "file": r.file, "boxes": json.dumps([r.boxes[i] for i in idx]),
+                     "labels": json.dumps([r.labels[i] for i in idx])})
     if not rows:
         raise DetectionDataError(f"real dataset {cfg.real_annotations!r} has no usable images "
                                  f"({real.skipped.summary()})")
@@ -266,6 +258,8 @@ def plan_epoch(cfg: DetectorConfig, real_rows: list[dict], pool: Optional[Synthe
 
 def _draw(rng: random.Random, pool: int, n: int) -> list[int]:
     """n indices into range(pool): a shuffled subset, or whole shuffled passes plus a subset."""
+    if n and not pool:
+        raise DetectionDataError("an epoch asks for samples from an empty source; check the data paths")
     out: list[int] = []
     while len(out) < n:
         order = list(range(pool))
@@ -414,8 +408,10 @@ def collate(batch: dict, image_mean, image_std) -> dict:
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker; everything it needs arrives in `config`."""
     import ray.train
+    import ray.train.torch
     import torch.distributed as dist
 
+    from engine.config import from_dict
     from engine.training import deepspeed_config, deepspeed_engine, report, restore_checkpoint, seed_everything
 
     cfg: DetectorConfig = from_dict(DetectorConfig, config["detector"])
@@ -423,7 +419,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
     seed_everything(cfg.seed + rank)
     det = build_detector(cfg.kind, cfg.model, categories, cfg.image_size, cfg.attention, cfg.tiny)
-    device = torch.device("cuda", torch.cuda.current_device()) if cfg.use_gpu else torch.device("cpu")
+    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
     det.model.to(device).train()
     engine = deepspeed_engine(det.model, deepspeed_config(
         cfg.zero_stage, cfg.lr, cfg.weight_decay, cfg.warmup_steps, total, cfg.bf16,
@@ -460,8 +456,9 @@ def train_loop_per_worker(config: dict) -> None:
             end_of_epoch = i + 1 == steps_per_epoch or step == total
             metrics = {"loss": loss, "epoch": epoch, "lr": engine.get_lr()[0]}
             if end_of_epoch:
-                counts = _sum_over_workers([seen[REAL], seen[SYNTHETIC]], dist)
-                # Samples by source over the epoch's steps on all workers (the mixing check).
+                counts = _sum_over_workers([seen[REAL], seen[SYNTHETIC]], dist, device)
+                # Samples by source over the epoch's steps on all workers (the mixing check);
+                # after a resume in mid-epoch, over the steps since the checkpoint.
                 history["epochs"].append({"epoch": epoch, REAL: counts[0], SYNTHETIC: counts[1],
                                           "images_per_s": sum(counts) / max(time.time() - start, 1e-9)})
                 metrics.update(history["epochs"][-1])
@@ -470,7 +467,7 @@ def train_loop_per_worker(config: dict) -> None:
 
 def _mean_over_workers(value: torch.Tensor, dist) -> float:
     if dist.is_available() and dist.is_initialized():
-        value = value.cpu().clone()
+        value = value.clone()  # on the loss's device: NCCL reduces only CUDA tensors
         dist.all_reduce(value)
         value /= dist.get_world_size()
     v = float(value)
@@ -479,8 +476,8 @@ def _mean_over_workers(value: torch.Tensor, dist) -> float:
     return v
 
 
-def _sum_over_workers(values: list[int], dist) -> list[int]:
-    t = torch.tensor(values, dtype=torch.long)
+def _sum_over_workers(values: list[int], dist, device) -> list[int]:
+    t = torch.tensor(values, dtype=torch.long, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
     return [int(v) for v in t]
@@ -538,12 +535,11 @@ def train_detector(cfg: DetectorConfig, ray_cfg: Optional[RayConfig] = None) -> 
     with result.checkpoint.as_directory() as d:
         meta = read_meta(d)
         det.model.load_state_dict(load_file(os.path.join(d, MODEL_FILE)))
-    det.save(cfg.output_dir)
     history = meta["extra"]
     summary = TrainSummary(os.path.abspath(cfg.output_dir), int(meta["step"]), history.get("epochs", []),
                            history.get("losses", []), plan.counts, time.time() - start)
-    with open(os.path.join(cfg.output_dir, "training.json"), "w") as f:
-        json.dump({**asdict(summary), "categories": categories, "config": asdict(cfg)}, f, indent=2)
+    record = {**asdict(summary), "categories": categories, "config": asdict(cfg)}
+    det.save(cfg.output_dir, extra_files={"training.json": json.dumps(record, indent=2)})
     return summary
 
 
@@ -591,9 +587,9 @@ def predict_coco(det: Detector, gt: dict, image_root: str, batch_size: int = 8,
 
 def _read_json(path: str) -> dict:
     """The ground truth; engine.evaluation validates its content."""
-    from engine.datasets import _read_bytes
+    from engine.datasets import read_bytes
     try:
-        return json.loads(_read_bytes(path))
+        return json.loads(read_bytes(path))
     except FileNotFoundError:
         raise DetectionDataError(f"ground truth {path!r} does not exist; set detector.eval_annotations") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -94,9 +94,9 @@ class Detector:
                           if 0 <= int(lab) < len(self.categories)])
         return found
 
-    def save(self, folder: str) -> str:
-        """Model + image processor config, written to a temporary folder then renamed, so the
-        teacher of the generation stage never sees half a detector."""
+    def save(self, folder: str, extra_files: Optional[dict[str, str]] = None) -> str:
+        """Model + image processor config (+ `extra_files`: name -> text), written to a temporary
+        folder then renamed, so the teacher of the generation stage never sees half a detector."""
         import shutil
         import tempfile
         folder = os.path.abspath(folder)
@@ -109,6 +109,9 @@ class Detector:
                 self.processor.save_pretrained(tmp)
             else:
                 self.model.save_folder(tmp)
+            for name, text in (extra_files or {}).items():
+                with open(os.path.join(tmp, name), "w") as f:
+                    f.write(text)
             if os.path.isdir(folder):
                 shutil.rmtree(folder)
             os.replace(tmp, folder)

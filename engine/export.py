@@ -38,8 +38,12 @@ def export(output: str, dest: Optional[str] = None, write_images: bool = True,
     """Write coco.json, lvis.json, images/ and preview.png for the shards under `output`."""
     store = ShardStore(output)
     dest = (dest or output).rstrip("/")
-    with store.fs.open(store._path("run.json"), "r") as f:
-        run = json.load(f)
+    try:
+        with store.fs.open(store._path("run.json"), "r") as f:
+            run = json.load(f)
+    except FileNotFoundError:
+        raise ShardError(f"{output!r} holds no generated dataset (no run.json); run `instagen generate` "
+                         f"with output.path={output} first") from None
     entries = store.finished()
     if not entries:
         raise ShardError(f"no finished shards under {output!r}; run `instagen generate` first")

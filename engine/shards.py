@@ -181,9 +181,22 @@ def decode_sample(sample: dict) -> dict:
     return out
 
 
+def _open_with_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
+    return fsspec.open(url, mode).open()
+
+
 def iter_samples(urls: list[str], decode: bool = True) -> Iterator[dict]:
     """Read samples in order through the webdataset library."""
+    import importlib
+
     import webdataset as wds
+    gopen = importlib.import_module("webdataset.gopen")  # the module; `webdataset.gopen` is a function
+    # webdataset opens only local files, pipes and a few URL kinds itself; object stores
+    # (s3://, gs://, memory://, ...) are read through fsspec like everything else here.
+    for url in urls:
+        scheme = url.split("://", 1)[0] if "://" in url else None
+        if scheme and scheme != "file":
+            gopen.gopen_schemes[scheme] = _open_with_fsspec
     dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
     for sample in dataset:
         yield decode_sample(sample) if decode else sample

@@ -215,10 +215,12 @@ def save_checkpoint(engine_or_model, step: int, extra: Optional[dict], directory
                    os.path.join(directory, f"optim-rank{rank}.pt"))
     if rank == 0:
         module = _unwrap(engine_or_model)
-        save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
+        # clone(): safetensors refuses tensors that share memory, and some models tie weights
+        # (Deformable DETR shares its class and box heads across decoder layers).
+        save_file({k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
                   os.path.join(directory, MODEL_FILE))
         for name, state in (tensors or {}).items():
-            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
+            save_file({k: v.detach().cpu().clone() for k, v in state.items()},
                       os.path.join(directory, f"{name}.safetensors"))
         sched = lr_scheduler if lr_scheduler is not None else getattr(engine_or_model, "lr_scheduler", None)
         meta = {"step": int(step), "extra": extra or {}, "world_size": world,

@@ -7,6 +7,11 @@ Prints the metrics as a Markdown table and writes OUT/report.json and OUT/report
 engine/evaluation.py for what each metric means). --base/--novel (COCO format only) add AP50
 over those categories; novel AP50 is the open-vocabulary COCO metric. For LVIS, APr is the
 open-vocabulary metric. Bad input exits with status 2 and one message saying what to fix.
+
+On a cluster (the files must be where the head can read them):
+    ray job submit --address http://HEAD:8265 --working-dir . \
+        --runtime-env-json '{"env_vars": {"RAY_AUTH_MODE": "disabled"}}' \
+        -- python jobs/evaluate.py --gt instances_val2017.json --detections detections.json --out outputs/eval
 """
 from __future__ import annotations
 

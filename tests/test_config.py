@@ -83,3 +83,10 @@ def test_category_errors():
 def test_bad_template():
     with pytest.raises(ConfigError, match="prompts.template"):
         load_config("configs/tiny.yaml", ["prompts.template=a photo of {c3}"])
+
+
+def test_every_section_is_wired_and_scientific_floats_parse():
+    cfg = load_config("configs/tiny.yaml", ["detector.lr=1e-3", "finetune.lr=2e-5"])
+    assert cfg.detector.lr == 1e-3 and cfg.finetune.lr == 2e-5
+    with pytest.raises(ConfigError, match="detector.lr"):
+        load_config("configs/tiny.yaml", ["detector.lr=fast"])

@@ -43,7 +43,8 @@ class GroundingHeadLabeller:
         self.base = set(self.meta.get("base", []))
 
     @torch.no_grad()
-    def label(self, images: list[np.ndarray], categories: list[list[str]], latents=None, prompts=None) -> list[list[dict]]:
+    def label(self, images: list[np.ndarray], categories: list[list[str]], latents=None,
+              prompts=None) -> list[list[dict]]:
         from engine.grounding.model import predictions
         if latents is None or prompts is None:
             raise AnnotationError("the grounding_head labeller needs each image's latent and prompt "

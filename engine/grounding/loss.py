@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from engine.grounding.model import cxcywh_to_xyxy
+from engine.grounding.model import cxcywh_to_xyxy, xyxy_to_cxcywh
 
 
 @dataclass
@@ -98,7 +98,8 @@ def set_loss(logits: Tensor, boxes: Tensor, text_mask: Tensor, targets: list[dic
     return {"class": loss_class, "l1": loss_l1, "giou": loss_giou}
 
 
-def grounding_loss(out: dict, text_mask: Tensor, targets: list[dict], cfg: LossConfig) -> tuple[Tensor, dict[str, float]]:
+def grounding_loss(out: dict, text_mask: Tensor, targets: list[dict],
+                   cfg: LossConfig) -> tuple[Tensor, dict[str, float]]:
     """Eq. 2 summed over the final output and every auxiliary output; returns (loss, parts)."""
     num_boxes = max(1.0, float(sum(len(t["labels"]) for t in targets)))
     total = 0.0
@@ -117,6 +118,5 @@ def targets_from_boxes(labels: list[list[int]], boxes_xyxy: list[np.ndarray], de
     out = []
     for lab, bx in zip(labels, boxes_xyxy):
         b = torch.as_tensor(np.asarray(bx, dtype=np.float32).reshape(-1, 4), device=device)
-        cxcywh = torch.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2, b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], -1)
-        out.append({"labels": torch.as_tensor(lab, dtype=torch.long, device=device), "boxes": cxcywh})
+        out.append({"labels": torch.as_tensor(lab, dtype=torch.long, device=device), "boxes": xyxy_to_cxcywh(b)})
     return out

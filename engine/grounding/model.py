@@ -212,7 +212,8 @@ class ContrastiveScore(nn.Module):
     def __init__(self, d: int, prior: float = 0.01):
         super().__init__()
         self.scale = 1.0 / math.sqrt(d)
-        self.bias = nn.Parameter(torch.tensor(-math.log((1 - prior) / prior)))
+        # shape (1,), not a 0-dim scalar: safetensors cannot save 0-dim tensors
+        self.bias = nn.Parameter(torch.full((1,), -math.log((1 - prior) / prior)))
 
     def forward(self, query: Tensor, text: Tensor, text_padding: Tensor) -> Tensor:
         logits = torch.einsum("bqd,btd->bqt", query, text) * self.scale + self.bias
@@ -263,7 +264,8 @@ class GroundingHead(nn.Module):
         decoder layer and the query-selection proposals: {"logits", "boxes"}]}.
         """
         if len(features) != self.cfg.n_levels:
-            raise GroundingConfigError(f"grounding head expects {self.cfg.n_levels} feature levels, got {len(features)}")
+            raise GroundingConfigError(f"grounding head expects {self.cfg.n_levels} feature levels, "
+                                       f"got {len(features)}")
         if text_mask.dtype != torch.bool or text_mask.shape != text.shape[:2]:
             raise GroundingConfigError("text_mask must be a bool (B, T) tensor matching text")
         padding = ~text_mask

@@ -11,7 +11,7 @@ L_base + L_novel. The learning rate drops 10x at `lr_drop_epoch` (1-based, paper
 Each image's text is its prompt's categories plus `negatives` other categories of the same
 split, so the contrastive scores learn to say "not here" as well as "here".
 
-Driver: `train_grounding(job)` reads the shards through Ray Data and runs `train_loop_per_worker`
+Driver: `train_grounding(cfg, model_cfg)` reads the shards through Ray Data and runs `train_loop_per_worker`
 on Ray Train workers with DeepSpeed (engine.training); rank 0 writes the head (safetensors) and
 its config to `grounding.output`, loadable with `load_grounding_head`.
 """
@@ -179,8 +179,12 @@ class GroundingStep:
 
     def base_loss(self, student, batch: dict, device) -> tuple[torch.Tensor, dict]:
         feats, text, mask, _, names = self.inputs(batch, self.cfg.base, device)
-        labels = [[n.index(lab) for lab in json.loads(ls)] for n, ls in zip(names, batch["labels"])]
-        boxes = [json.loads(b) for b in batch["boxes"]]
+        labels, boxes = [], []
+        for n, ls, bs in zip(names, batch["labels"], batch["boxes"]):
+            # A box of a category the prompt did not name has no text slot to be scored against.
+            kept = [(n.index(lab), box) for lab, box in zip(json.loads(ls), json.loads(bs)) if lab in n]
+            labels.append([lab for lab, _ in kept])
+            boxes.append([box for _, box in kept])
         targets = targets_from_boxes(labels, boxes, device)
         loss, parts = grounding_loss(student(feats, text, mask), mask, targets, self.cfg.loss)
         return loss, {f"base_{k}": v for k, v in parts.items()} | {"base_boxes": sum(map(len, labels))}
@@ -291,6 +295,7 @@ def train_loop_per_worker(config: dict) -> None:
                                                           drop_last=True))
     teacher_tensors = lambda: {"teacher": teacher.state_dict()} if teacher is not None else {}  # noqa: E731
 
+    last_metrics: dict = {}
     for epoch in range(start_epoch, cfg.epochs):
         self_training = novel_iter is not None and epoch >= cfg.transfer_epoch
         if self_training and teacher is None:
@@ -299,7 +304,9 @@ def train_loop_per_worker(config: dict) -> None:
         for group in engine.optimizer.param_groups:
             group["lr"] = lr_at(cfg, epoch)
         batches = base_ds.iter_batches(batch_size=per_worker, batch_format="numpy", drop_last=True)
+        seen = 0
         for i, batch in enumerate(batches):
+            seen += 1
             if epoch == start_epoch and i < skip:
                 continue  # done before the restart
             engine.train()
@@ -313,24 +320,41 @@ def train_loop_per_worker(config: dict) -> None:
             if self_training:
                 ema_update(teacher, engine.module, cfg.ema_momentum)
             step += 1
-            report({"loss": float(loss.detach()), "epoch": epoch, **metrics}, engine, step, cfg.train.checkpoint_every,
+            last_metrics = {"loss": float(loss.detach()), "epoch": epoch, **metrics}
+            report(last_metrics, engine, step, cfg.train.checkpoint_every,
                    extra={"epoch": epoch, "batches": i + 1}, tensors=teacher_tensors)
+        if not seen:
+            raise GroundingTrainError(f"the base-category shards gave no batch of {per_worker} samples to this "
+                                      f"worker; generate more samples or lower grounding.batch_size")
         # An end-of-epoch checkpoint, so a restart never redoes a finished epoch.
-        report({"loss": float("nan"), "epoch": epoch, "epoch_end": 1}, engine, step, cfg.train.checkpoint_every,
+        report({**last_metrics, "epoch_end": 1}, engine, step, cfg.train.checkpoint_every,
                extra={"epoch": epoch, "batches": -1}, last=True, tensors=teacher_tensors)
 
     if rank == 0:
         save_grounding_head(cfg.output, engine.module, job)
 
 
-def train_grounding(job: GroundingJob):
-    """Driver: read the shards through Ray Data and train on Ray Train + DeepSpeed."""
+def check_inputs(cfg: GroundingTrainConfig, model: ModelConfig) -> None:
+    """Every user error that can be found on the driver, before Ray or any worker starts."""
+    from engine.models import check_source
+    from engine.shards import shard_urls
+    cfg.validate()
+    check_source(model)
+    shard_urls(cfg.base_shards)
+    if cfg.novel_shards:
+        shard_urls(cfg.novel_shards)
+
+
+def train_grounding(cfg: GroundingTrainConfig, model: ModelConfig):
+    """Driver: read the shards through Ray Data and train on Ray Train + DeepSpeed (Ray must be
+    connected: engine.cluster.connect). Returns the ray.train.Result; the head is in cfg.output."""
     from engine.cluster import threads_for
     from engine.training import run_trainer
-    job.validate()
-    cfg = job.grounding
+    check_inputs(cfg, model)
+    job = GroundingJob(model=model, grounding=cfg)
     datasets = {"base": read_rows(cfg.base_shards, cfg.base, cfg.alpha)}
     if cfg.novel_shards:
+        # Novel shards' own boxes are never used: the EMA teacher labels novel images.
         datasets["novel"] = read_rows(cfg.novel_shards, cfg.novel, 1.0)
     loop_config = {"job": dataclasses.asdict(job), "threads": threads_for(cfg.train.cpus_per_worker)}
     result = run_trainer(train_loop_per_worker, loop_config, cfg.train, datasets)
