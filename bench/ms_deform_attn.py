@@ -9,8 +9,11 @@ fused op, at the Grounding DINO encoder shape (N=2, Lq=900, M=8, D=32, L=4, P=4,
 100x100, 50x50, 25x25, 13x13) and a small shape. Sampling locations are uniform in
 [0, 1] (no spatial locality: the worst case for the caches).
 
-Every (shape, implementation, dtype, mode) is measured in a fresh subprocess, so peak
-memory is not polluted by allocator caches of earlier runs:
+Timing: for each (shape, dtype, mode) one subprocess runs the reference and the fused op
+alternately, run by run, so that load changes on a shared machine hit both alike; the
+speed-up column compares those paired medians.
+Memory: every (shape, implementation, dtype, mode) is measured in a fresh subprocess, so
+peak memory is not polluted by allocator caches of earlier runs:
   * CPU: peak resident set size during one run minus the resident size just before it
     (the kernel's high-water mark is reset through /proc/self/clear_refs; falls back to
     ru_maxrss). Inputs are allocated before the baseline, so only the op's own
@@ -84,6 +87,9 @@ def make_inputs(shape: dict, dtype, device, requires_grad: bool, seed: int = 0):
 
 
 def worker(args) -> dict:
+    """--what mem: peak memory of one run of --impl; --what time: median times of every
+    implementation in --impls, interleaved run by run so that load changes on a shared
+    machine hit all of them alike."""
     import torch
 
     sys.path.insert(0, ROOT)
@@ -93,20 +99,22 @@ def worker(args) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    fn = ms_deform_attn if args.impl == "fused" else ms_deform_attn_reference
+    fns = {"reference": ms_deform_attn_reference, "fused": ms_deform_attn}
     backward = args.mode == "fwdbwd"
     cuda = device.type == "cuda"
+    impls = args.impls.split(",")
 
     def sync():
         if cuda:
             torch.cuda.synchronize()
 
     # warm up threads / allocator / kernels on a tiny problem first
-    tiny = make_inputs(SHAPES["small"], dtype, device, backward)
-    out = fn(*tiny)
-    if backward:
-        out.backward(torch.ones_like(out))
-    del out, tiny
+    for impl in impls:
+        tiny = make_inputs(SHAPES["small"], dtype, device, backward)
+        out = fns[impl](*tiny)
+        if backward:
+            out.backward(torch.ones_like(out))
+        del out, tiny
     sync()
 
     inputs = make_inputs(SHAPES[args.shape], dtype, device, backward)
@@ -114,7 +122,7 @@ def worker(args) -> dict:
     N, Lq, M, D = value.shape[0], loc.shape[1], value.shape[2], value.shape[3]
     grad_out = torch.randn(N, Lq, M * D, generator=torch.Generator().manual_seed(1)).to(device, dtype)
 
-    def run():
+    def run(fn):
         for t in (value, loc, attn):
             t.grad = None
         if backward:
@@ -125,33 +133,40 @@ def worker(args) -> dict:
                 o = fn(*inputs)
         return o
 
-    # peak memory of one run
-    sync()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        o = run()
+    res = {"threads": torch.get_num_threads(), "kernels": kernel_status()}
+    if args.what == "mem":
+        fn = fns[impls[0]]
         sync()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        base = _rss_bytes()
-        ok = _reset_peak_rss()
-        o = run()
-        peak = _peak_rss_bytes(ok) - base
-    del o
-
-    times = []
-    for _ in range(args.repeats):
-        sync()
-        t0 = time.perf_counter()
-        o = run()
-        sync()
-        times.append(time.perf_counter() - t0)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            o = run(fn)
+            sync()
+            peak = torch.cuda.max_memory_allocated() - base
+        else:
+            base = _rss_bytes()
+            ok = _reset_peak_rss()
+            o = run(fn)
+            peak = _peak_rss_bytes(ok) - base
         del o
-    res = {"ms": statistics.median(times) * 1e3, "peak_mb": peak / 2**20,
-           "threads": torch.get_num_threads(), "kernels": kernel_status()}
+        res["peak_mb"] = peak / 2**20
+        return res
 
-    if cuda and args.impl == "fused" and not backward and dtype != torch.float32:
+    times = {impl: [] for impl in impls}
+    for impl in impls:  # one untimed run each on the real shape
+        del_me = run(fns[impl])
+        del del_me
+    for _ in range(args.repeats):
+        for impl in impls:
+            sync()
+            t0 = time.perf_counter()
+            o = run(fns[impl])
+            sync()
+            times[impl].append(time.perf_counter() - t0)
+            del o
+    res["ms"] = {impl: statistics.median(ts) * 1e3 for impl, ts in times.items()}
+
+    if cuda and "fused" in impls and not backward and dtype != torch.float32:
         # relative error of the low-precision fused output vs the fp32 reference
         ref_in = make_inputs(SHAPES[args.shape], torch.float32, device, False)
         with torch.no_grad():
@@ -162,10 +177,10 @@ def worker(args) -> dict:
 
 
 # ------------------------------------------------------------------------------ driver
-def measure(args, shape, impl, dtype, mode) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--device", args.device,
-           "--shape", shape, "--impl", impl, "--dtype", dtype, "--mode", mode,
-           "--repeats", str(args.repeats)]
+def measure(args, shape, what, impls, dtype, mode) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--what", what,
+           "--device", args.device, "--shape", shape, "--impls", impls, "--dtype", dtype,
+           "--mode", mode, "--repeats", str(args.repeats)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -194,8 +209,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write the raw results to this file")
     # worker-only arguments
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--what", default="time", help=argparse.SUPPRESS)
     p.add_argument("--shape", default="gd", help=argparse.SUPPRESS)
-    p.add_argument("--impl", default="fused", help=argparse.SUPPRESS)
+    p.add_argument("--impls", default="reference,fused", help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="fwd", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -209,29 +225,35 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("CUDA requested but not available", file=sys.stderr)
         return 2
-    configs = [("reference", "float32"), ("fused", "float32")]
+    # (dtype, implementations timed together); the reference always runs in float32
+    groups = [("float32", ["reference", "fused"])]
     if args.device == "cuda":
-        configs += [("fused", "bfloat16"), ("fused", "float16")]
+        groups += [("bfloat16", ["fused"]), ("float16", ["fused"])]
     rows, raw = [], []
     status = None
     for shape in args.shapes.split(","):
         ref_fb = None
-        for impl, dtype in configs:
-            fwd = measure(args, shape, impl, dtype, "fwd")
-            fb = measure(args, shape, impl, dtype, "fwdbwd")
-            status = fb["kernels"]
-            if impl == "reference":
-                ref_fb = fb["ms"]
-            raw.append({"shape": shape, "impl": impl, "dtype": dtype, "fwd": fwd, "fwdbwd": fb})
-            rows.append([shape, impl, dtype, f"{fwd['ms']:.1f}", f"{fb['ms']:.1f}",
-                         f"{fwd['peak_mb']:.1f}", f"{fb['peak_mb']:.1f}",
-                         f"{ref_fb / fb['ms']:.1f}x" if ref_fb else "-",
-                         f"{fwd['rel_err']:.1e}" if "rel_err" in fwd else "-"])
+        for dtype, impls in groups:
+            t_fwd = measure(args, shape, "time", ",".join(impls), dtype, "fwd")
+            t_fb = measure(args, shape, "time", ",".join(impls), dtype, "fwdbwd")
+            status = t_fb["kernels"]
+            for impl in impls:
+                m_fwd = measure(args, shape, "mem", impl, dtype, "fwd")["peak_mb"]
+                m_fb = measure(args, shape, "mem", impl, dtype, "fwdbwd")["peak_mb"]
+                fwd_ms, fb_ms = t_fwd["ms"][impl], t_fb["ms"][impl]
+                if impl == "reference":
+                    ref_fb = fb_ms
+                raw.append({"shape": shape, "impl": impl, "dtype": dtype, "fwd_ms": fwd_ms,
+                            "fwdbwd_ms": fb_ms, "fwd_peak_mb": m_fwd, "fwdbwd_peak_mb": m_fb,
+                            "rel_err": t_fwd.get("rel_err"), "threads": t_fb["threads"]})
+                rows.append([shape, impl, dtype, f"{fwd_ms:.1f}", f"{fb_ms:.1f}", f"{m_fwd:.1f}",
+                             f"{m_fb:.1f}", f"{ref_fb / fb_ms:.1f}x" if ref_fb else "-",
+                             f"{t_fwd['rel_err']:.1e}" if impl == "fused" and "rel_err" in t_fwd else "-"])
 
     if args.device == "cuda":
         machine = torch.cuda.get_device_name(0)
     else:
-        machine = f"{cpu_model()}, {os.cpu_count()} CPUs, {raw[0]['fwd']['threads']} torch threads"
+        machine = f"{cpu_model()}, {os.cpu_count()} CPUs, {raw[0]['threads']} torch threads"
     print(f"# ms_deform_attn benchmark: device={args.device} ({machine}), torch {torch.__version__}, "
           f"median of {args.repeats} runs; kernels: cpu={status['cpu']} cuda={status['cuda']}")
     if args.device == "cpu" and not status["cpu"]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 from engine.config import RayConfig
 
@@ -89,21 +88,3 @@ def threads_for(num_cpus: float) -> int:
     """Torch threads for an actor holding `num_cpus` Ray CPUs."""
     return max(1, int(round(num_cpus)))
 
-
-def shutdown_if_embedded(started_here: bool) -> None:
-    import ray
-    if started_here and ray.is_initialized():
-        ray.shutdown()
-
-
-def is_connected() -> bool:
-    import ray
-    return ray.is_initialized()
-
-
-def describe(resources: dict) -> str:
-    return ", ".join(f"{k}={v:g}" for k, v in sorted(resources.items()) if k in ("CPU", "GPU", "memory"))
-
-
-def maybe_address(cfg: RayConfig) -> Optional[str]:
-    return cfg.address or os.environ.get("RAY_ADDRESS")

@@ -17,6 +17,11 @@ from typing import Any, Optional
 import yaml
 
 
+if typing.TYPE_CHECKING:
+    from engine.detection_train import DetectorConfig
+    from engine.grounding.train import GroundingTrainConfig
+
+
 class ConfigError(ValueError):
     """A config the user wrote is wrong; the message names the key and the fix."""
 

@@ -97,13 +97,8 @@ class Detector:
     def save(self, folder: str, extra_files: Optional[dict[str, str]] = None) -> str:
         """Model + image processor config (+ `extra_files`: name -> text), written to a temporary
         folder then renamed, so the teacher of the generation stage never sees half a detector."""
-        import shutil
-        import tempfile
-        folder = os.path.abspath(folder)
-        parent = os.path.dirname(folder)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(folder)}.tmp-")
-        try:
+        from engine.storage import atomic_folder
+        with atomic_folder(folder) as tmp:
             if hasattr(self.model, "save_pretrained"):
                 self.model.save_pretrained(tmp)
                 self.processor.save_pretrained(tmp)
@@ -112,13 +107,7 @@ class Detector:
             for name, text in (extra_files or {}).items():
                 with open(os.path.join(tmp, name), "w") as f:
                     f.write(text)
-            if os.path.isdir(folder):
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return folder
+        return os.path.abspath(folder)
 
 
 DETECTORS: dict[str, Callable[..., Detector]] = {}

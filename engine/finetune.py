@@ -26,8 +26,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -37,6 +35,7 @@ import numpy as np
 from engine.config import ConfigError, FinetuneConfig, ModelConfig, from_dict
 from engine.datasets import (CORRUPT_IMAGE, DatasetError, ImageRecord, SkipReport, decode_image,
                              load_detection_dataset, read_bytes, split_records)
+from engine.storage import atomic_folder
 
 NO_OBJECT = "no object in crop"
 TOO_SMALL = "image smaller than crop"
@@ -531,22 +530,8 @@ def _check_same_run(cfg: Any, fc: FinetuneConfig, base: list[str]) -> None:
 def _save_pipeline(pipe, output_dir: str) -> None:
     """save_pretrained into a temporary sibling, then swap it in: a crash never leaves a
     half-written pipeline where the generate job would load it."""
-    out = os.path.abspath(os.path.expanduser(output_dir))
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".finetune-", dir=parent)
-    try:
+    with atomic_folder(output_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        if os.path.exists(out):
-            old = tempfile.mkdtemp(prefix=".finetune-old-", dir=parent)
-            os.replace(out, os.path.join(old, "p"))
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def summary_lines(summary: dict) -> list[str]:

@@ -166,3 +166,18 @@ def test_cli_errors_are_one_line(tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert message in proc.stderr and "Traceback" not in proc.stderr
         assert not out.exists(), "a failed run must leave nothing behind"
+
+
+def test_actor_pools_fit_the_cluster_or_fail_clearly():
+    from engine.cluster import ResourceError, plan_pools
+    node = lambda cpus, gpus=0: {"Alive": True, "Resources": {"CPU": cpus, "GPU": gpus}}  # noqa: E731
+    # 2 CPUs, no GPU: never ask for more CPUs than exist (Ray would wait forever without an error).
+    synth, annot = plan_pools({"CPU": 2}, [node(2)], 0, 1.0, 0, 0.5)
+    assert synth.size * synth.num_cpus + annot.size * annot.num_cpus <= 2 - 0.5 and synth.num_gpus == 0
+    # Two 8-GPU nodes: one synthesis actor per GPU at gpus_per_actor=1.
+    synth, annot = plan_pools({"CPU": 64, "GPU": 16}, [node(32, 8), node(32, 8)], 0, 1.0, 0, 0.25)
+    assert (synth.size, synth.num_gpus, annot.num_gpus) == (16, 1.0, 0.25)
+    with pytest.raises(ResourceError, match="largest node has 8 GPUs"):
+        plan_pools({"CPU": 64, "GPU": 16}, [node(32, 8), node(32, 8)], 0, 10.0, 0, 0.25)
+    with pytest.raises(ResourceError, match="synthesis.num_actors"):
+        plan_pools({"CPU": 2}, [node(2)], 8, 1.0, 0, 0.5)

@@ -139,3 +139,19 @@ def test_truncated_shard_is_an_error_not_a_partial_read(tmp_path):
     path.write_bytes(whole[: len(whole) // 3])
     with pytest.raises(Exception):
         list(iter_samples([str(path)]))
+
+
+def test_model_folders_are_replaced_whole_or_not_at_all(tmp_path):
+    from engine.storage import atomic_folder
+    target = tmp_path / "model"
+    with atomic_folder(str(target)) as tmp:
+        open(os.path.join(tmp, "weights"), "w").write("v1")
+    with pytest.raises(RuntimeError):
+        with atomic_folder(str(target)) as tmp:
+            open(os.path.join(tmp, "weights"), "w").write("half of v2")
+            raise RuntimeError("killed mid-save")
+    assert open(target / "weights").read() == "v1"
+    assert sorted(os.listdir(tmp_path)) == ["model"], "no temporary left behind"
+    with atomic_folder(str(target)) as tmp:
+        open(os.path.join(tmp, "weights"), "w").write("v2")
+    assert open(target / "weights").read() == "v2" and sorted(os.listdir(tmp_path)) == ["model"]

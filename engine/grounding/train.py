@@ -22,8 +22,6 @@ import json
 import logging
 import os
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
@@ -371,11 +369,10 @@ def save_grounding_head(folder: str, head: GroundingHead, job: GroundingJob) -> 
     """head.safetensors + grounding.json (head sizes, the pipeline it reads, its base categories,
     the synthesis steps), written to a temporary folder and moved into place whole."""
     from safetensors.torch import save_file
-    parent = os.path.dirname(os.path.abspath(folder)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".grounding-", dir=parent)
-    try:
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()},
+
+    from engine.storage import atomic_folder
+    with atomic_folder(folder) as tmp:
+        save_file({k: v.detach().float().cpu().clone() for k, v in head.state_dict().items()},
                   os.path.join(tmp, HEAD_FILE))
         meta = {"head": dataclasses.asdict(head.cfg), "model": dataclasses.asdict(job.model),
                 "base": list(job.grounding.base), "novel": list(job.grounding.novel),
@@ -383,12 +380,6 @@ def save_grounding_head(folder: str, head: GroundingHead, job: GroundingJob) -> 
                 "text_embedding": "EOS-pooled hidden state of the pipeline's text encoder, one per category name"}
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             json.dump(meta, f, indent=2)
-        if os.path.isdir(folder):
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

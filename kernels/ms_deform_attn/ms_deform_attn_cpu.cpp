@@ -28,6 +28,7 @@
 // this module only exposes `forward` and `backward` through pybind11.
 
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
 
 #include <omp.h>
 
@@ -423,9 +424,16 @@ BwdFn<scalar_t> pick_backward(int64_t D) {
 
 // ------------------------------------------------------------------------------ drivers
 // Runs fn(args) on every OpenMP thread (or inline when the job is small).
+// Thread count: torch's intra-op setting (torch.set_num_threads), applied to the calling
+// thread's OpenMP ICV exactly as at::parallel_for does.
+inline int64_t max_threads() {
+  at::internal::lazy_init_num_threads();
+  return omp_get_max_threads();
+}
+
 template <typename Args>
 void run_parallel(void (*fn)(const Args&), const Args& args, bool parallel) {
-  if (!parallel || omp_in_parallel() || omp_get_max_threads() == 1) {
+  if (!parallel || omp_in_parallel() || max_threads() == 1) {
     fn(args);
     return;
   }
@@ -452,7 +460,7 @@ void backward_kernel(const scalar_t* value, const Levels& lv, const scalar_t* lo
   const int64_t pairs = N * M;
   if (pairs == 0 || Lq == 0) return;
   const bool parallel = pairs * Lq * L * P * D > kParallelWork && !omp_in_parallel();
-  const int64_t threads = parallel ? omp_get_max_threads() : 1;
+  const int64_t threads = parallel ? max_threads() : 1;
   // Split the queries of each (pair, level) unit only when the units alone cannot keep the
   // threads busy.
   const int64_t units = pairs * L;

@@ -1,0 +1,31 @@
+"""Writing outputs whole: a reader never sees half a folder."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from typing import Iterator
+
+
+@contextmanager
+def atomic_folder(folder: str) -> Iterator[str]:
+    """Yield a temporary sibling of `folder` to write into. On success it replaces `folder` whole
+    (an old one is moved aside first, then deleted); on failure it is removed and `folder` is as
+    it was. Used for every model folder a later stage loads."""
+    folder = os.path.abspath(os.path.expanduser(folder))
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.tmp-", dir=parent)
+    try:
+        yield tmp
+        if os.path.exists(folder):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.old-", dir=parent)
+            os.replace(folder, os.path.join(old, "previous"))
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
