@@ -155,3 +155,23 @@ def test_model_folders_are_replaced_whole_or_not_at_all(tmp_path):
     with atomic_folder(str(target)) as tmp:
         open(os.path.join(tmp, "weights"), "w").write("v2")
     assert open(target / "weights").read() == "v2" and sorted(os.listdir(tmp_path)) == ["model"]
+
+
+def test_non_utf8_file_names_and_annotation_bytes(tmp_path):
+    """A file name that is not UTF-8 loads like any other; an annotation file that is not UTF-8
+    is one clear error naming it."""
+    from engine.datasets import DatasetError, load_detection_dataset
+    from tests.fixtures_coco import make_coco_dataset
+    ann, root = make_coco_dataset(tmp_path / "data", n_images=3, categories=["red square", "blue disc"])
+    coco = json.load(open(ann))
+    odd = b"caf\xe9-\xff.jpg"  # Latin-1 bytes: not valid UTF-8
+    first = coco["images"][0]
+    os.rename(os.path.join(root, first["file_name"]), os.path.join(os.fsencode(root), odd))
+    first["file_name"] = os.fsdecode(odd)  # how Python spells such a name (surrogate escapes)
+    json.dump(coco, open(ann, "w"))
+    dataset = load_detection_dataset(ann, root)
+    assert len(dataset.records) == 3 and sum(dataset.skipped.counts.values()) == 0
+    bad = tmp_path / "latin1.json"
+    bad.write_bytes(b'{"images": [], "annotations": [], "categories": [{"id": 1, "name": "caf\xe9"}]}')
+    with pytest.raises(DatasetError, match="latin1.json"):
+        load_detection_dataset(str(bad), root)
