@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 from engine.config import Config, fingerprint
@@ -124,7 +125,7 @@ def generate(cfg: Config) -> Summary:
 
 
 def _write_shards(ds, store, todo: list[int], rows: list[PromptSpec], size: int) -> dict[int, dict]:
-    expected = {i: sum(1 for r in rows if r.id // size == i) for i in todo}
+    expected = Counter(r.id // size for r in rows)
     pending: dict[int, list[dict]] = {i: [] for i in todo}
     dropped: dict[int, list[int]] = {i: [] for i in todo}
     written = {}
