@@ -167,10 +167,9 @@ def synthetic_pool(paths: list[str], detector_categories: list[str]) -> Syntheti
         urls = {i: store.shard_url(i) for i in entries}
         for i in sorted(entries):
             samples += [(urls[i], key) for key in entries[i]["keys"]]
-        run_json = store._path("run.json")
-        if store.fs.exists(run_json):
-            with store.fs.open(run_json, "r") as f:
-                labels |= set(json.load(f).get("categories") or [])
+        run = store.run_info()
+        if run is not None:
+            labels |= set(run.get("categories") or [])
         else:
             try:
                 for sample in iter_samples([urls[i] for i in sorted(entries)], decode=False):

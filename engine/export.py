@@ -7,25 +7,16 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import sys
 from typing import Optional
 
 import fsspec
 from PIL import Image, ImageDraw
 
 from engine.shards import ShardError, ShardStore, iter_samples
+from engine.storage import write_atomic
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
            (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40), (128, 0, 0)]
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    fs, p = fsspec.core.url_to_fs(path)
-    tmp = f"{p}.tmp-{os.getpid()}"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    fs.mv(tmp, p)
 
 
 def lvis_frequency(image_count: int) -> str:
@@ -38,12 +29,10 @@ def export(output: str, dest: Optional[str] = None, write_images: bool = True,
     """Write coco.json, lvis.json, images/ and preview.png for the shards under `output`."""
     store = ShardStore(output)
     dest = (dest or output).rstrip("/")
-    try:
-        with store.fs.open(store._path("run.json"), "r") as f:
-            run = json.load(f)
-    except FileNotFoundError:
+    run = store.run_info()
+    if run is None:
         raise ShardError(f"{output!r} holds no generated dataset (no run.json); run `instagen generate` "
-                         f"with output.path={output} first") from None
+                         f"with output.path={output} first")
     entries = store.finished()
     if not entries:
         raise ShardError(f"no finished shards under {output!r}; run `instagen generate` first")
@@ -77,10 +66,9 @@ def export(output: str, dest: Optional[str] = None, write_images: bool = True,
     categories = [{"id": i, "name": n, "split": "novel" if n in novel else "base"} for n, i in cat_id.items()]
     coco = {"info": {"description": f"InstaGen synthetic dataset {run.get('name', '')}"},
             "images": images, "annotations": annotations, "categories": categories}
-    _write_atomic(f"{dest}/coco.json", json.dumps(coco).encode())
-    lvis = _to_lvis(coco)
-    _write_atomic(f"{dest}/lvis.json", json.dumps(lvis).encode())
-    _write_atomic(f"{dest}/preview.png", preview_sheet(previews, novel))
+    write_atomic(fs, f"{root}/coco.json", json.dumps(coco).encode())
+    write_atomic(fs, f"{root}/lvis.json", json.dumps(_to_lvis(coco)).encode())
+    write_atomic(fs, f"{root}/preview.png", preview_sheet(previews, novel))
     return {"images": len(images), "annotations": len(annotations), "coco": f"{dest}/coco.json",
             "lvis": f"{dest}/lvis.json", "preview": f"{dest}/preview.png"}
 
@@ -126,7 +114,3 @@ def preview_sheet(samples: list[tuple[Image.Image, dict]], novel: set, columns: 
     sheet.save(buf, format="PNG")
     return buf.getvalue()
 
-
-def main_summary(result: dict) -> None:
-    print(f"[export] {result['images']} images, {result['annotations']} boxes -> {result['coco']}, "
-          f"{result['lvis']}, preview {result['preview']}", file=sys.stderr)

@@ -8,7 +8,6 @@ samples whatever the dataset size, and writes each shard as soon as its last row
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections import Counter
@@ -145,7 +144,7 @@ def _write_shards(ds, store, todo: list[int], rows: list[PromptSpec], size: int)
             if len(pending[index]) + len(dropped[index]) == expected[index]:
                 entry = store.write_shard(index, sorted(pending.pop(index), key=lambda s: s["__key__"]),
                                           dropped.pop(index))
-                written[index] = json.loads(entry.to_json())
+                written[index] = entry.as_dict()
                 progress.update(images=len(entry.keys), shards=1)
     if pending:
         missing = sorted(pending)

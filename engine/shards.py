@@ -24,6 +24,8 @@ from typing import Iterator, Optional
 import fsspec
 import numpy as np
 
+from engine.storage import write_atomic
+
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 MEMBER_SUFFIXES = ("jpg", "latent.npy", "json", "features.npz")
 
@@ -43,9 +45,10 @@ class ShardEntry:
     dropped: list[int]
     boxes: int
 
-    def to_json(self) -> str:
-        return json.dumps({"index": self.index, "shard": shard_name(self.index), "keys": self.keys,
-                           "dropped": self.dropped, "samples": len(self.keys), "boxes": self.boxes})
+    def as_dict(self) -> dict:
+        """The manifest entry, as written to manifest/ and as `ShardStore.finished` returns it."""
+        return {"index": self.index, "shard": shard_name(self.index), "keys": self.keys,
+                "dropped": self.dropped, "samples": len(self.keys), "boxes": self.boxes}
 
 
 class ShardStore:
@@ -62,12 +65,18 @@ class ShardStore:
         return path if protocol in ("file", "local") else f"{protocol}://{path}"
 
     # -- run identity ---------------------------------------------------------------------------
+    def run_info(self) -> Optional[dict]:
+        """What run.json says produced this output, or None for an output not started yet."""
+        try:
+            with self.fs.open(self._path("run.json"), "r") as f:
+                return json.load(f)
+        except (FileNotFoundError, NotADirectoryError):  # under a file: no run.json can be there
+            return None
+
     def check_same_run(self, run_info: dict) -> None:
         """Refuse to resume into an output that another configuration wrote (reads only)."""
-        run_path = self._path("run.json")
-        if self.fs.exists(run_path):
-            with self.fs.open(run_path, "r") as f:
-                old = json.load(f)
+        old = self.run_info()
+        if old is not None:
             if old.get("fingerprint") != run_info["fingerprint"]:
                 raise ShardError(
                     f"output path {self.url!r} holds a different run (its prompts, model or image settings "
@@ -87,9 +96,8 @@ class ShardStore:
         except (OSError, PermissionError) as e:
             raise ShardError(f"output path {self.url!r} is not writable ({e}); choose a path you can "
                              f"write to with output.path=...") from None
-        run_path = self._path("run.json")
-        if not self.fs.exists(run_path):
-            self._write_atomic(run_path, json.dumps(run_info, indent=2).encode())
+        if self.run_info() is None:
+            write_atomic(self.fs, self._path("run.json"), json.dumps(run_info, indent=2).encode())
 
     # -- manifest --------------------------------------------------------------------------------
     def finished(self) -> dict[int, dict]:
@@ -112,23 +120,11 @@ class ShardStore:
     def write_shard(self, index: int, samples: list[dict], dropped: list[int]) -> ShardEntry:
         """samples: dicts with "__key__" and the member payloads (bytes) by suffix."""
         data = pack_tar(samples)
-        self._write_atomic(self._path("shards", shard_name(index)), data)
+        write_atomic(self.fs, self._path("shards", shard_name(index)), data)
         boxes = sum(len(json.loads(s["json"])["boxes"]) for s in samples)
         entry = ShardEntry(index, [s["__key__"] for s in samples], sorted(dropped), boxes)
-        self._write_atomic(self._path("manifest", f"shard-{index:06d}.json"), entry.to_json().encode())
+        write_atomic(self.fs, self._path("manifest", f"shard-{index:06d}.json"), json.dumps(entry.as_dict()).encode())
         return entry
-
-    def _write_atomic(self, final: str, data: bytes) -> None:
-        folder, name = final.rsplit("/", 1)
-        tmp = f"{folder}/.{name}.tmp-{uuid.uuid4().hex}"
-        try:
-            with self.fs.open(tmp, "wb") as f:
-                f.write(data)
-            self.fs.mv(tmp, final)
-        except BaseException:
-            if self.fs.exists(tmp):
-                self.fs.rm(tmp)
-            raise
 
 
 def pack_tar(samples: list[dict]) -> bytes:

@@ -4,8 +4,27 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import uuid
 from contextlib import contextmanager
 from typing import Iterator
+
+import fsspec
+
+
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write `data` under a temporary sibling name, then rename it to `path`: on any filesystem
+    fsspec reaches (local, s3, gs, ...) a reader sees the whole file or none, and a failed write
+    leaves no temporary behind."""
+    folder, name = path.rsplit("/", 1) if "/" in path else (".", path)
+    tmp = f"{folder}/.{name}.tmp-{uuid.uuid4().hex}"
+    try:
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        fs.mv(tmp, path)
+    except BaseException:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+        raise
 
 
 @contextmanager
