@@ -55,7 +55,7 @@ def check_labeller(cfg: AnnotationConfig) -> None:
         raise AnnotationError(f"annotation.labeller={cfg.labeller} needs the grounding head's folder, and "
                               f"{cfg.head or cfg.model!r} is none; set annotation.head to the folder that "
                               f"`instagen train-grounding` wrote")
-    if cfg.model != "tiny" and not os.path.isdir(cfg.model) and cfg.labeller != "grounding_head":
+    if cfg.model != "tiny" and not os.path.isdir(cfg.model) and cfg.labeller not in ("grounding_head", "none"):
         raise AnnotationError(f"annotation.model {cfg.model!r} is not a local folder; point it at a "
                               f"detector saved with save_pretrained, or use 'tiny'")
 
@@ -128,6 +128,20 @@ class DetectorLabeller:
                     boxes.append({"bbox": [round(v, 2) for v in box], "category": cat, "score": round(score, 4)})
             labelled.append(boxes)
         return labelled
+
+
+@register_labeller("none")
+class NoLabeller:
+    """Images and latents without boxes: novel-category images for the grounding head's
+    self-training, whose EMA teacher labels them itself."""
+
+    name = "none"
+
+    def __init__(self, cfg: AnnotationConfig, categories: list[str]):
+        pass
+
+    def label(self, images: list[np.ndarray], categories: list[list[str]]) -> list[list[dict]]:
+        return [[] for _ in images]
 
 
 def clip_box(box: list[float], width: int, height: int) -> list[float] | None:

@@ -6,6 +6,7 @@
     instagen train-grounding --config ...   (jobs/train_grounding.py)
     instagen train-detector --config ...    (jobs/train_detector.py)
     instagen evaluate --gt ... --detections ...  (jobs/evaluate.py)
+    instagen toy-world --config configs/toy_world.yaml  (jobs/toy_world.py)
 """
 from __future__ import annotations
 
@@ -80,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Training and evaluation steps keep their argument parsing in their job file; the CLI hands over.
 JOB_COMMANDS = {"finetune": "jobs.finetune_sd", "train-grounding": "jobs.train_grounding",
-                "train-detector": "jobs.train_detector", "evaluate": "jobs.evaluate"}
+                "train-detector": "jobs.train_detector", "evaluate": "jobs.evaluate",
+                "toy-world": "jobs.toy_world"}
 
 
 def main(argv: list[str] | None = None) -> int:

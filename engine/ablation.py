@@ -1,0 +1,369 @@
+"""The InstaGen loop on a drawn world, measured: the paper's table 4 in miniature.
+
+With tiny random weights the engine runs but proves nothing. Here every stage runs on real
+signal, through the same engine functions the jobs call (finetune, generate, train_grounding,
+train_detector, evaluate_detector), on a world small enough for a 2-core CPU
+(engine.toyworld): coloured shapes named like "red circle", some categories never annotated.
+
+    world          draw pretrain (captions), train (base boxes only) and test (all boxes) splits
+    pretrain_vae   the VAE, from scratch on the pretraining images    } the world's stand-in for
+    pretrain_unet  the UNet on their captions, text from MiniLM       } a pretrained SD
+    finetune       the UNet fine-tuned on the base detection images (paper 3.2)
+    teacher        a detector trained on the real base set (the generation teacher)
+    then for each generator (pretrained; fine-tuned):
+      <g>_base         base images labelled by the teacher (score >= alpha)
+      <g>_head_sup     grounding head trained on them (supervised only)        [pretrained only]
+      <g>_novel_sup    novel images labelled by that head (score >= beta)      [pretrained only]
+      <g>_novel_raw    novel images without boxes, for self-training           [fine-tuned only]
+      <g>_head_st      grounding head trained, then self-trained on novel images (EMA teacher)
+      <g>_novel_st     novel images labelled by the self-trained head
+    detectors, all evaluated on the test split (AP50 all / base / novel):
+      real_only        real base set
+      grounding_head   + pretrained generator's base + novel_sup images
+      self_training    + pretrained generator's base + novel_st images
+      fine_tuning      + fine-tuned generator's base + novel_st images
+
+Each stage records a fingerprint of its inputs in WORKDIR/stages.json: a rerun skips stages that
+finished with the same inputs, and a stage interrupted half-way resumes through its job's own
+resume (trainer checkpoints, finished shards). A stage whose inputs changed starts over.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from engine.config import (AnnotationConfig, Config, ConfigError, FinetuneConfig, ModelConfig, OutputConfig,
+                           PromptConfig, RayConfig, SynthesisConfig, fingerprint, to_dict)
+from engine.detection_train import DetectorConfig
+from engine.grounding.train import GroundingTrainConfig
+from engine.storage import write_atomic
+from engine.toyworld import WorldConfig, draw_world
+
+ROWS = ("real_only", "grounding_head", "self_training", "fine_tuning")
+ROW_TITLES = {"real_only": "real only", "grounding_head": "+ grounding head",
+              "self_training": "+ self-training", "fine_tuning": "+ fine-tuning",
+              "random_boxes": "random boxes (chance)"}
+
+
+@dataclass
+class AblationConfig:
+    """One file for the whole loop (configs/toy_world.yaml). Paths are filled in under
+    `workdir`; categories come from the world."""
+    name: str = "toy_world"
+    workdir: str = "outputs/toy_world"
+    rows: list[str] = field(default_factory=lambda: list(ROWS))
+    world: WorldConfig = field(default_factory=WorldConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # the untrained generator's sizes
+    pretrain_vae: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(train="vae"))
+    pretrain_unet: FinetuneConfig = field(default_factory=FinetuneConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)  # template, images per category
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    annotation: AnnotationConfig = field(default_factory=AnnotationConfig)  # alpha, beta, batch
+    shard_size: int = 64
+    teacher: DetectorConfig = field(default_factory=DetectorConfig)
+    grounding: GroundingTrainConfig = field(default_factory=GroundingTrainConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    random_boxes: int = 10  # boxes per test image of the chance baseline
+
+    def validate(self) -> None:
+        self.world.validate()
+        unknown = [r for r in self.rows if r not in ROWS]
+        if unknown or not self.rows:
+            raise ConfigError(f"rows {unknown or self.rows} are not table rows; choose from {', '.join(ROWS)}")
+        if self.pretrain_vae.train != "vae" or self.pretrain_unet.train != "unet" or self.finetune.train != "unet":
+            raise ConfigError("pretrain_vae trains the vae, pretrain_unet and finetune the unet: leave their "
+                              "`train` keys out")
+        if self.grounding.transfer_epoch >= self.grounding.epochs:
+            raise ConfigError(f"grounding.transfer_epoch ({self.grounding.transfer_epoch}) must be below "
+                              f"grounding.epochs ({self.grounding.epochs}): the self-trained head needs epochs "
+                              f"after the transfer")
+
+
+class Stages:
+    """Runs each named stage once per set of inputs, recording results in `stages.json`."""
+
+    def __init__(self, workdir: str, log: Callable[[str], None]):
+        self.workdir = workdir
+        self.path = os.path.join(workdir, "stages.json")
+        self.log = log
+        self.record: dict[str, dict] = {}
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                self.record = json.load(f)
+
+    def _save(self) -> None:
+        import fsspec
+        write_atomic(fsspec.filesystem("file"), self.path, json.dumps(self.record, indent=2).encode())
+
+    def run(self, name: str, inputs: Any, fn: Callable[[], dict], outputs: list[str]) -> dict:
+        """`inputs`: everything the stage depends on (configs, upstream fingerprints); `outputs`:
+        the paths it writes, cleared when the stage restarts with other inputs."""
+        key = fingerprint(json.loads(json.dumps(inputs, default=str)))
+        seen = self.record.get(name, {})
+        if seen.get("key") == key and "result" in seen:
+            self.log(f"{name}: done earlier ({seen['seconds']:.0f} s), skipped")
+            return seen["result"]
+        if seen.get("key") not in (None, key):  # another config's half-finished output
+            for p in outputs:
+                shutil.rmtree(p, ignore_errors=True)
+        self.record[name] = {"key": key}
+        self._save()
+        self.log(f"{name}: running")
+        start = time.time()
+        result = fn()
+        self.record[name] = {"key": key, "result": result, "seconds": round(time.time() - start, 1)}
+        self._save()
+        self.log(f"{name}: done in {time.time() - start:.0f} s")
+        return result
+
+    def key(self, name: str) -> str:
+        return self.record[name]["key"]
+
+
+class Loop:
+    """The stages of the module docstring, with their paths under cfg.workdir."""
+
+    def __init__(self, cfg: AblationConfig, log: Callable[[str], None]):
+        self.cfg = cfg
+        self.ws = os.path.abspath(os.path.expanduser(cfg.workdir))
+        self.stages = Stages(self.ws, log)
+        self.world_dir = os.path.join(self.ws, "world")
+        self.base, self.novel = cfg.world.base, cfg.world.novel
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.ws, *parts)
+
+    def split(self, name: str) -> tuple[str, str]:
+        return self.path("world", name, "instances.json"), self.path("world", name)
+
+    # -- stages -----------------------------------------------------------------------------
+
+    def world(self) -> dict:
+        return self.stages.run("world", dataclasses.asdict(self.cfg.world),
+                               lambda: draw_world(self.world_dir, self.cfg.world), [self.world_dir])
+
+    def train_generator(self, name: str, fc: FinetuneConfig, source: str, after: str, **data) -> str:
+        from engine.finetune import finetune
+        out = self.path("models", name)
+        fc = dataclasses.replace(fc, storage_path=self.path("ray"), name=name, output_dir=out, **data)
+        cfg = Config(model=dataclasses.replace(self.cfg.model, source=source),
+                     prompts=dataclasses.replace(self.cfg.prompts, base=self.base, novel=self.novel),
+                     finetune=fc, ray=self.cfg.ray)
+
+        def run() -> dict:
+            s = finetune(cfg)
+            return {"steps": s["steps"], "final_loss": s["final_loss"], "loss_first": s["losses"][:20],
+                    "loss_last": s["losses"][-20:], "samples_per_s": s["samples_per_s"]}
+        self.stages.run(name, {"finetune": to_dict(fc), "model": to_dict(cfg.model), "after": self.stages.key(after)},
+                        run, [out, self.path("ray", name)])
+        return out
+
+    def teacher(self) -> str:
+        ann, root = self.split("train")
+        test_ann, test_root = self.split("test")
+        dc = dataclasses.replace(self.cfg.teacher, real_annotations=ann, real_image_root=root, synthetic=[],
+                                 mix_ratio=0.0, categories=self.base, base=self.base, novel=[],
+                                 eval_annotations=test_ann, eval_image_root=test_root, **self._run_paths("teacher"))
+        self._detector_stage("teacher", dc, after=["world"])
+        return dc.output_dir
+
+    def generate(self, name: str, source: str, which: str, labeller: str, after: list[str],
+                 head: str = "") -> str:
+        from engine.generate import generate
+        out = self.path("synthetic", name)
+        cfg = Config(model=ModelConfig(source=source, scheduler=self.cfg.model.scheduler),
+                     prompts=dataclasses.replace(self.cfg.prompts, base=self.base, novel=self.novel, generate=which),
+                     synthesis=self.cfg.synthesis,
+                     annotation=dataclasses.replace(self.cfg.annotation, labeller=labeller,
+                                                    model=self.path("models", "teacher"), head=head),
+                     output=OutputConfig(path=out, shard_size=self.cfg.shard_size), ray=self.cfg.ray)
+
+        def run() -> dict:
+            s = generate(cfg)
+            return {"images": s.images, "boxes": s.boxes, "dropped": s.dropped, "images_per_s": s.images_per_s}
+        self.stages.run(name, {"config": to_dict(cfg), "after": [self.stages.key(a) for a in after]}, run, [out])
+        return out
+
+    def grounding(self, name: str, source: str, base_shards: str, novel_shards: str, after: list[str]) -> str:
+        from engine.grounding.train import train_grounding
+        g = self.cfg.grounding
+        out = self.path("models", name)
+        gc = dataclasses.replace(
+            g, base_shards=base_shards, novel_shards=novel_shards, base=self.base,
+            novel=self.novel if novel_shards else [], synthesis_steps=self.cfg.synthesis.steps,
+            alpha=self.cfg.annotation.alpha, beta=self.cfg.annotation.beta, output=out,
+            # Without novel images there is nothing to self-train on: every epoch supervised.
+            transfer_epoch=g.transfer_epoch if novel_shards else g.epochs,
+            train=dataclasses.replace(g.train, storage_path=self.path("ray"), name=name))
+        model = ModelConfig(source=source, scheduler=self.cfg.model.scheduler)
+
+        def run() -> dict:
+            metrics = train_grounding(gc, model).metrics or {}
+            return {k: metrics.get(k) for k in ("step", "loss")}
+        self.stages.run(name, {"grounding": to_dict(gc), "after": [self.stages.key(a) for a in after]},
+                        run, [out, self.path("ray", name)])
+        return out
+
+    def detector(self, row: str, synthetic: list[str], after: list[str]) -> dict:
+        ann, root = self.split("train")
+        test_ann, test_root = self.split("test")
+        dc = dataclasses.replace(self.cfg.detector, real_annotations=ann, real_image_root=root,
+                                 synthetic=synthetic, mix_ratio=self.cfg.detector.mix_ratio if synthetic else 0.0,
+                                 categories=self.base + self.novel, base=self.base, novel=self.novel,
+                                 eval_annotations=test_ann, eval_image_root=test_root,
+                                 **self._run_paths(f"detector_{row}"))
+        return self._detector_stage(f"detector_{row}", dc, after)
+
+    def _run_paths(self, name: str) -> dict:
+        return {"storage_path": self.path("ray"), "name": name, "output_dir": self.path("models", name),
+                "eval_dir": self.path("eval", name)}
+
+    def _detector_stage(self, name: str, dc: DetectorConfig, after: list[str]) -> dict:
+        from engine.detection_train import evaluate_detector, train_detector
+
+        def run() -> dict:
+            train_detector(dc, self.cfg.ray)
+            m = evaluate_detector(dc)
+            return {k: m.get(k) for k in ("AP50", "AP50_base", "AP50_novel", "per_category_AP50")}
+        return self.stages.run(name, {"detector": to_dict(dc), "after": [self.stages.key(a) for a in after]},
+                               run, [dc.output_dir, dc.eval_dir, self.path("ray", name)])
+
+
+def run_loop(cfg: AblationConfig, log: Callable[[str], None] = lambda m: print(f"[toy-world] {m}", file=sys.stderr)) -> dict:
+    """Every stage, then the table. Returns the results dict also written to WORKDIR/results.json."""
+    from engine.cluster import connect
+    cfg.validate()
+    started = time.time()
+    loop = Loop(cfg, log)
+    loop.world()
+    connect(cfg.ray)
+    ann, root = loop.split("train")
+    captions = loop.path("world", "pretrain", "captions.json")
+    pre_images = loop.path("world", "pretrain")
+    vae = loop.train_generator("pretrain_vae", cfg.pretrain_vae, cfg.model.source, "world",
+                               captions=captions, image_root=pre_images)
+    pretrained = loop.train_generator("pretrain_unet", cfg.pretrain_unet, vae, "pretrain_vae",
+                                      captions=captions, image_root=pre_images)
+    teacher = loop.teacher()
+
+    rows = {}
+    want = set(cfg.rows)
+    if "real_only" in want:
+        rows["real_only"] = loop.detector("real_only", [], ["world"])
+    if want & {"grounding_head", "self_training"}:
+        base = loop.generate("pretrained_base", pretrained, "base", "detector", ["pretrain_unet", "teacher"])
+        head_sup = loop.grounding("pretrained_head_sup", pretrained, base, "", ["pretrained_base"])
+        novel_sup = loop.generate("pretrained_novel_sup", pretrained, "novel", "grounding_head",
+                                  ["pretrained_head_sup"], head=head_sup)
+        if "grounding_head" in want:
+            rows["grounding_head"] = loop.detector("grounding_head", [base, novel_sup], ["pretrained_novel_sup"])
+        if "self_training" in want:
+            head_st = loop.grounding("pretrained_head_st", pretrained, base, novel_sup, ["pretrained_novel_sup"])
+            novel_st = loop.generate("pretrained_novel_st", pretrained, "novel", "grounding_head",
+                                     ["pretrained_head_st"], head=head_st)
+            rows["self_training"] = loop.detector("self_training", [base, novel_st], ["pretrained_novel_st"])
+    samples = None
+    if "fine_tuning" in want:
+        tuned = loop.train_generator("finetune", cfg.finetune, pretrained, "pretrain_unet",
+                                     annotations=ann, image_root=root)
+        base = loop.generate("finetuned_base", tuned, "base", "detector", ["finetune", "teacher"])
+        novel_raw = loop.generate("finetuned_novel_raw", tuned, "novel", "none", ["finetune"])
+        head_st = loop.grounding("finetuned_head_st", tuned, base, novel_raw, ["finetuned_base", "finetuned_novel_raw"])
+        novel_st = loop.generate("finetuned_novel_st", tuned, "novel", "grounding_head",
+                                 ["finetuned_head_st"], head=head_st)
+        rows["fine_tuning"] = loop.detector("fine_tuning", [base, novel_st], ["finetuned_novel_st"])
+        samples = (base, novel_st)
+    elif "self_training" in want:
+        samples = (loop.path("synthetic", "pretrained_base"), loop.path("synthetic", "pretrained_novel_st"))
+
+    test_ann, _ = loop.split("test")
+    rows["random_boxes"] = random_box_baseline(test_ann, loop.base, loop.novel,
+                                               cfg.random_boxes, cfg.world.seed)
+    results = {"name": cfg.name, "rows": rows, "order": [r for r in ROWS if r in rows] + ["random_boxes"],
+               "teacher": loop.stages.record["teacher"]["result"],
+               "stages_s": {k: v.get("seconds") for k, v in loop.stages.record.items()},
+               "wall_s": round(time.time() - started, 1), "base": loop.base, "novel": loop.novel}
+    if samples:
+        results["samples_png"] = draw_samples(samples, loop.base, loop.path("samples.png"))
+    results["table"] = format_table(results)
+    import fsspec
+    write_atomic(fsspec.filesystem("file"), loop.path("results.json"), json.dumps(results, indent=2).encode())
+    return results
+
+
+def random_box_baseline(test_annotations: str, base: list[str], novel: list[str], per_image: int,
+                        seed: int) -> dict:
+    """AP50 of boxes drawn at random (uniform corners, random category and score): what a
+    detector that learnt nothing scores on this test set."""
+    from engine.evaluation import evaluate_coco
+    with open(test_annotations) as f:
+        gt = json.load(f)
+    rng = random.Random(seed)
+    ids = [c["id"] for c in gt["categories"]]
+    dets = []
+    for im in gt["images"]:
+        for _ in range(per_image):
+            x0, x1 = sorted(rng.uniform(0, im["width"]) for _ in range(2))
+            y0, y1 = sorted(rng.uniform(0, im["height"]) for _ in range(2))
+            dets.append({"image_id": im["id"], "category_id": rng.choice(ids), "score": rng.random(),
+                         "bbox": [x0, y0, max(x1 - x0, 1.0), max(y1 - y0, 1.0)]})
+    m = evaluate_coco(gt, dets, base=base, novel=novel)
+    return {k: m.get(k) for k in ("AP50", "AP50_base", "AP50_novel")}
+
+
+def format_table(results: dict) -> str:
+    def cell(v: Optional[float]) -> str:
+        return "n/a" if v is None else f"{100 * v:.1f}"
+    lines = ["| detector trained on | AP50 all | AP50 base | AP50 novel |", "|---|---|---|---|"]
+    for row in results["order"]:
+        m = results["rows"][row]
+        lines.append(f"| {ROW_TITLES[row]} | {cell(m['AP50'])} | {cell(m['AP50_base'])} | {cell(m['AP50_novel'])} |")
+    return "\n".join(lines)
+
+
+BASE_COLOUR, NOVEL_COLOUR = (40, 220, 80), (255, 140, 0)
+
+
+def draw_samples(shard_paths: tuple[str, str], base: list[str], path: str, per_set: int = 16,
+                 scale: int = 3, columns: int = 8) -> str:
+    """A PNG of generated images with their boxes: base-category boxes green, novel orange (the
+    paper's figures), first `per_set` images of the base set, then of the novel set."""
+    from PIL import Image, ImageDraw
+
+    from engine.shards import iter_samples, shard_urls
+    tiles = []
+    for shards in shard_paths:
+        for i, s in enumerate(iter_samples(shard_urls(shards))):
+            if i == per_set:
+                break
+            img = s["jpg"].resize((s["jpg"].width * scale, s["jpg"].height * scale), Image.NEAREST)
+            d = ImageDraw.Draw(img)
+            rec = s["json"]
+            for box, label in zip(rec["boxes"], rec["labels"]):
+                colour = BASE_COLOUR if label in base else NOVEL_COLOUR
+                d.rectangle([v * scale for v in box], outline=colour, width=2)
+                d.text((box[0] * scale + 2, box[1] * scale + 1), label, fill=colour)
+            tiles.append(img)
+    if not tiles:
+        raise ValueError(f"no generated samples under {shard_paths}")
+    w, h = tiles[0].size
+    rows = (len(tiles) + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * w, rows * h), (255, 255, 255))
+    for k, t in enumerate(tiles):
+        sheet.paste(t, ((k % columns) * w, (k // columns) * h))
+    sheet.save(path)
+    return path
+
+
+def load_ablation_config(path: Optional[str], overrides: Optional[list[str]] = None) -> AblationConfig:
+    from engine.config import load_config
+    return load_config(path, overrides, cls=AblationConfig)
