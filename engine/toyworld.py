@@ -11,27 +11,23 @@ Categories are "<colour> <shape>"; every novel colour and shape also occurs in a
 so finding a "red circle" after training on red squares and blue circles is composition, which
 is the open-vocabulary question.
 
-    python -m engine.toyworld --out data/toyworld [--config world.yaml]
+    instagen toy-world --config configs/toy_world.yaml --draw-only   (engine/ablation.py runs the rest)
 
 Every image comes from its own random stream (seed, split, index): any one can be redrawn alone
 and a world is the same bytes wherever it is drawn. Boxes are the shapes' exact pixel extents.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
-import sys
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
 import numpy as np
-import yaml
 from PIL import Image, ImageDraw
 
-from engine.config import ConfigError, from_dict
+from engine.config import ConfigError
 from engine.storage import atomic_folder
 
 SPLITS = ("pretrain", "train", "test")  # a split's place here is part of its images' random streams
@@ -327,47 +323,3 @@ def draw_world(out: str, cfg: WorldConfig, splits: Iterable[str] = SPLITS,
         with open(os.path.join(tmp, "world.json"), "w", encoding="utf-8") as f:
             json.dump({"config": config, "summary": summary}, f, indent=1)
     return {"path": out, **summary}
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-
-
-def load_world_config(path: Optional[str]) -> WorldConfig:
-    """The `world:` section of YAML file `path` (defaults where None or absent)."""
-    if path is None:
-        return WorldConfig()
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path!r} does not exist") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path!r} must hold a mapping with a world: section, "
-                          f"not {type(raw).__name__}")
-    return from_dict(WorldConfig, raw.get("world") or {}, "world")
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.toyworld",
-                                     description="Draw the toy world: pretrain captions, train and test "
-                                                 "detection scenes, as COCO files and JPEGs.")
-    parser.add_argument("--out", required=True, help="folder to draw into (created whole, or left as it was)")
-    parser.add_argument("--config", help="YAML file whose world: section holds WorldConfig keys")
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    try:
-        summary = draw_world(args.out, load_world_config(args.config))
-    except (ConfigError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    counts = ", ".join(f"{s} {c['images']} images / {c['boxes']} boxes" for s, c in summary["splits"].items())
-    print(f"toy world at {summary['path']}: {len(summary['base'])} base + {len(summary['novel'])} novel "
-          f"categories; {counts} ({time.perf_counter() - start:.1f}s)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

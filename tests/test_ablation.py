@@ -18,10 +18,10 @@ SMALL = [
     "world.pretrain_images=256", "world.train_images=192", "world.test_images=48",
     "pretrain_vae.max_steps=40", "pretrain_vae.checkpoint_every=20",
     "pretrain_unet.max_steps=40", "pretrain_unet.batch_size=32", "pretrain_unet.warmup_steps=5",
-    "finetune.max_steps=10", "finetune.batch_size=32",
+    "finetune.max_steps=10", "finetune.batch_size=32", "finetune.warmup_steps=2",
     "prompts.images_per_category=4", "synthesis.steps=8",
     "teacher.epochs=8", "detector.epochs=4",
-    "grounding.epochs=2", "grounding.transfer_epoch=1", "grounding.lr_drop_epoch=2",
+    "grounding.epochs=2", "grounding.transfer_epoch=1", "grounding.lr_drop_epoch=2", "grounding.batch_size=8",
 ]
 
 
@@ -80,3 +80,14 @@ def test_rerun_skips_finished_stages(loop):
 def test_bad_row_is_refused():
     with pytest.raises(ConfigError, match="not table rows"):
         load_ablation_config(CONFIG, ["rows=[real_only, magic]"]).validate()
+
+
+def test_draw_only_command(tmp_path, capsys):
+    from engine.cli import main
+    args = ["toy-world", "--config", CONFIG, "--draw-only", f"workdir={tmp_path}", "world.pretrain_images=4",
+            "world.train_images=4", "world.test_images=4"]
+    assert main(args) == 0
+    assert "world drawn" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "world")) == ["pretrain", "test", "train", "world.json"]
+    assert main(args[:-1] + ["world.test_images=5"]) == 2  # another world in the same place
+    assert "holds another world" in capsys.readouterr().err

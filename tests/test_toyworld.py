@@ -10,7 +10,7 @@ from pycocotools.coco import COCO
 
 from engine import toyworld
 from engine.config import ConfigError
-from engine.toyworld import JITTER, SPLITS, WorldConfig, draw_scene, draw_world, main
+from engine.toyworld import JITTER, SPLITS, WorldConfig, draw_scene, draw_world
 
 
 def small(**changes) -> WorldConfig:
@@ -234,17 +234,3 @@ def test_progress_counts_every_image(tmp_path):
 def test_bad_configs_name_the_key(changes, message):
     with pytest.raises(ConfigError, match=message):
         WorldConfig(**changes).validate()
-
-
-def test_cli(tmp_path, capsys):
-    config = tmp_path / "world.yaml"
-    config.write_text("world:\n  pretrain_images: 4\n  train_images: 4\n  test_images: 4\n  seed: 3\n")
-    assert main(["--out", str(tmp_path / "w"), "--config", str(config)]) == 0
-    assert "pretrain 4 images" in capsys.readouterr().out
-    with open(tmp_path / "w" / "world.json") as f:
-        assert json.load(f)["config"]["seed"] == 3
-    config.write_text("world:\n  sizee: 64\n")
-    assert main(["--out", str(tmp_path / "w"), "--config", str(config)]) == 2
-    assert "error: unknown config key 'world.sizee'" in capsys.readouterr().err
-    assert main(["--out", str(tmp_path / "w")]) == 2  # the defaults are another world
-    assert "holds another world" in capsys.readouterr().err
