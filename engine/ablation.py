@@ -291,8 +291,8 @@ def run_loop(cfg: AblationConfig, log: Callable[[str], None] = lambda m: print(f
         samples = (loop.path("synthetic", "pretrained_base"), loop.path("synthetic", "pretrained_novel_st"))
 
     test_ann, _ = loop.split("test")
-    rows["random_boxes"] = random_box_baseline(test_ann, loop.base, loop.novel,
-                                               cfg.random_boxes, cfg.world.seed)
+    rows["random_boxes"] = random_box_baseline(test_ann, loop.base, loop.novel, cfg.random_boxes,
+                                               (cfg.world.min_object, cfg.world.max_object), cfg.world.seed)
     results = {"name": cfg.name, "rows": rows, "order": [r for r in ROWS if r in rows] + ["random_boxes"],
                "teacher": loop.stages.record["teacher"]["result"],
                "stages_s": {k: v.get("seconds") for k, v in loop.stages.record.items()},
@@ -306,9 +306,9 @@ def run_loop(cfg: AblationConfig, log: Callable[[str], None] = lambda m: print(f
 
 
 def random_box_baseline(test_annotations: str, base: list[str], novel: list[str], per_image: int,
-                        seed: int) -> dict:
-    """AP50 of boxes drawn at random (uniform corners, random category and score): what a
-    detector that learnt nothing scores on this test set."""
+                        sides: tuple[int, int], seed: int) -> dict:
+    """AP50 of random boxes of the objects' sizes (sides uniform in `sides`, anywhere in the image,
+    random category and score): what a detector that learnt only how large objects are scores."""
     from engine.evaluation import evaluate_coco
     with open(test_annotations) as f:
         gt = json.load(f)
@@ -317,10 +317,10 @@ def random_box_baseline(test_annotations: str, base: list[str], novel: list[str]
     dets = []
     for im in gt["images"]:
         for _ in range(per_image):
-            x0, x1 = sorted(rng.uniform(0, im["width"]) for _ in range(2))
-            y0, y1 = sorted(rng.uniform(0, im["height"]) for _ in range(2))
+            w, h = rng.uniform(*sides), rng.uniform(*sides)
+            x0, y0 = rng.uniform(0, im["width"] - w), rng.uniform(0, im["height"] - h)
             dets.append({"image_id": im["id"], "category_id": rng.choice(ids), "score": rng.random(),
-                         "bbox": [x0, y0, max(x1 - x0, 1.0), max(y1 - y0, 1.0)]})
+                         "bbox": [x0, y0, w, h]})
     m = evaluate_coco(gt, dets, base=base, novel=novel)
     return {k: m.get(k) for k in ("AP50", "AP50_base", "AP50_novel")}
 

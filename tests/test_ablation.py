@@ -20,7 +20,7 @@ SMALL = [
     "pretrain_unet.max_steps=40", "pretrain_unet.batch_size=32", "pretrain_unet.warmup_steps=5",
     "finetune.max_steps=10", "finetune.batch_size=32", "finetune.warmup_steps=2",
     "prompts.images_per_category=4", "synthesis.steps=8",
-    "teacher.epochs=8", "detector.epochs=4",
+    "teacher.epochs=30", "teacher.max_steps=300", "detector.epochs=30", "detector.max_steps=300",
     "grounding.epochs=2", "grounding.transfer_epoch=1", "grounding.lr_drop_epoch=2", "grounding.batch_size=8",
 ]
 
