@@ -297,6 +297,8 @@ def run_loop(cfg: AblationConfig, log: Callable[[str], None] = lambda m: print(f
                "teacher": loop.stages.record["teacher"]["result"],
                "stages_s": {k: v.get("seconds") for k, v in loop.stages.record.items()},
                "wall_s": round(time.time() - started, 1), "base": loop.base, "novel": loop.novel}
+    # This invocation's time, and all stages' (earlier invocations included, when it resumed).
+    results["stages_total_s"] = round(sum(v or 0 for v in results["stages_s"].values()), 1)
     if samples:
         results["samples_png"] = draw_samples(samples, loop.base, loop.path("samples.png"))
     results["table"] = format_table(results)

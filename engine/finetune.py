@@ -16,6 +16,9 @@ Stages:
   epsilon-prediction MSE of Eq. 1, t uniform over the scheduler's training timesteps; DeepSpeed
   AdamW with warmup, optional EMA of the UNet weights; checkpoints every `checkpoint_every` steps;
   a restarted worker or a rerun of the same command resumes from the latest one.
+* where there is no pretrained generator to start from (the toy world), the same trainer builds
+  one: `captions` feeds whole images with their captions instead of crops, and `train: vae`
+  trains the VAE (VAEObjective) instead of the UNet, then sets its latent scaling factor.
 * driver: the base pipeline with the trained (EMA, if enabled) UNet, written with
   `save_pretrained` to `output_dir` (via a temporary folder, so no half-written pipeline is ever
   left there); `engine.models.load_pipeline(ModelConfig(source=output_dir))` loads it.

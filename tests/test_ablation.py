@@ -20,16 +20,22 @@ SMALL = [
     "pretrain_unet.max_steps=40", "pretrain_unet.batch_size=32", "pretrain_unet.warmup_steps=5",
     "finetune.max_steps=10", "finetune.batch_size=32", "finetune.warmup_steps=2",
     "prompts.images_per_category=4", "synthesis.steps=8",
-    "teacher.epochs=30", "teacher.max_steps=300", "detector.epochs=30", "detector.max_steps=300",
+    "teacher.epochs=30", "teacher.max_steps=200", "detector.epochs=30", "detector.max_steps=200",
     "grounding.epochs=2", "grounding.transfer_epoch=1", "grounding.lr_drop_epoch=2", "grounding.batch_size=8",
 ]
 
 
+# 18 stages, each starting Ray Train or an actor pool: about 10 minutes on an idle 2-core machine.
+pytestmark = pytest.mark.timeout(3000)
+
+
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory):
+    import ray
     ws = tmp_path_factory.mktemp("toy")
     cfg = load_ablation_config(CONFIG, SMALL + [f"workdir={ws}"])
-    return cfg, run_loop(cfg, log=lambda m: None)
+    yield cfg, run_loop(cfg, log=lambda m: None)
+    ray.shutdown()  # run_loop started an embedded Ray; later modules start their own
 
 
 def test_every_row_is_measured_and_saved(loop):
