@@ -109,9 +109,11 @@ class Stages:
         import fsspec
         write_atomic(fsspec.filesystem("file"), self.path, json.dumps(self.record, indent=2).encode())
 
-    def run(self, name: str, inputs: Any, fn: Callable[[], dict], outputs: list[str]) -> dict:
-        """`inputs`: everything the stage depends on (configs, upstream fingerprints); `outputs`:
-        the paths it writes, cleared when the stage restarts with other inputs."""
+    def run(self, name: str, inputs: Any, fn: Callable[[], dict], outputs: list[str], after: list[str]) -> dict:
+        """`inputs`: the stage's configs; `after`: the stages whose outputs it reads (their
+        fingerprints join its own); `outputs`: the paths it writes, cleared when the stage
+        restarts with other inputs."""
+        inputs = {"inputs": inputs, "after": [self.record[a]["key"] for a in after]}
         key = fingerprint(json.loads(json.dumps(inputs, default=str)))
         seen = self.record.get(name, {})
         if seen.get("key") == key and "result" in seen:
@@ -129,9 +131,6 @@ class Stages:
         self._save()
         self.log(f"{name}: done in {time.time() - start:.0f} s")
         return result
-
-    def key(self, name: str) -> str:
-        return self.record[name]["key"]
 
 
 class Loop:
@@ -154,7 +153,7 @@ class Loop:
 
     def world(self) -> dict:
         return self.stages.run("world", dataclasses.asdict(self.cfg.world),
-                               lambda: draw_world(self.world_dir, self.cfg.world), [self.world_dir])
+                               lambda: draw_world(self.world_dir, self.cfg.world), [self.world_dir], after=[])
 
     def train_generator(self, name: str, fc: FinetuneConfig, source: str, after: str, **data) -> str:
         from engine.finetune import finetune
@@ -168,18 +167,13 @@ class Loop:
             s = finetune(cfg)
             return {"steps": s["steps"], "final_loss": s["final_loss"], "loss_first": s["losses"][:20],
                     "loss_last": s["losses"][-20:], "samples_per_s": s["samples_per_s"]}
-        self.stages.run(name, {"finetune": to_dict(fc), "model": to_dict(cfg.model), "after": self.stages.key(after)},
-                        run, [out, self.path("ray", name)])
+        self.stages.run(name, {"finetune": to_dict(fc), "model": to_dict(cfg.model)}, run,
+                        [out, self.path("ray", name)], [after])
         return out
 
-    def teacher(self) -> str:
-        ann, root = self.split("train")
-        test_ann, test_root = self.split("test")
-        dc = dataclasses.replace(self.cfg.teacher, real_annotations=ann, real_image_root=root, synthetic=[],
-                                 mix_ratio=0.0, categories=self.base, base=self.base, novel=[],
-                                 eval_annotations=test_ann, eval_image_root=test_root, **self._run_paths("teacher"))
-        self._detector_stage("teacher", dc, after=["world"])
-        return dc.output_dir
+    def teacher(self) -> dict:
+        """The generation teacher: base categories only, evaluated on them."""
+        return self._detector_stage("teacher", self.cfg.teacher, [], self.base, [], ["world"])
 
     def generate(self, name: str, source: str, which: str, labeller: str, after: list[str],
                  head: str = "") -> str:
@@ -195,7 +189,7 @@ class Loop:
         def run() -> dict:
             s = generate(cfg)
             return {"images": s.images, "boxes": s.boxes, "dropped": s.dropped, "images_per_s": s.images_per_s}
-        self.stages.run(name, {"config": to_dict(cfg), "after": [self.stages.key(a) for a in after]}, run, [out])
+        self.stages.run(name, {"config": to_dict(cfg)}, run, [out], after)
         return out
 
     def grounding(self, name: str, source: str, base_shards: str, novel_shards: str, after: list[str]) -> str:
@@ -214,33 +208,32 @@ class Loop:
         def run() -> dict:
             metrics = train_grounding(gc, model).metrics or {}
             return {k: metrics.get(k) for k in ("step", "loss")}
-        self.stages.run(name, {"grounding": to_dict(gc), "after": [self.stages.key(a) for a in after]},
-                        run, [out, self.path("ray", name)])
+        self.stages.run(name, {"grounding": to_dict(gc)}, run, [out, self.path("ray", name)], after)
         return out
 
     def detector(self, row: str, synthetic: list[str], after: list[str]) -> dict:
+        """A table row: every category, real base boxes plus `synthetic` shards."""
+        return self._detector_stage(f"detector_{row}", self.cfg.detector, synthetic, self.base + self.novel,
+                                    self.novel, after)
+
+    def _detector_stage(self, name: str, section: DetectorConfig, synthetic: list[str], categories: list[str],
+                        novel: list[str], after: list[str]) -> dict:
+        """Train on the real train split (+ `synthetic`), evaluate on the test split."""
+        from engine.detection_train import evaluate_detector, train_detector
         ann, root = self.split("train")
         test_ann, test_root = self.split("test")
-        dc = dataclasses.replace(self.cfg.detector, real_annotations=ann, real_image_root=root,
-                                 synthetic=synthetic, mix_ratio=self.cfg.detector.mix_ratio if synthetic else 0.0,
-                                 categories=self.base + self.novel, base=self.base, novel=self.novel,
-                                 eval_annotations=test_ann, eval_image_root=test_root,
-                                 **self._run_paths(f"detector_{row}"))
-        return self._detector_stage(f"detector_{row}", dc, after)
-
-    def _run_paths(self, name: str) -> dict:
-        return {"storage_path": self.path("ray"), "name": name, "output_dir": self.path("models", name),
-                "eval_dir": self.path("eval", name)}
-
-    def _detector_stage(self, name: str, dc: DetectorConfig, after: list[str]) -> dict:
-        from engine.detection_train import evaluate_detector, train_detector
+        dc = dataclasses.replace(section, real_annotations=ann, real_image_root=root, synthetic=synthetic,
+                                 mix_ratio=section.mix_ratio if synthetic else 0.0, categories=categories,
+                                 base=self.base, novel=novel, eval_annotations=test_ann, eval_image_root=test_root,
+                                 storage_path=self.path("ray"), name=name, output_dir=self.path("models", name),
+                                 eval_dir=self.path("eval", name))
 
         def run() -> dict:
             train_detector(dc, self.cfg.ray)
             m = evaluate_detector(dc)
             return {k: m.get(k) for k in ("AP50", "AP50_base", "AP50_novel", "per_category_AP50")}
-        return self.stages.run(name, {"detector": to_dict(dc), "after": [self.stages.key(a) for a in after]},
-                               run, [dc.output_dir, dc.eval_dir, self.path("ray", name)])
+        return self.stages.run(name, {"detector": to_dict(dc)}, run,
+                               [dc.output_dir, dc.eval_dir, self.path("ray", name)], after)
 
 
 def run_loop(cfg: AblationConfig, log: Callable[[str], None] = lambda m: print(f"[toy-world] {m}", file=sys.stderr)) -> dict:
