@@ -51,6 +51,8 @@ def check_labeller(cfg: AnnotationConfig) -> None:
     if cfg.labeller not in LABELLERS:
         raise AnnotationError(f"annotation.labeller {cfg.labeller!r} is unknown; choose one of "
                               f"{', '.join(sorted(LABELLERS))}")
+    if not 0 < cfg.nms_iou <= 1:
+        raise AnnotationError(f"annotation.nms_iou must lie in (0, 1] (1 turns NMS off), got {cfg.nms_iou}")
     if cfg.labeller in ("grounding_head", "teacher+head") and not os.path.isdir(cfg.head or cfg.model):
         raise AnnotationError(f"annotation.labeller={cfg.labeller} needs the grounding head's folder, and "
                               f"{cfg.head or cfg.model!r} is none; set annotation.head to the folder that "
@@ -92,7 +94,7 @@ class DetectorLabeller:
 
     def __init__(self, cfg: AnnotationConfig, categories: list[str]):
         from transformers import AutoImageProcessor, AutoModelForObjectDetection, DetrImageProcessor
-        self.alpha = cfg.alpha
+        self.alpha, self.nms_iou = cfg.alpha, cfg.nms_iou
         if cfg.model == "tiny":
             self.model = tiny_detector(categories)
             self.processor = DetrImageProcessor(size={"shortest_edge": 64, "longest_edge": 128})
@@ -126,8 +128,22 @@ class DetectorLabeller:
                 cat = self.label_to_category.get(int(lab))
                 if cat in wanted:
                     boxes.append({"bbox": [round(v, 2) for v in box], "category": cat, "score": round(score, 4)})
-            labelled.append(boxes)
+            labelled.append(per_category_nms(boxes, self.nms_iou))
         return labelled
+
+
+def per_category_nms(boxes: list[dict], iou: float) -> list[dict]:
+    """The boxes that no higher-scoring box of the same category overlaps by more than iou, best
+    first (iou 1 keeps all)."""
+    from engine.grounding.model import nms
+    if iou >= 1.0 or len(boxes) < 2:
+        return sorted(boxes, key=lambda b: -b["score"])
+    kept = []
+    for cat in {b["category"] for b in boxes}:
+        same = [b for b in boxes if b["category"] == cat]
+        keep = nms(torch.tensor([b["bbox"] for b in same]), torch.tensor([b["score"] for b in same]), iou)
+        kept += [same[i] for i in keep.tolist()]
+    return sorted(kept, key=lambda b: -b["score"])
 
 
 @register_labeller("none")

@@ -97,6 +97,9 @@ class AnnotationConfig:
     head: str = ""  # the trained grounding head's folder (labeller grounding_head or teacher+head)
     alpha: float = 0.8  # teacher score threshold for base categories (paper: 0.8)
     beta: float = 0.4  # grounding-head threshold for novel categories (paper: 0.4)
+    # Per-category NMS on the labellers' boxes (1 = off). A trained DETR rarely boxes an object
+    # twice, a young teacher does, and a duplicate box is a wrong label to train on.
+    nms_iou: float = 0.7
     batch_size: int = 8
     num_actors: int = 0
     gpus_per_actor: float = 0.5
@@ -139,6 +142,10 @@ class FinetuneConfig:
     train: str = "unet"
     kl_weight: float = 1e-6
     name_template: str = "{name}"  # e.g. "a {name}" for "a photograph of a dog and a cat"
+    # Fraction of training prompts replaced by the empty prompt, so that classifier-free guidance
+    # has an unconditional prediction to push away from. SD learnt one in pretraining (0 keeps
+    # it as it is); a generator trained from scratch needs about 0.1 or guidance draws noise.
+    caption_dropout: float = 0.0
     joiner: str = " and "
     lr: float = 1e-5
     weight_decay: float = 1e-2

@@ -184,6 +184,15 @@ def plan_caption_samples(records: list[CaptionRecord], fc: FinetuneConfig, n_sam
     return rows
 
 
+def drop_captions(rows: list[dict], fc: FinetuneConfig) -> list[dict]:
+    """Empties the prompt of a seeded caption_dropout fraction of the planned rows. Done in the
+    plan, not in the worker, so that a resumed run trains on the same prompts."""
+    if fc.caption_dropout == 0:
+        return rows
+    drop = np.random.default_rng([fc.seed, 1]).random(len(rows)) < fc.caption_dropout
+    return [{**r, "prompt": ""} if d else r for r, d in zip(rows, drop)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Ray Data: decode and cut (CPU tasks)
 
@@ -434,6 +443,7 @@ def _check_config(fc: FinetuneConfig, base: list[str]) -> None:
          "no base categories: set prompts.base (or finetune.base) to the categories to fine-tune on")
     need(fc.train in ("unet", "vae"), f"finetune.train must be unet or vae, got {fc.train!r}")
     need(fc.kl_weight >= 0, f"finetune.kl_weight must be >= 0, got {fc.kl_weight}")
+    need(0.0 <= fc.caption_dropout < 1.0, f"finetune.caption_dropout must lie in [0, 1), got {fc.caption_dropout}")
     need(fc.crop_size >= 8 and fc.crop_size % 8 == 0, f"finetune.crop_size must be a positive multiple of 8, got {fc.crop_size}")
     need(0.0 < fc.min_visible_fraction <= 1.0, f"finetune.min_visible_fraction must lie in (0, 1], got {fc.min_visible_fraction}")
     need(fc.max_upscale >= 1.0, f"finetune.max_upscale must be >= 1, got {fc.max_upscale}")
@@ -467,8 +477,8 @@ def prepare(cfg: Any) -> tuple[FinetuneConfig, list[dict], SkipReport, int]:
     need = fc.max_steps * fc.batch_size * fc.grad_accum * fc.num_workers
     if fc.captions:
         records, skipped = load_captions(fc.captions, fc.image_root, check_images=fc.check_images)
-        return fc, plan_caption_samples(records, fc, int(need * 1.1) + fc.batch_size * fc.num_workers), skipped, \
-            len({r.file for r in records})
+        rows = plan_caption_samples(records, fc, int(need * 1.1) + fc.batch_size * fc.num_workers)
+        return fc, drop_captions(rows, fc), skipped, len({r.file for r in records})
     ds = load_detection_dataset(fc.annotations, fc.image_root, fc.format, check_images=fc.check_images)
     base_ds = split_records(ds, base)
     if not base_ds.records:
@@ -489,7 +499,7 @@ def prepare(cfg: Any) -> tuple[FinetuneConfig, list[dict], SkipReport, int]:
     if len(rows) < need:
         raise ConfigError(f"only {len(rows)} crops with an object at least {fc.min_visible_fraction} visible "
                           f"could be planned ({need} needed); lower finetune.min_visible_fraction or crop_size")
-    return fc, rows, skipped, len(fits)
+    return fc, drop_captions(rows, fc), skipped, len(fits)
 
 
 def finetune(cfg: Any) -> dict:

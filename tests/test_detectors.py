@@ -260,9 +260,27 @@ def test_trained_folder_is_the_generation_teacher(trained):
     image = np.asarray(Image.open(os.path.join(cfg.real_image_root, "000000.jpg")).convert("RGB"))
     found = labeller.label([image], [CATS])[0]
     assert found and all(f["category"] in CATS for f in found)
+    # No object boxed twice: a duplicate would be a wrong label for whatever trains on these.
+    from engine.grounding.model import box_iou
+    for cat in CATS:
+        boxes = torch.tensor([f["bbox"] for f in found if f["category"] == cat]).reshape(-1, 4)
+        assert (box_iou(boxes, boxes).triu(1) <= 0.7).all()
+    every = build_labeller(AnnotationConfig(labeller="detector", model=cfg.output_dir, alpha=0.0, nms_iou=1.0),
+                           CATS).label([image], [CATS])[0]
+    assert len(every) > len(found)
     # The same weights load back for evaluation with the project's attention op.
     det = load_trained(cfg, attention="project_op")
     assert det.categories == CATS and uses_project_attention(det.model)
+
+
+def test_labeller_nms_keeps_the_best_box_of_each_object_per_category():
+    from engine.annotation import per_category_nms
+    boxes = [{"bbox": [0, 0, 10, 10], "category": "a", "score": 0.5},
+             {"bbox": [1, 0, 11, 10], "category": "a", "score": 0.9},   # same object, better score
+             {"bbox": [1, 0, 11, 10], "category": "b", "score": 0.3},   # another category keeps its box
+             {"bbox": [30, 30, 40, 40], "category": "a", "score": 0.2}]  # another object
+    assert [(b["category"], b["score"]) for b in per_category_nms(boxes, 0.7)] == [("a", 0.9), ("b", 0.3), ("a", 0.2)]
+    assert len(per_category_nms(boxes, 1.0)) == 4
 
 
 def test_job_reports_bad_config_in_one_line(tmp_path, capsys):

@@ -161,6 +161,23 @@ def test_captions_plan_whole_images_and_skip_malformed_entries(coco):
         prepare(_cfg(tmp, "", root, captions=path))
 
 
+def test_caption_dropout_empties_a_seeded_fraction_of_prompts(coco):
+    # Classifier-free guidance pushes away from the empty prompt's prediction: a generator trained
+    # from scratch only has one if some training prompts were empty.
+    tmp, ann, root = coco
+    kw = dict(num_workers=1, max_steps=200, batch_size=2)
+    _, kept, _, _ = prepare(_cfg(tmp, ann, root, **kw))
+    _, rows, _, _ = prepare(_cfg(tmp, ann, root, caption_dropout=0.25, **kw))
+    _, again, _, _ = prepare(_cfg(tmp, ann, root, caption_dropout=0.25, **kw))
+    assert "" not in {r["prompt"] for r in kept}
+    empty = [r["prompt"] == "" for r in rows]
+    assert 0.18 < np.mean(empty) < 0.32 and rows == again  # the same prompts on a rerun
+    # Only the prompt changes: the crops are those of the run without dropout.
+    assert [{**r, "prompt": ""} for r in rows] == [{**r, "prompt": ""} for r in kept]
+    with pytest.raises(ValueError, match="caption_dropout must lie in"):
+        prepare(_cfg(tmp, ann, root, caption_dropout=1.0, **kw))
+
+
 def test_job_driver_dry_run_and_one_line_errors(coco, capsys):
     from jobs.finetune_sd import main
     tmp, ann, root = coco

@@ -74,7 +74,7 @@ class TeacherPlusHeadLabeller:
     def __init__(self, cfg, categories: list[str]):
         from engine.annotation import DetectorLabeller
         # The detector takes annotation.model, so the head's folder must come from annotation.head.
-        self.head = GroundingHeadLabeller(getattr(cfg, "head", ""), cfg.beta)
+        self.head = GroundingHeadLabeller(getattr(cfg, "head", ""), cfg.beta, cfg.nms_iou)
         base = [c for c in categories if c in self.head.base]
         if not self.head.base:
             raise AnnotationError("the grounding head's folder names no base categories; retrain it with "
@@ -97,7 +97,7 @@ def _head_folder(cfg) -> str:
 
 @register_labeller(HEAD_LABELLER)
 def _build_head_labeller(cfg, categories: list[str]) -> GroundingHeadLabeller:
-    return GroundingHeadLabeller(_head_folder(cfg), cfg.beta)
+    return GroundingHeadLabeller(_head_folder(cfg), cfg.beta, cfg.nms_iou)
 
 
 @register_labeller("teacher+head")
