@@ -24,7 +24,20 @@ def connect(cfg: RayConfig) -> None:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
     else:
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, logging_level=logging.WARNING,
-                 configure_logging=True)
+                 configure_logging=True,
+                 runtime_env={"worker_process_setup_hook": "engine.cluster.quiet_without_dashboard"})
+
+
+# Ray Train's placement-group cleaner asks the State API, which the dashboard serves, every second
+# whether the train controller still lives, and warns each time it cannot ask. An embedded Ray has
+# no dashboard (it costs a process and start-up time on a laptop) and dies with the driver, placement
+# groups and all, so there is nothing for the cleaner to clean: its warnings are noise there.
+PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_without_dashboard() -> None:
+    """worker_process_setup_hook of the embedded Ray: runs in each of its worker processes."""
+    logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
 @dataclass

@@ -374,3 +374,25 @@ def test_generate_gpu_bench_smoke_runs_on_cpu():
     sdpa = [r for r in rows if r[0].strip() == "sdpa"]
     assert [int(r[1]) for r in sdpa] == [1, 2] and all(float(r[3]) > 0 for r in sdpa), result.stdout
     assert any("no CPU kernels" in r[-1] for r in rows if r[0].strip() == "xformers"), result.stdout
+
+
+# -- the embedded Ray ---------------------------------------------------------------------------------
+
+def test_embedded_ray_quiets_the_placement_group_cleaner_it_cannot_serve():
+    # Without a dashboard, Ray Train's cleaner warned once a second for a whole training run.
+    import logging
+
+    import ray
+
+    from engine.cluster import PLACEMENT_GROUP_CLEANER_LOGGER, connect
+    from engine.config import RayConfig
+
+    @ray.remote(num_cpus=0)
+    def level() -> int:
+        return logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).getEffectiveLevel()
+
+    connect(RayConfig(num_cpus=1))
+    try:
+        assert ray.get(level.remote()) == logging.ERROR
+    finally:
+        ray.shutdown()
