@@ -20,7 +20,7 @@ from engine.grounding.loss import LossConfig, generalized_iou, grounding_loss, h
 from engine.grounding.model import MASKED_LOGIT, GroundingConfig, GroundingHead, ema_update, inverse_sigmoid, \
     make_teacher
 from engine.grounding.train import GroundingJob, GroundingTrainConfig, build_head, load_grounding_head, \
-    pseudo_labels, sample_to_row, save_grounding_head, train_local
+    pseudo_labels, sample_to_row, save_grounding_head, train_local, without_missed
 from engine.models import load_pipeline
 
 CATS = ["red square", "blue square", "green square", "yellow square"]
@@ -190,6 +190,24 @@ def test_pseudo_labels_keep_prompted_categories_scoring_at_least_beta():
     np.testing.assert_allclose(kept[0], [[0.4, 0.4, 0.6, 0.6], [0.7, 0.2, 0.9, 0.4]], atol=1e-6)
     labels, _ = pseudo_labels(out, torch.ones(1, 3, dtype=torch.bool), prompted=[2], beta=0.45)
     assert labels == [[0]]
+
+
+def test_a_prompted_category_the_labeller_missed_is_not_scored_as_background():
+    # Image 0 prompted 2 categories, boxed only the second; image 1 prompted 1, boxed none. The
+    # slots after the prompted ones are negatives and stay scored; slot 3 of image 1 is padding.
+    mask = torch.tensor([[True, True, True, True], [True, True, True, False]])
+    scored = without_missed(mask, labels=[[1], []], prompted=[2, 1])
+    assert scored.tolist() == [[False, True, True, True], [False, True, True, False]]
+    # The loss then ignores what the head says of a missed slot, and still counts the others.
+    logits = torch.zeros(2, 5, 4)
+    out = {"logits": logits, "boxes": torch.full((2, 5, 4), 0.5), "aux": []}
+    targets = targets_from_boxes([[1], []], [np.array([[0.2, 0.2, 0.6, 0.6]]), np.zeros((0, 4))])
+    loss = grounding_loss(out, scored, targets, LossConfig())[0]
+    missed = grounding_loss({**out, "logits": logits.index_fill(2, torch.tensor([0]), 5.0)}, scored, targets,
+                            LossConfig())[0]
+    negative = grounding_loss({**out, "logits": logits.index_fill(2, torch.tensor([2]), 5.0)}, scored, targets,
+                              LossConfig())[0]
+    assert missed == pytest.approx(float(loss)) and negative > loss
 
 
 def test_sample_to_row_keeps_teacher_boxes_of_allowed_categories_over_alpha():

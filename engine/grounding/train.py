@@ -176,7 +176,7 @@ class GroundingStep:
         return [f.to(device) for f in feats], text.to(device), mask.to(device), cats, names
 
     def base_loss(self, student, batch: dict, device) -> tuple[torch.Tensor, dict]:
-        feats, text, mask, _, names = self.inputs(batch, self.cfg.base, device)
+        feats, text, mask, cats, names = self.inputs(batch, self.cfg.base, device)
         labels, boxes = [], []
         for n, ls, bs in zip(names, batch["labels"], batch["boxes"]):
             # A box of a category the prompt did not name has no text slot to be scored against.
@@ -184,17 +184,33 @@ class GroundingStep:
             labels.append([lab for lab, _ in kept])
             boxes.append([box for _, box in kept])
         targets = targets_from_boxes(labels, boxes, device)
-        loss, parts = grounding_loss(student(feats, text, mask), mask, targets, self.cfg.loss)
+        scored = without_missed(mask, labels, [len(c) for c in cats])
+        loss, parts = grounding_loss(student(feats, text, mask), scored, targets, self.cfg.loss)
         return loss, {f"base_{k}": v for k, v in parts.items()} | {"base_boxes": sum(map(len, labels))}
 
     def novel_loss(self, student, teacher, batch: dict, device) -> tuple[torch.Tensor, dict]:
         feats, text, mask, cats, names = self.inputs(batch, self.cfg.novel, device)
         with torch.no_grad():
             teacher_out = teacher(feats, text, mask)
-        labels, boxes = pseudo_labels(teacher_out, mask, [len(c) for c in cats], self.cfg.beta, self.cfg.nms_iou)
+        prompted = [len(c) for c in cats]
+        labels, boxes = pseudo_labels(teacher_out, mask, prompted, self.cfg.beta, self.cfg.nms_iou)
         targets = targets_from_boxes(labels, boxes, device)
-        loss, parts = grounding_loss(student(feats, text, mask), mask, targets, self.cfg.loss)
+        scored = without_missed(mask, labels, prompted)
+        loss, parts = grounding_loss(student(feats, text, mask), scored, targets, self.cfg.loss)
         return loss, {f"novel_{k}": v for k, v in parts.items()} | {"pseudo_boxes": sum(map(len, labels))}
+
+
+def without_missed(text_mask: torch.Tensor, labels: list[list[int]], prompted: list[int]) -> torch.Tensor:
+    """The text slots the classification loss scores: all but the prompted categories that got no
+    box in that image. The prompt says such an object is there, so no box means the labeller
+    (teacher at alpha, EMA teacher at beta) missed it; scoring the slot as background would teach
+    the head that the category is never there, and a labeller that misses most objects at first
+    would make self-training suppress exactly the novel categories it is meant to learn."""
+    scored = text_mask.clone()
+    for b, (found, n) in enumerate(zip(labels, prompted)):
+        for c in set(range(n)) - set(found):
+            scored[b, c] = False
+    return scored
 
 
 def pseudo_labels(teacher_out: dict, text_mask: torch.Tensor, prompted: list[int], beta: float,
