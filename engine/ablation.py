@@ -271,8 +271,10 @@ def run_loop(cfg: AblationConfig, log: Callable[[str], None] = lambda m: print(f
             rows["self_training"] = loop.detector("self_training", [base, novel_st], ["pretrained_novel_st"])
     samples = None
     if "fine_tuning" in want:
+        # Replay (finetune.replay) draws on the pretraining captions: the base model's own data.
         tuned = loop.train_generator("finetune", cfg.finetune, pretrained, "pretrain_unet",
-                                     annotations=ann, image_root=root)
+                                     annotations=ann, image_root=root, replay_captions=captions,
+                                     replay_image_root=pre_images)
         base = loop.generate("finetuned_base", tuned, "base", "detector", ["finetune", "teacher"])
         novel_raw = loop.generate("finetuned_novel_raw", tuned, "novel", "none", ["finetune"])
         head_st = loop.grounding("finetuned_head_st", tuned, base, novel_raw, ["finetuned_base", "finetuned_novel_raw"])

@@ -142,11 +142,18 @@ class FinetuneConfig:
     train: str = "unet"
     kl_weight: float = 1e-6
     name_template: str = "{name}"  # e.g. "a {name}" for "a photograph of a dog and a cat"
+    joiner: str = " and "
     # Fraction of training prompts replaced by the empty prompt, so that classifier-free guidance
     # has an unconditional prediction to push away from. SD learnt one in pretraining (0 keeps
     # it as it is); a generator trained from scratch needs about 0.1 or guidance draws noise.
     caption_dropout: float = 0.0
-    joiner: str = " and "
+    # Replay: this fraction of the crop rows is replaced by image-caption pairs from
+    # replay_captions (a COCO captions JSON of data like the base model's own). Fine-tuning on
+    # base crops alone makes the generator forget what they never show, the novel categories
+    # included; replaying old data keeps them, as DreamBooth's prior preservation does.
+    replay: float = 0.0
+    replay_captions: str = ""
+    replay_image_root: str = ""
     lr: float = 1e-5
     weight_decay: float = 1e-2
     warmup_steps: int = 500
@@ -162,6 +169,7 @@ class FinetuneConfig:
     ema: bool = True
     ema_decay: float = 0.9999
     grad_checkpointing: bool = True  # GPU only: on CPU memory is not the limit, time is
+    latent_cache_mb: float = 1024  # per worker: VAE encodings of crops that come back (0 = off)
     storage_path: str = "outputs/finetune/ray"
     name: str = "sd-finetune"
     output_dir: str = "outputs/finetune/pipeline"

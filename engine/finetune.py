@@ -193,6 +193,21 @@ def drop_captions(rows: list[dict], fc: FinetuneConfig) -> list[dict]:
     return [{**r, "prompt": ""} if d else r for r, d in zip(rows, drop)]
 
 
+def mix_replay(rows: list[dict], fc: FinetuneConfig, skipped: SkipReport) -> list[dict]:
+    """Replaces a seeded `replay` fraction of the planned crop rows by image-caption pairs from
+    `replay_captions`, at seeded places, so that every stretch of training sees some of both."""
+    if fc.replay == 0:
+        return rows
+    records, replay_skipped = load_captions(fc.replay_captions, fc.replay_image_root, check_images=fc.check_images)
+    skipped.merge(replay_skipped)
+    rng = np.random.default_rng([fc.seed, 2])
+    at = rng.choice(len(rows), round(fc.replay * len(rows)), replace=False)
+    rows = list(rows)
+    for i, r in zip(at, plan_caption_samples(records, fc, len(at))):
+        rows[int(i)] = r
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------
 # Ray Data: decode and cut (CPU tasks)
 
@@ -224,7 +239,10 @@ def decode_crops(batch: dict, size: int) -> dict:
         x0, y0 = int(batch["x0"][i]), int(batch["y0"][i])
         pixels[i] = np.asarray(img.crop((x0, y0, x0 + size, y0 + size)))
         ok[i] = True
-    return {"pixels": pixels, "prompt": np.asarray(batch["prompt"]), "ok": ok, "reason": np.asarray(reason)}
+    # What the crop is, for the trainer's latent cache: the same key is the same pixels.
+    key = [f"{batch['file'][i]}@{batch['x0'][i]},{batch['y0'][i]}x{batch['scale'][i]}" for i in range(n)]
+    return {"pixels": pixels, "prompt": np.asarray(batch["prompt"]), "key": np.asarray(key), "ok": ok,
+            "reason": np.asarray(reason)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,6 +273,33 @@ class EMA:
             self.shadow[k].copy_(v)
 
 
+class LatentCache:
+    """The frozen VAE encoder's output (the latent distribution's mean and log-variance) per crop,
+    kept while it fits in `max_mb`. Caption pairs are cut the same way every epoch, so each
+    picture is then encoded once instead of once an epoch (encoding was 24% of a toy-world UNet
+    step); random crops of detection images rarely come back and simply fill it. The latent is
+    still sampled afresh from the distribution at every step, as without the cache."""
+
+    def __init__(self, vae, max_mb: float):
+        self.vae, self.room = vae, int(max_mb * 2**20)
+        self._cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, keys: list[str], x: torch.Tensor) -> torch.Tensor:
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+        miss = [i for i, k in enumerate(keys) if k not in self._cache]
+        new = {}
+        if miss:
+            new = dict(zip([keys[i] for i in miss], self.vae.encode(x[miss]).latent_dist.parameters))
+        params = torch.stack([new[k] if k in new else self._cache[k] for k in keys])
+        for k, p in new.items():
+            size = p.numel() * p.element_size()
+            if size <= self.room:
+                self._cache[k] = p.clone()  # not a view keeping the whole batch alive
+                self.room -= size
+        return DiagonalGaussianDistribution(params).sample()
+
+
 class VAEObjective(torch.nn.Module):
     """The VAE's training loss as a module, so DeepSpeed can wrap it: reconstruction MSE of a
     posterior sample plus kl_weight times the KL to N(0, I), per image (LDM's autoencoder
@@ -274,16 +319,18 @@ def _batches(shard, batch_size: int, skips: dict):
     """Batches of exactly `batch_size` good samples from a Ray Data shard; bad rows counted."""
     pix: list[np.ndarray] = []
     prompts: list[str] = []
+    keys: list[str] = []
     for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        for p, t, ok, why in zip(batch["pixels"], batch["prompt"], batch["ok"], batch["reason"]):
+        for p, t, k, ok, why in zip(batch["pixels"], batch["prompt"], batch["key"], batch["ok"], batch["reason"]):
             if not ok:
                 skips[str(why)] = skips.get(str(why), 0) + 1
                 continue
             pix.append(p)
             prompts.append(str(t))
+            keys.append(str(k))
             if len(pix) == batch_size:
-                yield np.stack(pix), prompts
-                pix, prompts = [], []
+                yield np.stack(pix), prompts, keys
+                pix, prompts, keys = [], [], []
 
 
 def train_loop(config: dict) -> None:
@@ -295,7 +342,7 @@ def train_loop(config: dict) -> None:
     from diffusers import DDPMScheduler
 
     from engine.faults import maybe_crash
-    from engine.models import load_pipeline
+    from engine.models import PromptEmbeddings, load_pipeline
     from engine.training import deepspeed_config, deepspeed_engine, load_tensors, report, restore_checkpoint
 
     fc = from_dict(FinetuneConfig, config["finetune"])
@@ -312,7 +359,7 @@ def train_loop(config: dict) -> None:
     # The trained part loads in fp32 (DeepSpeed makes its own bf16 copy); the frozen parts run in
     # bf16 on GPU.
     pipe = load_pipeline(dataclasses.replace(mc, dtype="float32"), device=device)
-    vae, text_encoder, tokenizer, unet = pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet
+    vae, text_encoder, unet = pipe.vae, pipe.text_encoder, pipe.unet
     train_vae = fc.train == "vae"
     frozen_dtype = torch.bfloat16 if bf16 else torch.float32
     for m in (text_encoder, unet) if train_vae else (vae, text_encoder):
@@ -321,6 +368,7 @@ def train_loop(config: dict) -> None:
     trained.train()
     if fc.grad_checkpointing and cuda and not train_vae:
         unet.enable_gradient_checkpointing()
+    encode_latents, encode_prompts = LatentCache(vae, fc.latent_cache_mb), PromptEmbeddings(pipe)
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     steps_t = noise_sched.config.num_train_timesteps
     ema = EMA(trained, fc.ema_decay) if fc.ema else None
@@ -345,7 +393,7 @@ def train_loop(config: dict) -> None:
 
     def next_batch():
         try:
-            pixels, prompts = next(stream)
+            pixels, prompts, keys = next(stream)
         except StopIteration:
             # The driver planned enough samples for every step; ending early would leave the
             # other ranks waiting in an all-reduce, so say clearly why.
@@ -354,11 +402,8 @@ def train_loop(config: dict) -> None:
         x = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).to(frozen_dtype) / 127.5 - 1.0
         if train_vae:
             return (x.to(dtype),)
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids.to(device)
-        with torch.no_grad():
-            latents = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
-            text = text_encoder(ids)[0]
+        latents = encode_latents(keys, x) * vae.config.scaling_factor
+        text = encode_prompts(prompts)
         noise = torch.randn_like(latents)
         t = torch.randint(0, steps_t, (latents.shape[0],), device=device)  # uniform over training steps
         return latents, text, noise, t
@@ -444,6 +489,10 @@ def _check_config(fc: FinetuneConfig, base: list[str]) -> None:
     need(fc.train in ("unet", "vae"), f"finetune.train must be unet or vae, got {fc.train!r}")
     need(fc.kl_weight >= 0, f"finetune.kl_weight must be >= 0, got {fc.kl_weight}")
     need(0.0 <= fc.caption_dropout < 1.0, f"finetune.caption_dropout must lie in [0, 1), got {fc.caption_dropout}")
+    need(0.0 <= fc.replay < 1.0, f"finetune.replay must lie in [0, 1), got {fc.replay}")
+    need(fc.replay == 0 or (fc.replay_captions and fc.annotations),
+         "finetune.replay needs finetune.replay_captions (a COCO captions JSON of data like the base model's) "
+         "and replays it into fine-tuning on finetune.annotations' crops")
     need(fc.crop_size >= 8 and fc.crop_size % 8 == 0, f"finetune.crop_size must be a positive multiple of 8, got {fc.crop_size}")
     need(0.0 < fc.min_visible_fraction <= 1.0, f"finetune.min_visible_fraction must lie in (0, 1], got {fc.min_visible_fraction}")
     need(fc.max_upscale >= 1.0, f"finetune.max_upscale must be >= 1, got {fc.max_upscale}")
@@ -456,6 +505,7 @@ def _check_config(fc: FinetuneConfig, base: list[str]) -> None:
     need(0.0 < fc.ema_decay < 1.0, f"finetune.ema_decay must lie in (0, 1), got {fc.ema_decay}")
     need(fc.use_gpu in ("auto", "true", "false"), f"finetune.use_gpu must be auto, true or false, got {fc.use_gpu!r}")
     need(fc.checkpoint_every >= 1, "finetune.checkpoint_every must be >= 1")
+    need(fc.latent_cache_mb >= 0, f"finetune.latent_cache_mb must be >= 0, got {fc.latent_cache_mb}")
 
 
 def _check_model_fits(pipe, crop_size: int) -> None:
@@ -499,7 +549,7 @@ def prepare(cfg: Any) -> tuple[FinetuneConfig, list[dict], SkipReport, int]:
     if len(rows) < need:
         raise ConfigError(f"only {len(rows)} crops with an object at least {fc.min_visible_fraction} visible "
                           f"could be planned ({need} needed); lower finetune.min_visible_fraction or crop_size")
-    return fc, drop_captions(rows, fc), skipped, len(fits)
+    return fc, drop_captions(mix_replay(rows, fc, skipped), fc), skipped, len(fits)
 
 
 def finetune(cfg: Any) -> dict:
@@ -577,7 +627,7 @@ def base_of(cfg: Any) -> list[str]:
 # What a resumed run must share with the run that wrote the checkpoints; max_steps, workers,
 # checkpoint_every and the like may change between the two.
 _RUN_KEYS = ("annotations", "captions", "train", "kl_weight", "format", "crop_size", "min_visible_fraction", "template", "name_template",
-             "joiner", "ema", "zero_stage")
+             "joiner", "caption_dropout", "replay", "replay_captions", "ema", "zero_stage")
 
 
 def _check_same_run(cfg: Any, fc: FinetuneConfig, base: list[str]) -> None:

@@ -7,6 +7,7 @@ fails at once with a message that says how to point at a local path instead.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -182,6 +183,30 @@ def load_pipeline(cfg: ModelConfig, device: Optional[str] = None):
     pipe = pipe.to(dev) if dtype == pipe.unet.dtype else pipe.to(dev, dtype)
     _set_attention(pipe, cfg.attention, dev)
     return pipe
+
+
+class PromptEmbeddings:
+    """`pipe.encode_prompt` (the text-conditioned branch, as synthesis computes it) with the
+    embeddings of the `max_prompts` most recently used prompts remembered. Training encodes the
+    same few prompts over and over through a frozen encoder: re-encoding them was 17% of a toy
+    world UNet step and 22% of a grounding-head step. A prompt's embedding does not depend on the
+    batch it came in (each is padded to the tokenizer's length on its own row)."""
+
+    def __init__(self, pipe, max_prompts: int = 4096):
+        self.pipe, self.max_prompts = pipe, max_prompts
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        todo = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        new = dict(zip(todo, self.pipe.encode_prompt(todo, self.pipe.text_encoder.device, 1, False)[0])) if todo else {}
+        out = torch.stack([new[p] if p in new else self._cache[p] for p in prompts])
+        for p in dict.fromkeys(prompts):
+            self._cache[p] = new[p] if p in new else self._cache[p]
+            self._cache.move_to_end(p)
+        while len(self._cache) > self.max_prompts:
+            self._cache.popitem(last=False)
+        return out
 
 
 def _load_folder(path: str):

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from engine.config import ModelConfig, PromptConfig, RayConfig, SynthesisConfig
 from engine.datasets import ImageRecord, SkipReport
@@ -176,6 +177,60 @@ def test_caption_dropout_empties_a_seeded_fraction_of_prompts(coco):
     assert [{**r, "prompt": ""} for r in rows] == [{**r, "prompt": ""} for r in kept]
     with pytest.raises(ValueError, match="caption_dropout must lie in"):
         prepare(_cfg(tmp, ann, root, caption_dropout=1.0, **kw))
+
+
+def test_replay_mixes_a_seeded_share_of_old_captions_into_the_crops(coco):
+    # Fine-tuning on base crops alone made the toy world's generator forget its novel categories;
+    # replay keeps a share of the pretraining captions in every stretch of training.
+    tmp, ann, root = coco
+    images = load_json(ann)["images"][:2]
+    path = str(tmp / "replay.json")
+    write_json(path, {"images": images, "annotations": [
+        {"id": i, "image_id": im["id"], "caption": f"an old caption {i}"} for i, im in enumerate(images)]})
+    kw = dict(num_workers=1, max_steps=200, batch_size=2)
+    _, crops, _, _ = prepare(_cfg(tmp, ann, root, **kw))
+    _, rows, _, _ = prepare(_cfg(tmp, ann, root, replay=0.25, replay_captions=path, replay_image_root=root, **kw))
+    _, again, _, _ = prepare(_cfg(tmp, ann, root, replay=0.25, replay_captions=path, replay_image_root=root, **kw))
+    old = [r["prompt"].startswith("an old caption") for r in rows]
+    assert rows == again and sum(old) == round(0.25 * len(rows))
+    assert 0.1 < np.mean(old[: len(rows) // 4]) < 0.4  # spread over the run, not a block at one end
+    # Replayed rows are whole pictures (the caption describes all of it); the rest are the crops.
+    assert all(os.path.basename(r["file"]) in {im["file_name"] for im in images} for r, o in zip(rows, old) if o)
+    assert [r for r, o in zip(rows, old) if not o] == [r for r, o in zip(crops, old) if not o]
+    with pytest.raises(ValueError, match="replay needs finetune.replay_captions"):
+        prepare(_cfg(tmp, ann, root, replay=0.25, **kw))
+    with pytest.raises(ValueError, match="replay must lie in"):
+        prepare(_cfg(tmp, ann, root, replay=1.0, replay_captions=path, **kw))
+
+
+def test_latent_cache_encodes_a_crop_once_and_still_samples_afresh():
+    from engine.config import ModelConfig
+    from engine.finetune import LatentCache
+    from engine.models import load_pipeline
+    vae = load_pipeline(ModelConfig(source="tiny"), device="cpu").vae
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    torch.manual_seed(0)
+    with torch.no_grad():
+        want = vae.encode(x).latent_dist.sample()
+    cache = LatentCache(vae, max_mb=1)
+    torch.manual_seed(0)
+    torch.testing.assert_close(cache(["a", "b", "c"], x), want)  # what the trainer drew before
+    calls = []
+    hook = vae.encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        torch.manual_seed(1)
+        again = cache(["c", "a"], x[:2])  # pixels ignored: the keys say these crops were seen
+        assert not calls
+        mean = vae.encode(x).latent_dist.mean
+        # A fresh draw around the same mean, not the first one replayed.
+        assert not torch.allclose(again[1], want[0])
+        assert (again - mean[[2, 0]]).abs().mean() < (again - mean[[0, 2]]).abs().mean()
+        calls.clear()
+        full = LatentCache(vae, max_mb=0)
+        full(["a"], x[:1]), full(["a"], x[:1])
+        assert len(calls) == 2  # nothing kept beyond the budget
+    finally:
+        hook.remove()
 
 
 def test_job_driver_dry_run_and_one_line_errors(coco, capsys):

@@ -11,7 +11,7 @@ import torch
 
 from engine.checkpoints import UNET_PREFIX, VAE_PREFIX, read_state_dict, save_single_file
 from engine.config import ModelConfig, TinyModelConfig
-from engine.models import ModelLoadError, build_tiny_pipeline, load_pipeline
+from engine.models import ModelLoadError, PromptEmbeddings, build_tiny_pipeline, load_pipeline
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 
@@ -62,6 +62,27 @@ def test_tiny_pipeline_is_deterministic_per_seed():
     assert_same_weights(a, b)
     other = build_tiny_pipeline(TinyModelConfig(seed=1))
     assert not torch.equal(a.unet.conv_in.weight, other.unet.conv_in.weight)
+
+
+def test_prompt_embeddings_match_the_pipeline_and_stay_bounded(reference):
+    # Training asks for the same prompts over and over; the remembered embeddings must be the
+    # ones synthesis conditions on, whatever batch a prompt comes in.
+    pipe, _ = reference
+    embed = PromptEmbeddings(pipe, max_prompts=2)
+    prompts = ["a red circle", "a blue square", "a red circle", ""]
+    want = pipe.encode_prompt(prompts, "cpu", 1, False)[0]
+    torch.testing.assert_close(embed(prompts), want)
+    torch.testing.assert_close(embed(prompts[::-1]), want.flip(0))
+    assert len(embed._cache) == 2  # the two most recently used: blue square, red circle
+    calls = []
+    hook = pipe.text_encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        torch.testing.assert_close(embed(["a red circle", "a blue square"]), want[:2])
+        assert not calls  # both remembered: no encoder pass
+        torch.testing.assert_close(embed([""]), want[3:])
+        assert calls
+    finally:
+        hook.remove()
 
 
 def test_diffusers_folder_round_trip(reference, tmp_path):

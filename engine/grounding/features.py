@@ -20,6 +20,7 @@ import copy
 
 import torch
 
+from engine.models import PromptEmbeddings
 from engine.synthesis import UNetFeatureTap
 
 
@@ -38,6 +39,7 @@ class Featurizer:
         self.scheduler.set_timesteps(steps, device=pipe.unet.device)
         self.timestep = self.scheduler.timesteps[-1]
         self._names: dict[str, torch.Tensor] = {}
+        self._prompts = PromptEmbeddings(pipe)
 
     @property
     def device(self):
@@ -46,7 +48,7 @@ class Featurizer:
     @torch.no_grad()
     def unet_features(self, latents: torch.Tensor, prompts: list[str]) -> list[torch.Tensor]:
         unet = self.pipe.unet
-        cond, _ = self.pipe.encode_prompt(list(prompts), self.device, 1, False)
+        cond = self._prompts(list(prompts))
         x = latents.to(self.device, unet.dtype)
         if hasattr(self.scheduler, "_step_index"):  # Euler-type schedulers scale by the step's sigma
             self.scheduler._step_index = None
