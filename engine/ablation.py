@@ -37,7 +37,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from engine.config import (AnnotationConfig, Config, ConfigError, FinetuneConfig, ModelConfig, OutputConfig,
                            PromptConfig, RayConfig, SynthesisConfig, fingerprint, to_dict)
@@ -94,9 +94,11 @@ class AblationConfig:
 
 
 class Stages:
-    """Runs each named stage once per set of inputs, recording results in `stages.json`."""
+    """Runs each named stage once per set of inputs, recording results in `stages.json`. A stage's
+    key is its config, not its code: after a code change, `rerun` names the stages to run again
+    (the stages that read their outputs then rerun too)."""
 
-    def __init__(self, workdir: str, log: Callable[[str], None]):
+    def __init__(self, workdir: str, log: Callable[[str], None], rerun: Iterable[str] = ()):
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, "stages.json")
         self.log = log
@@ -104,6 +106,11 @@ class Stages:
         if os.path.exists(self.path):
             with open(self.path) as f:
                 self.record = json.load(f)
+        self.rerun = set(rerun)
+        unknown = sorted(self.rerun - set(self.record))
+        if unknown:
+            raise ConfigError(f"cannot rerun {', '.join(unknown)}: {workdir} has no such stage (it has "
+                              f"{', '.join(self.record) or 'none yet'}); a stage that never ran runs anyway")
 
     def _save(self) -> None:
         import fsspec
@@ -113,21 +120,25 @@ class Stages:
         """`inputs`: the stage's configs; `after`: the stages whose outputs it reads (their
         fingerprints join its own); `outputs`: the paths it writes, cleared when the stage
         restarts with other inputs."""
-        inputs = {"inputs": inputs, "after": [self.record[a]["key"] for a in after]}
+        # A stage that was run again (`rerun`) counts as new input for the stages after it.
+        inputs = {"inputs": inputs, "after": [self.record[a]["key"] + "+" * self.record[a].get("reruns", 0)
+                                              for a in after]}
         key = fingerprint(json.loads(json.dumps(inputs, default=str)))
         seen = self.record.get(name, {})
-        if seen.get("key") == key and "result" in seen:
+        reruns = seen.get("reruns", 0) + (name in self.rerun)
+        if seen.get("key") == key and "result" in seen and name not in self.rerun:
             self.log(f"{name}: done earlier ({seen['seconds']:.0f} s), skipped")
             return seen["result"]
-        if seen.get("key") not in (None, key):  # another config's half-finished output
+        if seen.get("key") not in (None, key) or name in self.rerun:  # stale or half-finished output
             for p in outputs:
                 shutil.rmtree(p, ignore_errors=True)
-        self.record[name] = {"key": key}
+        self.rerun.discard(name)
+        self.record[name] = {"key": key, "reruns": reruns}
         self._save()
         self.log(f"{name}: running")
         start = time.time()
         result = fn()
-        self.record[name] = {"key": key, "result": result, "seconds": round(time.time() - start, 1)}
+        self.record[name] = {"key": key, "reruns": reruns, "result": result, "seconds": round(time.time() - start, 1)}
         self._save()
         self.log(f"{name}: done in {time.time() - start:.0f} s")
         return result
@@ -136,10 +147,10 @@ class Stages:
 class Loop:
     """The stages of the module docstring, with their paths under cfg.workdir."""
 
-    def __init__(self, cfg: AblationConfig, log: Callable[[str], None]):
+    def __init__(self, cfg: AblationConfig, log: Callable[[str], None], rerun: Iterable[str] = ()):
         self.cfg = cfg
         self.ws = os.path.abspath(os.path.expanduser(cfg.workdir))
-        self.stages = Stages(self.ws, log)
+        self.stages = Stages(self.ws, log, rerun)
         self.world_dir = os.path.join(self.ws, "world")
         self.base, self.novel = cfg.world.base, cfg.world.novel
 
@@ -236,12 +247,13 @@ class Loop:
                                [dc.output_dir, dc.eval_dir, self.path("ray", name)], after)
 
 
-def run_loop(cfg: AblationConfig, log: Callable[[str], None] = lambda m: print(f"[toy-world] {m}", file=sys.stderr)) -> dict:
+def run_loop(cfg: AblationConfig, log: Callable[[str], None] = lambda m: print(f"[toy-world] {m}", file=sys.stderr),
+             rerun: Iterable[str] = ()) -> dict:
     """Every stage, then the table. Returns the results dict also written to WORKDIR/results.json."""
     from engine.cluster import connect
     cfg.validate()
     started = time.time()
-    loop = Loop(cfg, log)
+    loop = Loop(cfg, log, rerun)
     loop.world()
     connect(cfg.ray)
     ann, root = loop.split("train")

@@ -169,7 +169,7 @@ class FinetuneConfig:
     ema: bool = True
     ema_decay: float = 0.9999
     grad_checkpointing: bool = True  # GPU only: on CPU memory is not the limit, time is
-    latent_cache_mb: float = 1024  # per worker: VAE encodings of crops that come back (0 = off)
+    latent_cache_mb: float = 1024  # per worker, on its device: VAE encodings of crops that come back (0 = off)
     storage_path: str = "outputs/finetune/ray"
     name: str = "sd-finetune"
     output_dir: str = "outputs/finetune/pipeline"

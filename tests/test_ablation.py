@@ -83,6 +83,43 @@ def test_rerun_skips_finished_stages(loop):
     assert messages and all("skipped" in m for m in messages)
 
 
+def test_rerun_runs_a_stage_and_those_after_it(loop):
+    # A stage's key is its config; after a code change the user names the stage to redo.
+    cfg, results = loop
+    messages = []
+    again = run_loop(cfg, log=messages.append, rerun=["finetuned_novel_st"])
+    ran = sorted(m.split(":")[0] for m in messages if m.endswith("running"))
+    assert ran == ["detector_fine_tuning", "finetuned_novel_st"]
+    assert again["rows"]["real_only"] == results["rows"]["real_only"]
+    messages.clear()
+    run_loop(cfg, log=messages.append)  # and then they count as done
+    assert messages and all("skipped" in m for m in messages)
+    with pytest.raises(ConfigError, match="cannot rerun finetuned_novel: .* has no such stage"):
+        run_loop(cfg, log=messages.append, rerun=["finetuned_novel"])
+
+
+def test_stages_rerun_and_resume_without_the_loop(tmp_path):
+    from engine.ablation import Stages
+    calls = []
+
+    def stage(name, after):
+        return lambda s: s.run(name, {"n": 1}, lambda: calls.append(name) or {"ok": name}, [], after)
+    a, b, c = stage("a", []), stage("b", ["a"]), stage("c", [])
+    for run in (a, b, c):
+        run(Stages(str(tmp_path), print))
+    assert calls == ["a", "b", "c"]
+    calls.clear()
+    s = Stages(str(tmp_path), print, rerun=["a"])
+    for run in (a, b, c):
+        run(s)
+    assert calls == ["a", "b"]  # c does not read a
+    calls.clear()
+    s = Stages(str(tmp_path), print)
+    for run in (a, b, c):
+        run(s)
+    assert calls == []
+
+
 def test_bad_row_is_refused():
     with pytest.raises(ConfigError, match="not table rows"):
         load_ablation_config(CONFIG, ["rows=[real_only, magic]"]).validate()
