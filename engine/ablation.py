@@ -12,10 +12,11 @@ train_detector, evaluate_detector), on a world small enough for a 2-core CPU
     teacher        a detector trained on the real base set (the generation teacher)
     then for each generator (pretrained; fine-tuned):
       <g>_base         base images labelled by the teacher (score >= alpha)
-      <g>_head_sup     grounding head trained on them (supervised only)        [pretrained only]
-      <g>_novel_sup    novel images labelled by that head (score >= beta)      [pretrained only]
-      <g>_novel_raw    novel images without boxes, for self-training           [fine-tuned only]
-      <g>_head_st      grounding head trained, then self-trained on novel images (EMA teacher)
+      <g>_head_sup     grounding head trained on them until the transfer epoch   [pretrained only]
+      <g>_novel_sup    novel images labelled by that head (score >= beta)        [pretrained only]
+      <g>_novel_raw    novel images without boxes, for self-training             [fine-tuned only]
+      <g>_head_st      grounding head self-trained on novel images (EMA teacher), starting from
+                       <g>_head_sup (pretrained) or trained supervised first (fine-tuned)
       <g>_novel_st     novel images labelled by the self-trained head
     detectors, all evaluated on the test split (AP50 all / base / novel):
       real_only        real base set
@@ -203,16 +204,18 @@ class Loop:
         self.stages.run(name, {"config": to_dict(cfg)}, run, [out], after)
         return out
 
-    def grounding(self, name: str, source: str, base_shards: str, novel_shards: str, after: list[str]) -> str:
+    def grounding(self, name: str, source: str, base_shards: str, novel_shards: str, after: list[str],
+                  init_head: str = "") -> str:
+        """Without novel shards: the supervised head, trained until the transfer epoch. With them:
+        supervised then self-trained, or only the self-training epochs from `init_head`."""
         from engine.grounding.train import train_grounding
         g = self.cfg.grounding
         out = self.path("models", name)
         gc = dataclasses.replace(
             g, base_shards=base_shards, novel_shards=novel_shards, base=self.base,
             novel=self.novel if novel_shards else [], synthesis_steps=self.cfg.synthesis.steps,
-            alpha=self.cfg.annotation.alpha, beta=self.cfg.annotation.beta, output=out,
-            # Without novel images there is nothing to self-train on: every epoch supervised.
-            transfer_epoch=g.transfer_epoch if novel_shards else g.epochs,
+            alpha=self.cfg.annotation.alpha, beta=self.cfg.annotation.beta, output=out, init_head=init_head,
+            epochs=g.epochs if novel_shards else g.transfer_epoch,
             train=dataclasses.replace(g.train, storage_path=self.path("ray"), name=name))
         model = ModelConfig(source=source, scheduler=self.cfg.model.scheduler)
 
@@ -277,7 +280,8 @@ def run_loop(cfg: AblationConfig, log: Callable[[str], None] = lambda m: print(f
         if "grounding_head" in want:
             rows["grounding_head"] = loop.detector("grounding_head", [base, novel_sup], ["pretrained_novel_sup"])
         if "self_training" in want:
-            head_st = loop.grounding("pretrained_head_st", pretrained, base, novel_sup, ["pretrained_novel_sup"])
+            head_st = loop.grounding("pretrained_head_st", pretrained, base, novel_sup,
+                                     ["pretrained_head_sup", "pretrained_novel_sup"], init_head=head_sup)
             novel_st = loop.generate("pretrained_novel_st", pretrained, "novel", "grounding_head",
                                      ["pretrained_head_st"], head=head_st)
             rows["self_training"] = loop.detector("self_training", [base, novel_st], ["pretrained_novel_st"])

@@ -2,10 +2,12 @@
 run that learns, Ray Train + DeepSpeed with resume, and the labeller. CPU, tiny sizes."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -211,14 +213,36 @@ def test_a_prompted_category_the_labeller_missed_is_not_scored_as_background():
 
 
 def test_sample_to_row_keeps_teacher_boxes_of_allowed_categories_over_alpha():
-    sample = {"latent": np.zeros((4, 2, 2), np.float32), "json": {
+    sample = {"__key__": "000007", "latent": np.zeros((4, 2, 2), np.float32), "json": {
         "width": 100, "height": 50, "prompt": "a photograph of cat and dog", "categories": ["cat", "dog"],
         "boxes": [[10, 5, 50, 25], [0, 0, 10, 10], [0, 0, 20, 20], [5, 5, 6, 6]],
         "labels": ["cat", "dog", "dog", "bus"], "scores": [0.9, 0.7, 0.95, 0.99],
         "labellers": ["detector", "detector", "grounding_head", "detector"]}}
     row = sample_to_row(sample, {"cat", "dog"}, alpha=0.8)
+    assert row["key"] == "000007"  # names the sample for the feature cache
     assert json.loads(row["labels"]) == ["cat"]
     assert json.loads(row["boxes"]) == [[0.1, 0.1, 0.5, 0.5]]
+
+
+def test_feature_cache_returns_the_unet_pass_and_skips_it_for_seen_keys(pipe):
+    rows = toy_rows(pipe, 3, seed=8)
+    latents = torch.as_tensor(np.stack([r["latent"] for r in rows]))
+    prompts = [r["prompt"] for r in rows]
+    fresh = Featurizer(pipe, 10).unet_features(latents, prompts)
+    cached = Featurizer(pipe, 10, cache_mb=16)
+    first = cached.unet_features(latents[:2], prompts[:2], ["a", "b"])
+    for f, g in zip(first, fresh):  # CPU convolutions round differently by batch size
+        torch.testing.assert_close(f, g[:2], atol=1e-4, rtol=1e-4)
+    # Seen keys come from the cache (their latents here are noise and would give other features);
+    # the unseen key "c" is computed, in the caller's order.
+    mixed = cached.unet_features(torch.randn_like(latents[[2, 0, 1]]).index_copy(0, torch.tensor([0]), latents[2:]),
+                                 [prompts[2], prompts[0], prompts[1]], ["c", "a", "b"])
+    for f, g in zip(mixed, fresh):
+        torch.testing.assert_close(f, g[[2, 0, 1]], atol=1e-4, rtol=1e-4)
+    uncached = Featurizer(pipe, 10, cache_mb=0)
+    uncached.unet_features(latents[:1], prompts[:1], ["a"])
+    noise = uncached.unet_features(torch.randn_like(latents[:1]), prompts[:1], ["a"])
+    assert not torch.allclose(noise[0], fresh[0][:1])  # no room: nothing kept
 
 
 # ------------------------------------------------------------------------------------------------
@@ -364,6 +388,35 @@ def test_ray_train_deepspeed_writes_head_and_resumes(pipe, ray_cluster, tmp_path
     second, meta = load_grounding_head(str(tmp_path / "head"))
     assert meta["novel"] == ["purple square"]
     assert any(not torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    # Self-training from that head (init_head): only the epoch after the transfer runs.
+    warm = dataclasses.replace(cfg, init_head=str(tmp_path / "head"), output=str(tmp_path / "warm"),
+                               train=dataclasses.replace(cfg.train, name="warm"))
+    result = train_grounding(warm, ModelConfig(source="tiny"))
+    assert result.metrics["step"] == 2 and result.metrics["epoch"] == 1 and "pseudo_boxes" in result.metrics
+
+
+def test_init_head_must_match_the_model_and_head_sizes(head_folder, tmp_path):
+    from engine.grounding.train import GroundingTrainError, check_inputs
+    from engine.shards import ShardStore
+    folder, _ = head_folder
+    for name in ("base", "novel"):
+        store = ShardStore(str(tmp_path / name))
+        store.prepare({"fingerprint": "test"})
+        store.write_shard(0, [], [])
+    cfg = train_config(base_shards=str(tmp_path / "base"), novel_shards=str(tmp_path / "novel"), novel=["x"],
+                       init_head=folder)
+    check_inputs(cfg, ModelConfig(source="tiny"))  # the head was saved with these sizes and model
+    with pytest.raises(GroundingTrainError, match="other head sizes or another model"):
+        check_inputs(dataclasses.replace(cfg, head=tiny_head_config(d_model=64)), ModelConfig(source="tiny"))
+    other = tmp_path / "other"  # the same head, trained on another pipeline's features
+    shutil.copytree(folder, other)
+    meta = json.loads((other / "grounding.json").read_text())
+    meta["model"]["source"] = "/models/another-sd"
+    (other / "grounding.json").write_text(json.dumps(meta))
+    with pytest.raises(GroundingTrainError, match="other head sizes or another model"):
+        check_inputs(dataclasses.replace(cfg, init_head=str(other)), ModelConfig(source="tiny"))
+    with pytest.raises(GroundingTrainError, match="novel_shards is empty"):
+        dataclasses.replace(cfg, novel_shards="").validate()
 
 
 def test_annotation_stage_with_the_head_writes_boxes_tagged_as_the_head(pipe, head_folder):

@@ -63,6 +63,11 @@ class GroundingTrainConfig:
     ema_momentum: float = 0.999
     negatives: int = 4  # extra categories per image that are not in its prompt
     nms_iou: float = 0.7  # per-category NMS on pseudo-labels and labeller output (1.0 = off)
+    # A trained head's folder (save_grounding_head) to self-train from: its weights stand for the
+    # epochs before transfer_epoch, so training starts at the transfer (paper 3.3: stage 2
+    # continues the supervised head). "" = train from scratch.
+    init_head: str = ""
+    feature_cache_mb: float = 1024  # UNet features kept per sample and worker (Featurizer)
     zero_stage: int = 0
     bf16: bool = False  # only on GPU
     seed: int = 0
@@ -90,6 +95,11 @@ class GroundingTrainConfig:
                                       f"grounding.train.num_workers ({self.train.num_workers})")
         if self.synthesis_steps < 2:
             raise GroundingTrainError("grounding.synthesis_steps must be >= 2")
+        if self.feature_cache_mb < 0:
+            raise GroundingTrainError(f"grounding.feature_cache_mb must be >= 0 (0 = off), got {self.feature_cache_mb}")
+        if self.init_head and not self.novel_shards:
+            raise GroundingTrainError("grounding.init_head starts self-training from a trained head, but "
+                                      "grounding.novel_shards is empty: set it, or leave init_head out")
 
 
 @dataclass
@@ -121,7 +131,8 @@ def sample_to_row(sample: dict, allowed: set[str], alpha: float) -> dict:
             x0, y0, x1, y1 = box
             boxes.append([x0 / w, y0 / h, x1 / w, y1 / h])
             labels.append(label)
-    return {"latent": np.asarray(sample["latent"], np.float32), "prompt": str(meta["prompt"]),
+    return {"key": str(sample["__key__"]), "latent": np.asarray(sample["latent"], np.float32),
+            "prompt": str(meta["prompt"]),
             "categories": json.dumps(list(meta["categories"])), "boxes": json.dumps(boxes),
             "labels": json.dumps(labels)}
 
@@ -129,7 +140,8 @@ def sample_to_row(sample: dict, allowed: set[str], alpha: float) -> dict:
 def collate(rows: list[dict]) -> dict:
     """Rows -> a column batch like Ray Data's numpy batches."""
     return {"latent": np.stack([r["latent"] for r in rows]),
-            **{k: np.array([r[k] for r in rows], dtype=object) for k in ("prompt", "categories", "boxes", "labels")}}
+            **{k: np.array([r[k] for r in rows], dtype=object)
+               for k in ("key", "prompt", "categories", "boxes", "labels") if k in rows[0]}}
 
 
 def read_rows(url: str, allowed: list[str], alpha: float):
@@ -167,16 +179,18 @@ class GroundingStep:
             out.append(list(cats) + self.rng.sample(others, min(self.cfg.negatives, len(others))))
         return out
 
-    def inputs(self, batch: dict, pool: list[str], device):
+    def inputs(self, batch: dict, pool: list[str], device, split: str):
         latents = torch.as_tensor(np.stack(list(batch["latent"])), dtype=torch.float32)
-        feats = self.featurizer.unet_features(latents, [str(p) for p in batch["prompt"]])
+        # Keys name samples within one output; base and novel outputs number theirs alike.
+        keys = [f"{split}/{k}" for k in batch["key"]] if "key" in batch else None
+        feats = self.featurizer.unet_features(latents, [str(p) for p in batch["prompt"]], keys)
         cats = [json.loads(c) for c in batch["categories"]]
         names = self.texts(cats, pool)
         text, mask = self.featurizer.text_batch(names)
         return [f.to(device) for f in feats], text.to(device), mask.to(device), cats, names
 
     def base_loss(self, student, batch: dict, device) -> tuple[torch.Tensor, dict]:
-        feats, text, mask, cats, names = self.inputs(batch, self.cfg.base, device)
+        feats, text, mask, cats, names = self.inputs(batch, self.cfg.base, device, "base")
         labels, boxes = [], []
         for n, ls, bs in zip(names, batch["labels"], batch["boxes"]):
             # A box of a category the prompt did not name has no text slot to be scored against.
@@ -189,7 +203,7 @@ class GroundingStep:
         return loss, {f"base_{k}": v for k, v in parts.items()} | {"base_boxes": sum(map(len, labels))}
 
     def novel_loss(self, student, teacher, batch: dict, device) -> tuple[torch.Tensor, dict]:
-        feats, text, mask, cats, names = self.inputs(batch, self.cfg.novel, device)
+        feats, text, mask, cats, names = self.inputs(batch, self.cfg.novel, device, "novel")
         with torch.no_grad():
             teacher_out = teacher(feats, text, mask)
         prompted = [len(c) for c in cats]
@@ -271,8 +285,11 @@ def train_loop_per_worker(config: dict) -> None:
     pipe = load_pipeline(job.model, str(device))
     pipe.unet.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
-    featurizer = Featurizer(pipe, cfg.synthesis_steps)
+    featurizer = Featurizer(pipe, cfg.synthesis_steps, cfg.feature_cache_mb)
     head = build_head(cfg, pipe).to(device)
+    if cfg.init_head:  # sizes checked on the driver (check_inputs); a restored checkpoint replaces these
+        from safetensors.torch import load_file
+        head.load_state_dict(load_file(os.path.join(cfg.init_head, HEAD_FILE)))
 
     per_worker = cfg.batch_size // world
     ds_cfg = deepspeed_config(cfg.zero_stage, cfg.lr, cfg.weight_decay, 0, 1, cfg.bf16,
@@ -294,7 +311,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     step = restore_checkpoint(engine, on_load=on_load)
     teacher = holder["teacher"]
-    start_epoch = int(holder["extra"].get("epoch", 0))
+    start_epoch = int(holder["extra"].get("epoch", cfg.transfer_epoch if cfg.init_head else 0))
     skip = int(holder["extra"].get("batches", 0))
     if skip < 0:  # the checkpoint was taken at the end of that epoch
         start_epoch, skip = start_epoch + 1, 0
@@ -357,6 +374,15 @@ def check_inputs(cfg: GroundingTrainConfig, model: ModelConfig) -> None:
     shard_urls(cfg.base_shards)
     if cfg.novel_shards:
         shard_urls(cfg.novel_shards)
+    if cfg.init_head:
+        _, meta = load_grounding_head(cfg.init_head)
+        sizes = ("d_model", "enhancer_layers", "decoder_layers", "num_queries", "n_levels", "n_heads", "n_points",
+                 "ffn_dim")
+        if meta["model"].get("source") != model.source or any(meta["head"][k] != getattr(cfg.head, k) for k in sizes):
+            raise GroundingTrainError(f"grounding.init_head {cfg.init_head!r} was trained on the features of "
+                                      f"{meta['model'].get('source')!r} with other head sizes or another model than "
+                                      f"this job's ({model.source!r}); start from a head trained with the same model "
+                                      f"and grounding.head, or leave init_head out")
 
 
 def train_grounding(cfg: GroundingTrainConfig, model: ModelConfig):
