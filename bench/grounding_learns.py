@@ -76,8 +76,9 @@ def to_rows(pipe, featurizer: Featurizer, scenes, seed: int) -> list[dict]:
         noise = torch.randn(z0.shape, generator=g)
         zt = featurizer.scheduler.add_noise(z0, noise, featurizer.timestep.repeat(len(chunk)))
         for j, ((img, cats, boxes), z) in enumerate(zip(chunk, zt)):
-            rows.append({"key": f"{seed}-{i + j}", "latent": z.numpy(), "prompt": prompt_of(cats), "categories": json.dumps(cats),
-                         "boxes": json.dumps([[v / SIZE for v in b] for b in boxes]), "labels": json.dumps(cats)})
+            rows.append({"key": f"{seed}-{i + j}", "latent": z.numpy(), "prompt": prompt_of(cats),
+                         "categories": json.dumps(cats), "labels": json.dumps(cats),
+                         "boxes": json.dumps([[v / SIZE for v in b] for b in boxes])})
     return rows
 
 
