@@ -10,6 +10,13 @@ same against another image's prompt ("wrong prompt": the chance level for these 
 as the ceiling, the real test images against their own categories. Where "prompted" is near
 "wrong prompt", the generator draws objects but not the ones asked for, and no labeller can fix
 that downstream.
+
+A second judge scores the labellers' boxes: a small CNN learns, from crops of the real pretraining
+pictures' boxes (every object there is annotated) and crops that hold no object, which category a
+box holds, or none. On each synthetic set it reports the fraction of boxes whose crop it names as
+the box's category ("box right"), against the same boxes moved to a random place in the image
+("moved": the level of a box that found the colour and shape by chance), for base and novel
+boxes apart; and boxes per prompted object.
 """
 from __future__ import annotations
 
@@ -82,6 +89,92 @@ def shuffled(wanted: torch.Tensor) -> torch.Tensor:
     return wanted[torch.randperm(len(wanted), generator=torch.Generator().manual_seed(1))]
 
 
+CROP = 24  # pixels a box crop is resized to; the world's objects are 12-30 pixels wide
+
+
+def crop(image: Image.Image, box: list[float]) -> np.ndarray:
+    """The box (xyxy pixels) with a fifth of its size as margin, resized to CROP x CROP."""
+    x0, y0, x1, y1 = box
+    mx, my = (x1 - x0) * 0.1 + 1, (y1 - y0) * 0.1 + 1
+    return np.asarray(image.crop((x0 - mx, y0 - my, x1 + mx, y1 + my)).resize((CROP, CROP), Image.BILINEAR))
+
+
+def iou(a: list[float], b: list[float]) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter + 1e-9)
+
+
+def random_box(rng: np.random.Generator, box: list[float], size: int) -> list[float]:
+    w, h = box[2] - box[0], box[3] - box[1]
+    x, y = rng.uniform(0, max(1e-3, size - w)), rng.uniform(0, max(1e-3, size - h))
+    return [x, y, x + w, y + h]
+
+
+def box_crops(world: str, split: str, categories: list[str], rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crops of every annotated box (label = category index) and, per image, one random box that
+    overlaps none of them (label = len(categories), "no object")."""
+    with open(os.path.join(world, split, "instances.json")) as f:
+        data = json.load(f)
+    index = {c["id"]: categories.index(c["name"]) for c in data["categories"]}
+    by_image: dict[int, list] = {im["id"]: [] for im in data["images"]}
+    for a in data["annotations"]:
+        x, y, w, h = a["bbox"]
+        by_image[a["image_id"]].append(([x, y, x + w, y + h], index[a["category_id"]]))
+    xs, ys = [], []
+    for im in data["images"]:
+        image = Image.open(os.path.join(world, split, im["file_name"])).convert("RGB")
+        for box, label in by_image[im["id"]]:
+            xs.append(crop(image, box))
+            ys.append(label)
+            empty = random_box(rng, box, im["width"])
+            if all(iou(empty, b) < 0.1 for b, _ in by_image[im["id"]]):
+                xs.append(crop(image, empty))
+                ys.append(len(categories))
+    return to_tensor(np.stack(xs)), torch.tensor(ys)
+
+
+def train_box_judge(x: torch.Tensor, y: torch.Tensor, classes: int, epochs: int) -> nn.Module:
+    net = judge_net(classes)
+    opt = torch.optim.AdamW(net.parameters(), 2e-3)
+    g = torch.Generator().manual_seed(0)
+    net.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=g).split(64):
+            loss = nn.functional.cross_entropy(net(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return net.eval()
+
+
+@torch.no_grad()
+def named(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([net(c).argmax(1) for c in x.split(512)])
+
+
+def judge_boxes(net: nn.Module, samples: list[dict], categories: list[str], novel: set[str],
+                rng: np.random.Generator) -> dict[str, tuple[int, float, float]]:
+    """Per kind ("base", "novel"): (boxes, fraction named right, the same for moved boxes)."""
+    rows = {"base": ([], [], []), "novel": ([], [], [])}
+    for s in samples:
+        image, meta = s["jpg"].convert("RGB"), s["json"]
+        for box, label in zip(meta.get("boxes", []), meta.get("labels", [])):
+            xs, moved, ys = rows["novel" if label in novel else "base"]
+            xs.append(crop(image, box))
+            moved.append(crop(image, random_box(rng, box, meta["width"])))
+            ys.append(categories.index(label))
+    out = {}
+    for kind, (xs, moved, ys) in rows.items():
+        if xs:
+            y = torch.tensor(ys)
+            right = float((named(net, to_tensor(np.stack(xs))) == y).float().mean())
+            by_chance = float((named(net, to_tensor(np.stack(moved))) == y).float().mean())
+            out[kind] = (len(ys), right, by_chance)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("workdir")
@@ -102,7 +195,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"judge on the real test images: every category found {score(found, ty):.1%}, "
           f"exact set {float((found == ty.bool()).all(1).float().mean()):.1%}\n")
 
-    rows = [("real test images (ceiling)", len(tx), score(found, ty), score(found, shuffled(ty)))]
+    rng = np.random.default_rng(0)
+    t0 = time.time()
+    bx, by = box_crops(world, "pretrain", categories, rng)
+    box_net = train_box_judge(bx, by, len(categories) + 1, args.epochs)
+    with open(os.path.join(world, "world.json")) as f:
+        novel = set(json.load(f)["config"]["novel"])
+    tbx, tby = box_crops(world, "test", categories, rng)
+    test_right = named(box_net, tbx) == tby
+    print(f"box judge: {len(bx)} crops, {args.epochs} epochs, {time.time() - t0:.0f} s; on the real test boxes "
+          f"right {float(test_right[tby < len(categories)].float().mean()):.1%}, empty crops right "
+          f"{float(test_right[tby == len(categories)].float().mean()):.1%}\n")
+
+    rows, box_rows = [("real test images (ceiling)", len(tx), score(found, ty), score(found, shuffled(ty)))], []
     for folder in sorted(glob.glob(os.path.join(args.workdir, "synthetic", "*"))):
         samples = list(iter_samples(shard_urls(folder)))
         if not samples:
@@ -111,11 +216,21 @@ def main(argv: list[str] | None = None) -> int:
         gy = torch.tensor([[float(c in s["json"]["categories"]) for c in categories] for s in samples])
         found = present(net, gx)
         rows.append((os.path.basename(folder), len(samples), score(found, gy), score(found, shuffled(gy))))
+        prompted = {"base": 0, "novel": 0}
+        for s in samples:
+            for c in s["json"]["categories"]:
+                prompted["novel" if c in novel else "base"] += 1
+        for kind, (n, right, by_chance) in judge_boxes(box_net, samples, categories, novel, rng).items():
+            box_rows.append((os.path.basename(folder), kind, n, n / prompted[kind], right, by_chance))
 
     print("| images | n | prompted categories all present | against the wrong prompt (chance) |")
     print("|---|---|---|---|")
     for name, n, ok, chance in rows:
         print(f"| {name} | {n} | {ok:.1%} | {chance:.1%} |")
+    print("\n| boxes | kind | n | per prompted object | box right | moved (chance) |")
+    print("|---|---|---|---|---|---|")
+    for name, kind, n, per, right, chance in box_rows:
+        print(f"| {name} | {kind} | {n} | {per:.2f} | {right:.1%} | {chance:.1%} |")
     return 0
 
 

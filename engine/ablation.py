@@ -209,12 +209,13 @@ class Loop:
         """Without novel shards: the supervised head, trained until the transfer epoch. With them:
         supervised then self-trained, or only the self-training epochs from `init_head`."""
         from engine.grounding.train import train_grounding
-        g = self.cfg.grounding
+        g, a = self.cfg.grounding, self.cfg.annotation  # the head's pseudo-labels obey the labellers' rules
         out = self.path("models", name)
         gc = dataclasses.replace(
             g, base_shards=base_shards, novel_shards=novel_shards, base=self.base,
             novel=self.novel if novel_shards else [], synthesis_steps=self.cfg.synthesis.steps,
-            alpha=self.cfg.annotation.alpha, beta=self.cfg.annotation.beta, output=out, init_head=init_head,
+            alpha=a.alpha, beta=a.beta, nms_iou=a.nms_iou, max_per_category=a.max_per_category,
+            output=out, init_head=init_head,
             epochs=g.epochs if novel_shards else g.transfer_epoch,
             train=dataclasses.replace(g.train, storage_path=self.path("ray"), name=name))
         model = ModelConfig(source=source, scheduler=self.cfg.model.scheduler)

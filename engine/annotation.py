@@ -53,6 +53,8 @@ def check_labeller(cfg: AnnotationConfig) -> None:
                               f"{', '.join(sorted(LABELLERS))}")
     if not 0 < cfg.nms_iou <= 1:
         raise AnnotationError(f"annotation.nms_iou must lie in (0, 1] (1 turns NMS off), got {cfg.nms_iou}")
+    if cfg.max_per_category < 0:
+        raise AnnotationError(f"annotation.max_per_category must be >= 0 (0 keeps every box), got {cfg.max_per_category}")
     if cfg.labeller in ("grounding_head", "teacher+head") and not os.path.isdir(cfg.head or cfg.model):
         raise AnnotationError(f"annotation.labeller={cfg.labeller} needs the grounding head's folder, and "
                               f"{cfg.head or cfg.model!r} is none; set annotation.head to the folder that "
@@ -94,7 +96,7 @@ class DetectorLabeller:
 
     def __init__(self, cfg: AnnotationConfig, categories: list[str]):
         from transformers import AutoImageProcessor, AutoModelForObjectDetection, DetrImageProcessor
-        self.alpha, self.nms_iou = cfg.alpha, cfg.nms_iou
+        self.alpha, self.nms_iou, self.max_per_category = cfg.alpha, cfg.nms_iou, cfg.max_per_category
         if cfg.model == "tiny":
             self.model = tiny_detector(categories)
             self.processor = DetrImageProcessor(size={"shortest_edge": 64, "longest_edge": 128})
@@ -128,21 +130,21 @@ class DetectorLabeller:
                 cat = self.label_to_category.get(int(lab))
                 if cat in wanted:
                     boxes.append({"bbox": [round(v, 2) for v in box], "category": cat, "score": round(score, 4)})
-            labelled.append(per_category_nms(boxes, self.nms_iou))
+            labelled.append(per_category_nms(boxes, self.nms_iou, self.max_per_category))
         return labelled
 
 
-def per_category_nms(boxes: list[dict], iou: float) -> list[dict]:
-    """The boxes that no higher-scoring box of the same category overlaps by more than iou, best
-    first (iou 1 keeps all)."""
+def per_category_nms(boxes: list[dict], iou: float, per_category: int = 0) -> list[dict]:
+    """The boxes that no higher-scoring box of the same category overlaps by more than iou (iou 1
+    keeps all), at most `per_category` of each category (0 = all), best first."""
     from engine.grounding.model import nms
-    if iou >= 1.0 or len(boxes) < 2:
-        return sorted(boxes, key=lambda b: -b["score"])
     kept = []
     for cat in {b["category"] for b in boxes}:
-        same = [b for b in boxes if b["category"] == cat]
-        keep = nms(torch.tensor([b["bbox"] for b in same]), torch.tensor([b["score"] for b in same]), iou)
-        kept += [same[i] for i in keep.tolist()]
+        same = sorted((b for b in boxes if b["category"] == cat), key=lambda b: -b["score"])
+        if iou < 1.0 and len(same) > 1:
+            keep = nms(torch.tensor([b["bbox"] for b in same]), torch.tensor([b["score"] for b in same]), iou)
+            same = [same[i] for i in keep.tolist()]
+        kept += same[:per_category] if per_category > 0 else same
     return sorted(kept, key=lambda b: -b["score"])
 
 

@@ -100,6 +100,9 @@ class AnnotationConfig:
     # Per-category NMS on the labellers' boxes (1 = off). A trained DETR rarely boxes an object
     # twice, a young teacher does, and a duplicate box is a wrong label to train on.
     nms_iou: float = 0.7
+    # Boxes kept per prompted category and image (0 = all). Where a prompt draws one object of
+    # each category it names, a second box of that category is a duplicate or a wrong guess.
+    max_per_category: int = 0
     batch_size: int = 8
     num_actors: int = 0
     gpus_per_actor: float = 0.5
@@ -225,6 +228,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
             raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path!r} must hold a mapping of sections, not {type(raw).__name__}")
+        raw = unshared(raw)
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -245,6 +249,17 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     if validate:
         validate()
     return cfg
+
+
+def unshared(node: Any) -> Any:
+    """A copy in which no two keys hold the same dict or list. YAML anchors and merge keys
+    (`detector: {<<: *teacher}`) share the nested mappings, so an override of detector.tiny.seed
+    would also change teacher.tiny.seed (copy.deepcopy keeps such sharing)."""
+    if isinstance(node, dict):
+        return {k: unshared(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [unshared(v) for v in node]
+    return node
 
 
 def from_dict(cls: type, data: Any, prefix: str = "") -> Any:

@@ -90,3 +90,13 @@ def test_every_section_is_wired_and_scientific_floats_parse():
     assert cfg.detector.lr == 1e-3 and cfg.finetune.lr == 2e-5
     with pytest.raises(ConfigError, match="detector.lr"):
         load_config("configs/tiny.yaml", ["detector.lr=fast"])
+
+
+def test_an_override_of_a_merged_section_changes_only_that_section():
+    # configs/toy_world.yaml builds `detector` from `teacher` with a YAML merge key; the nested
+    # `tiny` mapping is then one object in both, and an override must not reach through it.
+    from engine.ablation import load_ablation_config
+    cfg = load_ablation_config("configs/toy_world.yaml", ["detector.tiny.seed=5", "detector.seed=3"])
+    assert (cfg.detector.tiny.seed, cfg.detector.seed) == (5, 3)
+    assert (cfg.teacher.tiny.seed, cfg.teacher.seed) == (0, 0)
+    assert cfg.detector.tiny.num_queries == cfg.teacher.tiny.num_queries == 20

@@ -281,6 +281,9 @@ def test_labeller_nms_keeps_the_best_box_of_each_object_per_category():
              {"bbox": [30, 30, 40, 40], "category": "a", "score": 0.2}]  # another object
     assert [(b["category"], b["score"]) for b in per_category_nms(boxes, 0.7)] == [("a", 0.9), ("b", 0.3), ("a", 0.2)]
     assert len(per_category_nms(boxes, 1.0)) == 4
+    # At most one box per category: the second object of "a" goes, "b" keeps its box.
+    assert [(b["category"], b["score"]) for b in per_category_nms(boxes, 0.7, per_category=1)] == [("a", 0.9), ("b", 0.3)]
+    assert [b["score"] for b in per_category_nms(boxes, 1.0, per_category=2)] == [0.9, 0.5, 0.3]
 
 
 def test_job_reports_bad_config_in_one_line(tmp_path, capsys):

@@ -194,6 +194,19 @@ def test_pseudo_labels_keep_prompted_categories_scoring_at_least_beta():
     assert labels == [[0]]
 
 
+def test_pseudo_labels_keep_at_most_per_category_boxes_of_each_prompted_category():
+    probs = torch.tensor([[[0.90, 0.05], [0.60, 0.05], [0.70, 0.05], [0.05, 0.50]]])
+    boxes = torch.tensor([[[0.2, 0.2, 0.1, 0.1], [0.8, 0.8, 0.1, 0.1], [0.5, 0.2, 0.1, 0.1], [0.5, 0.5, 0.2, 0.2]]])
+    out = {"logits": inverse_sigmoid(probs), "boxes": boxes}
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    # Three separate boxes of category 0 survive NMS; with a cap of 1 only the best (0.9) stays.
+    assert pseudo_labels(out, mask, prompted=[2], beta=0.4)[0] == [[0, 0, 0, 1]]
+    labels, kept = pseudo_labels(out, mask, prompted=[2], beta=0.4, per_category=1)
+    assert labels == [[0, 1]]
+    np.testing.assert_allclose(kept[0][0], [0.15, 0.15, 0.25, 0.25], atol=1e-6)
+    assert pseudo_labels(out, mask, prompted=[2], beta=0.4, per_category=2)[0] == [[0, 0, 1]]
+
+
 def test_a_prompted_category_the_labeller_missed_is_not_scored_as_background():
     # Image 0 prompted 2 categories, boxed only the second; image 1 prompted 1, boxed none. The
     # slots after the prompted ones are negatives and stay scored; slot 3 of image 1 is padding.
@@ -313,10 +326,19 @@ def test_head_labeller_boxes_only_prompted_categories_tagged_as_the_head(pipe, h
             assert b["labeller"] == "grounding_head" and b["category"] in cats and 0 <= b["score"] <= 1
             x0, y0, x1, y1 = b["bbox"]
             assert 0 <= x0 <= x1 <= 32 and 0 <= y0 <= y1 <= 32
+    # One box per prompted category: each category's best box of the uncapped labeller.
+    one = build_labeller(AnnotationConfig(labeller="grounding_head", model=folder, beta=0.0, max_per_category=1), CATS)
+    capped = one.label(images, wanted, latents=[r["latent"] for r in rows], prompts=[r["prompt"] for r in rows])
+    for boxes, all_boxes, cats in zip(capped, found, wanted):
+        assert sorted(b["category"] for b in boxes) == sorted({b["category"] for b in all_boxes})
+        for b in boxes:
+            assert b == max((a for a in all_boxes if a["category"] == b["category"]), key=lambda a: a["score"])
     with pytest.raises(ValueError, match="needs each image's latent"):
         labeller.label(images, wanted)
     with pytest.raises(ValueError, match="/no/such/head"):
         build_labeller(AnnotationConfig(labeller="grounding_head", model="/no/such/head"), CATS)
+    with pytest.raises(ValueError, match="max_per_category must be >= 0"):
+        build_labeller(AnnotationConfig(labeller="grounding_head", model=folder, max_per_category=-1), CATS)
 
 
 def test_teacher_plus_head_sends_base_to_detector_and_novel_to_head(pipe, head_folder):

@@ -26,7 +26,8 @@ class GroundingHeadLabeller:
     name = HEAD_LABELLER
     needs_latents = True  # the Annotator passes latents= and prompts= (see module docstring)
 
-    def __init__(self, folder: str, beta: float, nms_iou: float = 0.7, device: str | None = None):
+    def __init__(self, folder: str, beta: float, nms_iou: float = 0.7, max_per_category: int = 0,
+                 device: str | None = None):
         from engine.config import ModelConfig, from_dict
         from engine.grounding.features import Featurizer
         from engine.grounding.train import load_grounding_head
@@ -39,7 +40,7 @@ class GroundingHeadLabeller:
         # The head reads the features of the pipeline it was trained on; load that one.
         pipe = load_pipeline(from_dict(ModelConfig, self.meta["model"]), self.device)
         self.featurizer = Featurizer(pipe, int(self.meta["synthesis_steps"]))
-        self.beta, self.nms_iou = beta, nms_iou
+        self.beta, self.nms_iou, self.max_per_category = beta, nms_iou, max_per_category
         self.base = set(self.meta.get("base", []))
 
     @torch.no_grad()
@@ -56,7 +57,9 @@ class GroundingHeadLabeller:
         text, mask = self.featurizer.text_batch(wanted)
         out = self.head([f.to(self.device) for f in feats], text.to(self.device), mask.to(self.device))
         labelled = []
-        for img, cats, found in zip(images, wanted, predictions(out, mask.to(self.device), self.beta, self.nms_iou)):
+        found_per_image = predictions(out, mask.to(self.device), self.beta, self.nms_iou,
+                                      per_category=self.max_per_category)
+        for img, cats, found in zip(images, wanted, found_per_image):
             h, w = img.shape[:2]
             labelled.append([{"bbox": [round(b[0] * w, 2), round(b[1] * h, 2), round(b[2] * w, 2), round(b[3] * h, 2)],
                               "category": cats[c], "score": round(s, 4), "labeller": HEAD_LABELLER}
@@ -74,7 +77,7 @@ class TeacherPlusHeadLabeller:
     def __init__(self, cfg, categories: list[str]):
         from engine.annotation import DetectorLabeller
         # The detector takes annotation.model, so the head's folder must come from annotation.head.
-        self.head = GroundingHeadLabeller(getattr(cfg, "head", ""), cfg.beta, cfg.nms_iou)
+        self.head = GroundingHeadLabeller(getattr(cfg, "head", ""), cfg.beta, cfg.nms_iou, cfg.max_per_category)
         base = [c for c in categories if c in self.head.base]
         if not self.head.base:
             raise AnnotationError("the grounding head's folder names no base categories; retrain it with "
@@ -97,7 +100,7 @@ def _head_folder(cfg) -> str:
 
 @register_labeller(HEAD_LABELLER)
 def _build_head_labeller(cfg, categories: list[str]) -> GroundingHeadLabeller:
-    return GroundingHeadLabeller(_head_folder(cfg), cfg.beta, cfg.nms_iou)
+    return GroundingHeadLabeller(_head_folder(cfg), cfg.beta, cfg.nms_iou, cfg.max_per_category)
 
 
 @register_labeller("teacher+head")

@@ -355,9 +355,10 @@ def nms(boxes: Tensor, scores: Tensor, iou: float) -> Tensor:
 
 @torch.no_grad()
 def predictions(out: dict, text_mask: Tensor, threshold: float, nms_iou: float = 0.7,
-                max_boxes: int = 100) -> list[list[tuple[int, float, list[float]]]]:
+                max_boxes: int = 100, per_category: int = 0) -> list[list[tuple[int, float, list[float]]]]:
     """Per image: (category index in its text list, score, [x0, y0, x1, y1] normalised) for each
-    query-category pair scoring >= threshold, after per-category NMS, best first."""
+    query-category pair scoring >= threshold, after per-category NMS and keeping at most
+    `per_category` boxes of each category (0 = all), best first."""
     # A padded slot scores -1 so that it is never kept, even with threshold 0.
     probs = out["logits"].float().sigmoid().masked_fill(~text_mask[:, None, :], -1.0)
     boxes = cxcywh_to_xyxy(out["boxes"].float()).clamp(0, 1)
@@ -369,6 +370,7 @@ def predictions(out: dict, text_mask: Tensor, threshold: float, nms_iou: float =
             sel = q[t == cat]
             s = probs[b, sel, cat]
             keep = nms(boxes[b, sel], s, nms_iou) if nms_iou < 1.0 else s.argsort(descending=True)
+            keep = keep[:per_category] if per_category > 0 else keep
             found += [(cat, float(s[k]), boxes[b, sel[k]].tolist()) for k in keep.tolist()]
         found.sort(key=lambda r: -r[1])
         result.append(found[:max_boxes])

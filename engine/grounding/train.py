@@ -63,6 +63,7 @@ class GroundingTrainConfig:
     ema_momentum: float = 0.999
     negatives: int = 4  # extra categories per image that are not in its prompt
     nms_iou: float = 0.7  # per-category NMS on pseudo-labels and labeller output (1.0 = off)
+    max_per_category: int = 0  # pseudo-labels kept per prompted category and image (0 = all)
     # A trained head's folder (save_grounding_head) to self-train from: its weights stand for the
     # epochs before transfer_epoch, so training starts at the transfer (paper 3.3: stage 2
     # continues the supervised head). "" = train from scratch.
@@ -95,6 +96,9 @@ class GroundingTrainConfig:
                                       f"grounding.train.num_workers ({self.train.num_workers})")
         if self.synthesis_steps < 2:
             raise GroundingTrainError("grounding.synthesis_steps must be >= 2")
+        if self.max_per_category < 0:
+            raise GroundingTrainError(f"grounding.max_per_category must be >= 0 (0 keeps every box), got "
+                                      f"{self.max_per_category}")
         if self.feature_cache_mb < 0:
             raise GroundingTrainError(f"grounding.feature_cache_mb must be >= 0 (0 = off), got {self.feature_cache_mb}")
         if self.init_head and not self.novel_shards:
@@ -207,7 +211,8 @@ class GroundingStep:
         with torch.no_grad():
             teacher_out = teacher(feats, text, mask)
         prompted = [len(c) for c in cats]
-        labels, boxes = pseudo_labels(teacher_out, mask, prompted, self.cfg.beta, self.cfg.nms_iou)
+        labels, boxes = pseudo_labels(teacher_out, mask, prompted, self.cfg.beta, self.cfg.nms_iou,
+                                      self.cfg.max_per_category)
         targets = targets_from_boxes(labels, boxes, device)
         scored = without_missed(mask, labels, prompted)
         loss, parts = grounding_loss(student(feats, text, mask), scored, targets, self.cfg.loss)
@@ -228,12 +233,12 @@ def without_missed(text_mask: torch.Tensor, labels: list[list[int]], prompted: l
 
 
 def pseudo_labels(teacher_out: dict, text_mask: torch.Tensor, prompted: list[int], beta: float,
-                  nms_iou: float = 0.7) -> tuple[list[list[int]], list[list[list[float]]]]:
+                  nms_iou: float = 0.7, per_category: int = 0) -> tuple[list[list[int]], list[list[list[float]]]]:
     """The teacher's boxes with score >= beta, of the categories the prompt named (the first
     `prompted[b]` entries of image b's list; the rest are negatives, never labelled), as
     (label indices, normalised xyxy boxes) per image."""
     labels, boxes = [], []
-    for b, found in enumerate(predictions(teacher_out, text_mask, beta, nms_iou)):
+    for b, found in enumerate(predictions(teacher_out, text_mask, beta, nms_iou, per_category=per_category)):
         keep = [(c, box) for c, _, box in found if c < prompted[b]]
         labels.append([c for c, _ in keep])
         boxes.append([box for _, box in keep])
