@@ -105,9 +105,12 @@ class AblationConfig:
 class Stages:
     """Runs each named stage once per set of inputs, recording results in `stages.json`. A stage's
     key is its config, not its code: after a code change, `rerun` names the stages to run again
-    (the stages that read their outputs then rerun too)."""
+    (the stages that read their outputs then rerun too). The other way round, `keep` names
+    finished stages to count as done under changed settings, when the change cannot touch them
+    (e.g. a new config key at a default that leaves them as they were)."""
 
-    def __init__(self, workdir: str, log: Callable[[str], None], rerun: Iterable[str] = ()):
+    def __init__(self, workdir: str, log: Callable[[str], None], rerun: Iterable[str] = (),
+                 keep: Iterable[str] = ()):
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, "stages.json")
         self.log = log
@@ -115,11 +118,14 @@ class Stages:
         if os.path.exists(self.path):
             with open(self.path) as f:
                 self.record = json.load(f)
-        self.rerun = set(rerun)
-        unknown = sorted(self.rerun - set(self.record))
-        if unknown:
-            raise ConfigError(f"cannot rerun {', '.join(unknown)}: {workdir} has no such stage (it has "
-                              f"{', '.join(self.record) or 'none yet'}); a stage that never ran runs anyway")
+        self.rerun, self.keep = set(rerun), set(keep)
+        for verb, unknown in (("rerun", sorted(self.rerun - set(self.record))),
+                              ("keep", sorted(n for n in self.keep if "result" not in self.record.get(n, {})))):
+            if unknown:
+                raise ConfigError(f"cannot {verb} {', '.join(unknown)}: {workdir} has no such finished stage "
+                                  f"(it has {', '.join(self.record) or 'none yet'})")
+        if self.rerun & self.keep:
+            raise ConfigError(f"{', '.join(sorted(self.rerun & self.keep))}: both rerun and kept; choose one")
 
     def _save(self) -> None:
         import fsspec
@@ -135,6 +141,10 @@ class Stages:
         key = fingerprint(json.loads(json.dumps(inputs, default=str)))
         seen = self.record.get(name, {})
         reruns = seen.get("reruns", 0) + (name in self.rerun)
+        if name in self.keep and seen.get("key") != key:
+            seen["key"] = key
+            self._save()
+            self.log(f"{name}: kept under the new settings")
         if seen.get("key") == key and "result" in seen and name not in self.rerun:
             self.log(f"{name}: done earlier ({seen['seconds']:.0f} s), skipped")
             return seen["result"]
@@ -156,10 +166,11 @@ class Stages:
 class Loop:
     """The stages of the module docstring, with their paths under cfg.workdir."""
 
-    def __init__(self, cfg: AblationConfig, log: Callable[[str], None], rerun: Iterable[str] = ()):
+    def __init__(self, cfg: AblationConfig, log: Callable[[str], None], rerun: Iterable[str] = (),
+                 keep: Iterable[str] = ()):
         self.cfg = cfg
         self.ws = os.path.abspath(os.path.expanduser(cfg.workdir))
-        self.stages = Stages(self.ws, log, rerun)
+        self.stages = Stages(self.ws, log, rerun, keep)
         self.world_dir = os.path.join(self.ws, "world")
         self.base, self.novel = cfg.world.base, cfg.world.novel
 
@@ -252,7 +263,9 @@ class Loop:
         ann, root = self.split("train")
         test_ann, test_root = self.split("test")
         dc = dataclasses.replace(section, real_annotations=ann, real_image_root=root, synthetic=synthetic,
-                                 mix_ratio=section.mix_ratio if synthetic else 0.0, categories=categories,
+                                 mix_ratio=section.mix_ratio if synthetic else 0.0,
+                                 synthetic_complete_only=section.synthetic_complete_only and bool(synthetic),
+                                 categories=categories,
                                  base=self.base, novel=novel, eval_annotations=test_ann, eval_image_root=test_root,
                                  storage_path=self.path("ray"), name=name, output_dir=self.path("models", name),
                                  eval_dir=self.path("eval", name))
@@ -266,12 +279,12 @@ class Loop:
 
 
 def run_loop(cfg: AblationConfig, log: Callable[[str], None] = lambda m: print(f"[toy-world] {m}", file=sys.stderr),
-             rerun: Iterable[str] = ()) -> dict:
+             rerun: Iterable[str] = (), keep: Iterable[str] = ()) -> dict:
     """Every stage, then the table. Returns the results dict also written to WORKDIR/results.json."""
     from engine.cluster import connect
     cfg.validate()
     started = time.time()
-    loop = Loop(cfg, log, rerun)
+    loop = Loop(cfg, log, rerun, keep)
     loop.world()
     connect(cfg.ray)
     ann, root = loop.split("train")

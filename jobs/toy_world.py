@@ -13,7 +13,8 @@ On a cluster:
 
 Rerunning the same command skips the stages that finished with the same settings and resumes
 an interrupted one; `--rerun STAGE` (names as in WORKDIR/stages.json) runs a finished stage and
-those after it again. Results: WORKDIR/results.json, the table on stdout, WORKDIR/samples.png
+those after it again; `--keep STAGE` counts a finished stage as done under changed settings
+(after a change that cannot touch it, e.g. a new config key at its default). Results: WORKDIR/results.json, the table on stdout, WORKDIR/samples.png
 (generated images with their boxes: base green, novel orange), per-detector evaluations under
 WORKDIR/eval/. `--draw-only` writes just the world (COCO JSON + JPEGs) to WORKDIR/world.
 """
@@ -36,6 +37,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--rerun", action="append", default=[], metavar="STAGE",
                         help="run this finished stage again, and the stages after it (e.g. after a code "
                              "change; a stage's key is its config); repeatable")
+    parser.add_argument("--keep", action="append", default=[], metavar="STAGE",
+                        help="count this finished stage as done under changed settings (a change that "
+                             "cannot touch it, e.g. a new config key at its default); repeatable")
     parser.add_argument("overrides", nargs="*", help="key=value or section.key=value, e.g. world.train_images=200")
     args = parser.parse_args(argv)
 
@@ -57,7 +61,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             summary = draw_world(os.path.join(cfg.workdir, "world"), cfg.world)
             print(f"[toy-world] world drawn: {summary['splits']} -> {summary['path']}")
             return 0
-        results = run_loop(cfg, rerun=args.rerun)
+        results = run_loop(cfg, rerun=args.rerun, keep=args.keep)
     except (ConfigError, DatasetError, ModelLoadError, AnnotationError, GroundingTrainError,
             GroundingConfigError, ResourceError, TrainingConfigError) as e:
         print(f"toy_world: error: {e}", file=sys.stderr)

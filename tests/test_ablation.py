@@ -127,7 +127,7 @@ def test_rerun_runs_a_stage_and_those_after_it(loop):
     messages.clear()
     run_loop(cfg, log=messages.append)  # and then they count as done
     assert messages and all("skipped" in m for m in messages)
-    with pytest.raises(ConfigError, match="cannot rerun finetuned_novel: .* has no such stage"):
+    with pytest.raises(ConfigError, match="cannot rerun finetuned_novel: .* has no such finished stage"):
         run_loop(cfg, log=messages.append, rerun=["finetuned_novel"])
 
 
@@ -151,6 +151,30 @@ def test_stages_rerun_and_resume_without_the_loop(tmp_path):
     for run in (a, b, c):
         run(s)
     assert calls == []
+
+
+def test_kept_stages_count_as_done_under_new_settings(tmp_path):
+    from engine.ablation import Stages
+    calls = []
+
+    def stage(name, n, after):
+        return lambda s: s.run(name, {"n": n}, lambda: calls.append(name) or {"n": n}, [], after)
+    for run in (stage("a", 1, []), stage("b", 1, ["a"])):
+        run(Stages(str(tmp_path), print))
+    calls.clear()
+    # a's settings changed in a way known not to touch it; b reads a, so it is kept too.
+    s = Stages(str(tmp_path), print, keep=["a", "b"])
+    assert stage("a", 2, [])(s) == {"n": 1} and stage("b", 1, ["a"])(s) == {"n": 1}
+    assert calls == []
+    for run in (stage("a", 2, []), stage("b", 1, ["a"])):  # and stay done without --keep
+        run(Stages(str(tmp_path), print))
+    assert calls == []
+    stage("b", 3, ["a"])(Stages(str(tmp_path), print))  # b's own change still runs it
+    assert calls == ["b"]
+    with pytest.raises(ConfigError, match="cannot keep c: .* has no such finished stage"):
+        Stages(str(tmp_path), print, keep=["c"])
+    with pytest.raises(ConfigError, match="both rerun and kept"):
+        Stages(str(tmp_path), print, keep=["a"], rerun=["a"])
 
 
 def test_bad_row_is_refused():

@@ -37,8 +37,10 @@ def local_ray():
     ray.shutdown()
 
 
-def make_shards(path, n_shards: int, per_shard: int, labels=("red square", "blue disc"), size: int = 64) -> str:
-    """Synthetic shards as the generate job writes them: jpg, step T-1 latent, JSON record."""
+def make_shards(path, n_shards: int, per_shard: int, labels=("red square", "blue disc"), size: int = 64,
+                unboxed=()) -> str:
+    """Synthetic shards as the generate job writes them: jpg, step T-1 latent, JSON record. The
+    samples numbered in `unboxed` carry no box: the labeller missed their prompted object."""
     store = ShardStore(str(path))
     store.prepare({"fingerprint": "test", "categories": list(labels)})
     side = size // 3
@@ -53,9 +55,10 @@ def make_shards(path, n_shards: int, per_shard: int, labels=("red square", "blue
             draw_image(tmp, size, [(CATS.index(label) if label in CATS else 2, box)])
             latent = io.BytesIO()
             np.save(latent, np.zeros((4, size // 8, size // 8), np.float32))
+            boxed = pid not in unboxed
             record = {"id": pid, "prompt": f"a photograph of {label}", "categories": [label], "seed": pid,
-                      "width": size, "height": size, "boxes": [box], "labels": [label], "scores": [0.9],
-                      "labellers": ["detector"]}
+                      "width": size, "height": size, "boxes": [box] * boxed, "labels": [label] * boxed,
+                      "scores": [0.9] * boxed, "labellers": ["detector"] * boxed}
             samples.append({"__key__": f"{pid:09d}", "jpg": open(tmp, "rb").read(),
                             "latent.npy": latent.getvalue(), "json": json.dumps(record)})
             os.remove(tmp)
@@ -180,6 +183,21 @@ def test_mixing_plan_honours_the_ratio(tmp_path):
     # The stream itself (counted by the trainer, by source) is checked in the training test.
 
 
+def test_complete_only_leaves_out_images_with_an_unboxed_prompted_object(tmp_path):
+    shards = make_shards(tmp_path / "syn", n_shards=2, per_shard=5, unboxed=(1, 2, 7))
+    cfg = base_config(tmp_path, synthetic=[shards], mix_ratio=1.0, categories=CATS, batch_size=1)
+    _, plan = prepare(cfg)
+    assert plan.counts[SYNTHETIC] == 10  # by default every image, boxed or not
+    cfg.synthetic_complete_only = True
+    _, plan = prepare(cfg)
+    keys = sorted(k for ks in plan.synthetic.values() for k in ks)
+    assert keys == [f"{i:09d}" for i in (0, 3, 4, 5, 6, 8, 9)]
+    none = make_shards(tmp_path / "none", n_shards=1, per_shard=2, unboxed=(0, 1))
+    cfg.synthetic = [none]
+    with pytest.raises(DetectionDataError, match="no image has a box for every prompted category"):
+        prepare(cfg)
+
+
 def test_disagreeing_categories_and_empty_shards_are_named(tmp_path):
     bad = make_shards(tmp_path / "bad", 1, 2, labels=("red square", "green triangle"))
     cfg = base_config(tmp_path, synthetic=[bad])
@@ -194,7 +212,7 @@ def test_disagreeing_categories_and_empty_shards_are_named(tmp_path):
     ShardStore(str(dropped)).prepare({"fingerprint": "x", "categories": CATS})
     ShardStore(str(dropped)).write_shard(0, [], [0, 1])
     cfg.synthetic = [str(dropped)]
-    with pytest.raises(DetectionDataError, match="hold no samples"):
+    with pytest.raises(DetectionDataError, match="hold no usable samples .every prompt was dropped"):
         prepare(cfg)
     with pytest.raises(ConfigError, match="names no shard path"):
         prepare(base_config(tmp_path / "b", mix_ratio=0.5))
