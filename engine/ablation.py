@@ -119,11 +119,12 @@ class Stages:
             with open(self.path) as f:
                 self.record = json.load(f)
         self.rerun, self.keep = set(rerun), set(keep)
+        finished = [n for n, r in self.record.items() if "result" in r]
         for verb, unknown in (("rerun", sorted(self.rerun - set(self.record))),
-                              ("keep", sorted(n for n in self.keep if "result" not in self.record.get(n, {})))):
+                              ("keep", sorted(self.keep - set(finished)))):
             if unknown:
                 raise ConfigError(f"cannot {verb} {', '.join(unknown)}: {workdir} has no such finished stage "
-                                  f"(it has {', '.join(self.record) or 'none yet'})")
+                                  f"(finished: {', '.join(finished) or 'none yet'})")
         if self.rerun & self.keep:
             raise ConfigError(f"{', '.join(sorted(self.rerun & self.keep))}: both rerun and kept; choose one")
 

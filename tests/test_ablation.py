@@ -173,6 +173,14 @@ def test_kept_stages_count_as_done_under_new_settings(tmp_path):
     assert calls == ["b"]
     with pytest.raises(ConfigError, match="cannot keep c: .* has no such finished stage"):
         Stages(str(tmp_path), print, keep=["c"])
+
+    def interrupted():
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        Stages(str(tmp_path), print).run("d", {"n": 1}, interrupted, [], ["b"])
+    # A stage that started but never finished has no output to keep.
+    with pytest.raises(ConfigError, match=r"cannot keep d: .* \(finished: a, b\)"):
+        Stages(str(tmp_path), print, keep=["d"])
     with pytest.raises(ConfigError, match="both rerun and kept"):
         Stages(str(tmp_path), print, keep=["a"], rerun=["a"])
 
