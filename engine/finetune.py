@@ -601,7 +601,7 @@ def finetune(cfg: Any) -> dict:
         base_pipe.vae.register_to_config(scaling_factor=latent_scaling_factor(base_pipe.vae, rows, fc.crop_size))
     else:
         base_pipe.unet.load_state_dict(state)
-    _save_pipeline(base_pipe, fc.output_dir)
+    _save_pipeline(base_pipe, fc.output_dir, cfg.model.source)
     summary = {"output_dir": fc.output_dir, "steps": meta["step"], "start_step": metrics.get("start_step", 0),
                "final_loss": metrics.get("loss"), "losses": metrics.get("losses", []), "samples_per_s": metrics.get("samples_per_s"),
                "peak_rss_mb": metrics.get("peak_rss_mb"), "images": n_images, "planned_crops": len(rows), "ema": fc.ema,
@@ -655,11 +655,15 @@ def _check_same_run(cfg: Any, fc: FinetuneConfig, base: list[str]) -> None:
         json.dump(want, f)
 
 
-def _save_pipeline(pipe, output_dir: str) -> None:
+def _save_pipeline(pipe, output_dir: str, base_source: str) -> None:
     """save_pretrained into a temporary sibling, then swap it in: a crash never leaves a
-    half-written pipeline where the generate job would load it."""
+    half-written pipeline where the generate job would load it. The folder names the model it
+    was fine-tuned from (engine.models.finetuned_from)."""
+    from engine.models import FINETUNED_FROM
     with atomic_folder(output_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        with open(os.path.join(tmp, FINETUNED_FROM), "w") as f:
+            json.dump({"source": base_source}, f)
 
 
 def summary_lines(summary: dict) -> list[str]:

@@ -6,6 +6,7 @@ fails at once with a message that says how to point at a local path instead.
 """
 from __future__ import annotations
 
+import json
 import os
 from collections import OrderedDict
 from typing import Optional
@@ -138,6 +139,19 @@ def build_tiny_pipeline(cfg: TinyModelConfig):
 
 def _looks_like_hub_id(source: str) -> bool:
     return source.count("/") == 1 and not source.startswith((".", "/", "~")) and "://" not in source
+
+
+# Written by engine.finetune into the pipeline folders it saves: {"source": the model it started from}.
+FINETUNED_FROM = "finetuned_from.json"
+
+
+def finetuned_from(source: str) -> str:
+    """The source a fine-tuned pipeline folder started from, or "" for any other source."""
+    path = os.path.join(os.path.expanduser(source), FINETUNED_FROM)
+    if not os.path.isfile(path):
+        return ""
+    with open(path) as f:
+        return str(json.load(f).get("source", ""))
 
 
 def check_source(cfg: ModelConfig) -> str:

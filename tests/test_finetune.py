@@ -288,7 +288,7 @@ def ray_cluster(tmp_path_factory):
 
 def test_finetune_trains_checkpoints_resumes_and_generates(tmp_path, ray_cluster):
     from engine.finetune import finetune
-    from engine.models import load_pipeline
+    from engine.models import finetuned_from, load_pipeline
     from engine.synthesis import draw
     from engine.training import read_meta
 
@@ -319,6 +319,7 @@ def test_finetune_trains_checkpoints_resumes_and_generates(tmp_path, ray_cluster
 
     # The saved folder is a pipeline the generation stage loads as it is, with the trained UNet.
     pipe = load_pipeline(ModelConfig(source=cfg.finetune.output_dir))
+    assert finetuned_from(cfg.finetune.output_dir) == "tiny"  # it names the model it started from
     base = load_pipeline(ModelConfig())
     delta = sum((a - b).abs().sum().item() for a, b in zip(pipe.unet.parameters(), base.unet.parameters()))
     assert delta > 0

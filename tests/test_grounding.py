@@ -23,7 +23,7 @@ from engine.grounding.model import MASKED_LOGIT, GroundingConfig, GroundingHead,
     make_teacher
 from engine.grounding.train import GroundingJob, GroundingTrainConfig, build_head, load_grounding_head, \
     pseudo_labels, sample_to_row, save_grounding_head, train_local, without_missed
-from engine.models import load_pipeline
+from engine.models import FINETUNED_FROM, load_pipeline
 
 CATS = ["red square", "blue square", "green square", "yellow square"]
 COLOURS = {"red": (1.0, -1.0, -1.0), "blue": (-1.0, -1.0, 1.0), "green": (-1.0, 1.0, -1.0), "yellow": (1.0, 1.0, -1.0)}
@@ -437,6 +437,16 @@ def test_init_head_must_match_the_model_and_head_sizes(head_folder, tmp_path):
     (other / "grounding.json").write_text(json.dumps(meta))
     with pytest.raises(GroundingTrainError, match="other head sizes or another model"):
         check_inputs(dataclasses.replace(cfg, init_head=str(other)), ModelConfig(source="tiny"))
+    # A pipeline fine-tuned from that other model (engine.finetune names its start) may start from
+    # its head; a pipeline fine-tuned from yet another may not.
+    tuned = tmp_path / "tuned"
+    tuned.mkdir()
+    (tuned / "model_index.json").write_text("{}")
+    (tuned / FINETUNED_FROM).write_text(json.dumps({"source": "/models/another-sd"}))
+    check_inputs(dataclasses.replace(cfg, init_head=str(other)), ModelConfig(source=str(tuned)))
+    (tuned / FINETUNED_FROM).write_text(json.dumps({"source": "/models/a-third-sd"}))
+    with pytest.raises(GroundingTrainError, match="other head sizes or another model"):
+        check_inputs(dataclasses.replace(cfg, init_head=str(other)), ModelConfig(source=str(tuned)))
     with pytest.raises(GroundingTrainError, match="novel_shards is empty"):
         dataclasses.replace(cfg, novel_shards="").validate()
 

@@ -380,10 +380,14 @@ def check_inputs(cfg: GroundingTrainConfig, model: ModelConfig) -> None:
     if cfg.novel_shards:
         shard_urls(cfg.novel_shards)
     if cfg.init_head:
+        from engine.models import finetuned_from
         _, meta = load_grounding_head(cfg.init_head)
         sizes = ("d_model", "enhancer_layers", "decoder_layers", "num_queries", "n_levels", "n_heads", "n_points",
                  "ffn_dim")
-        if meta["model"].get("source") != model.source or any(meta["head"][k] != getattr(cfg.head, k) for k in sizes):
+        # A head of the model this one was fine-tuned from reads features of the same UNet, moved
+        # by fine-tuning: a start to train on, as the paper's fine-tuned generator keeps its features.
+        same_model = meta["model"].get("source") in (model.source, finetuned_from(model.source))
+        if not same_model or any(meta["head"][k] != getattr(cfg.head, k) for k in sizes):
             raise GroundingTrainError(f"grounding.init_head {cfg.init_head!r} was trained on the features of "
                                       f"{meta['model'].get('source')!r} with other head sizes or another model than "
                                       f"this job's ({model.source!r}); start from a head trained with the same model "
