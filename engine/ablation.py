@@ -325,7 +325,7 @@ def run_loop(cfg: AblationConfig, log: Callable[[str], None] = lambda m: print(f
         novel_raw = loop.generate("finetuned_novel_raw", tuned, "novel", "none", ["finetune"])
         # Starts from the supervised head, as the pretrained generator's does: a few dozen fine-tuning
         # steps move the UNet's features little, and the self-training epochs train on the fine-tuned
-        # generator's base images too. Training the head from scratch again took 415 of the loop's 60 min.
+        # generator's base images too. Training the head from scratch again took 415 s of the hour.
         head_st = loop.grounding("finetuned_head_st", tuned, base, novel_raw,
                                  ["pretrained_head_sup", "finetuned_base", "finetuned_novel_raw"], init_head=head_sup)
         novel_st = loop.generate("finetuned_novel_st", tuned, "novel", "grounding_head",
