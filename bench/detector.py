@@ -8,7 +8,7 @@ Both detectors are built from the same seed (identical weights) and fed the same
 COCO-like images (coloured shapes with exact boxes). Steps alternate between the two so that a
 machine whose load changes during the run slows both alike. A training step is forward with
 the Hungarian-matched loss, backward and an AdamW step; evaluation is the same prediction path
-as engine.detection_train.evaluate_detector (image processor, model, post-processing).
+as engine.training.detection.evaluate_detector (image processor, model, post-processing).
 Training runs in this process, not through Ray Train, so the numbers are the detector's alone.
 Prints a Markdown table.
 """
@@ -27,8 +27,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from engine.detection_train import augment, collate, to_target  # noqa: E402
-from engine.detectors import TinyDetectorConfig, build_detector  # noqa: E402
+from engine.training.detection import augment, collate, to_target  # noqa: E402
+from engine.config import TinyDetectorConfig
+from engine.models.detectors import build_detector  # noqa: E402
 
 CATEGORIES = ["red square", "blue disc", "green square", "yellow disc"]
 COLOURS = [(220, 40, 40), (40, 80, 220), (40, 180, 60), (230, 200, 30)]

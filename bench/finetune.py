@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 
 def bare_loop(rows: list[dict], crop: int, batch: int, steps: int, lr: float, queue) -> None:
-    """The same training step as engine.finetune.train_loop, in one process, without Ray or
+    """The same training step as engine.training.finetune.train_loop, in one process, without Ray or
     DeepSpeed: decode, VAE, text encoder, UNet forward/backward, AdamW."""
     import numpy as np
     import torch
@@ -32,8 +32,8 @@ def bare_loop(rows: list[dict], crop: int, batch: int, steps: int, lr: float, qu
     from diffusers import DDPMScheduler
 
     from engine.config import ModelConfig
-    from engine.finetune import decode_crops
-    from engine.models import load_pipeline
+    from engine.training.finetune import decode_crops
+    from engine.models.diffusion import load_pipeline
     torch.set_num_threads(1)
     torch.manual_seed(0)
     pipe = load_pipeline(ModelConfig(), device="cpu")
@@ -81,7 +81,7 @@ def main() -> None:
 
     from engine.config import PromptConfig, RayConfig
     from engine.config import Config, FinetuneConfig
-    from engine.finetune import finetune, prepare
+    from engine.training.finetune import finetune, prepare
 
     tmp = tempfile.mkdtemp(prefix="bench-finetune-")
     cats = ["red square", "blue disc", "green square"]
@@ -114,15 +114,15 @@ def main() -> None:
     try:
         for workers in (1, 2):
             s = finetune(cfg(workers, f"w{workers}"))
-            per = s["samples_per_s"]
+            per = s.metrics["samples_per_s"]
             results.append((f"Ray Train + DeepSpeed ZeRO-2, {workers} worker{'s' * (workers > 1)}", workers,
-                            per, per * workers, s["peak_rss_mb"], os.getloadavg()[0]))
+                            per, per * workers, s.metrics["peak_rss_mb"], os.getloadavg()[0]))
     finally:
         ray.shutdown()
     bare("bare loop, 1 process (after)")
 
     from engine.config import TinyModelConfig
-    from engine.models import build_tiny_pipeline
+    from engine.models.diffusion import build_tiny_pipeline
     params = sum(p.numel() for p in build_tiny_pipeline(TinyModelConfig()).unet.parameters()) / 1e6
     print(f"\nSD fine-tuning, tiny model ({params:.2f}M-param UNet), "
           f"crop {args.crop}, batch {args.batch} per worker, {args.steps} steps (timed from step 3), "

@@ -35,12 +35,12 @@ def overrides(images: int, steps: int, batch: int, out: str, actors: int = 0) ->
 def bare(images: int, steps: int, batch: int) -> dict:
     import torch
 
-    from engine.annotation import build_labeller
+    from engine.generation.annotation import build_labeller
     from engine.config import load_config
-    from engine.generate import all_categories
-    from engine.models import load_pipeline
-    from engine.prompts import make_prompts
-    from engine.synthesis import draw
+    from engine.generation.pipeline import all_categories
+    from engine.models.diffusion import load_pipeline
+    from engine.generation.prompts import make_prompts
+    from engine.generation.synthesis import draw
     torch.set_num_threads(1)
     cfg = load_config(os.path.join(ROOT, "configs/tiny.yaml"), overrides(images, steps, batch, "/tmp/unused"))
     pipe = load_pipeline(cfg.model)

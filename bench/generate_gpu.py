@@ -2,7 +2,7 @@
 
 UNet, VAE and CLIP text encoder are built from the SD v1.4 configs with random weights: the compute
 of a forward pass does not depend on the weight values, so the timings are those of the real
-model. The loop is engine.synthesis.draw (what every synthesis actor runs): 512x512, DDIM 50 steps,
+model. The loop is engine.generation.synthesis.draw (what every synthesis actor runs): 512x512, DDIM 50 steps,
 classifier-free guidance (two UNet passes per step, batched), fp16, then the VAE decode. Each batch
 size is timed with SDPA attention, with xformers where it imports, and with torch.compile on the
 UNet. The tokenizer is the engine's tiny one: prompts are padded to 77 tokens either way, so the
@@ -31,8 +31,8 @@ import torch
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 
 from engine.config import SynthesisConfig  # noqa: E402
-from engine.models import tiny_tokenizer  # noqa: E402
-from engine.synthesis import draw  # noqa: E402
+from engine.models.diffusion import tiny_tokenizer  # noqa: E402
+from engine.generation.synthesis import draw  # noqa: E402
 
 PROMPT = "a photograph of a dog and a bicycle"
 

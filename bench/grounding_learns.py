@@ -6,8 +6,8 @@ A toy world: 32x32 images with one or two coloured shapes (4 colours x 3 shapes 
 on a noisy background, boxes known exactly, prompt "a photograph of {c1} and {c2}". Each image
 goes the way a generated one does: encoded by the tiny pipeline's VAE, noised to the last
 denoising step's input (what shards store), then the UNet features are recomputed from it with
-the prompt (engine.grounding.features, as in training and generation). The head trains for a
-bounded time on CPU, then AP50 on held-out images (engine.evaluation.evaluate_coco) is printed
+the prompt (engine.models.grounding.features, as in training and generation). The head trains for a
+bounded time on CPU, then AP50 on held-out images (engine.evaluation.metrics.evaluate_coco) is printed
 next to a random-box baseline scored in the same run on the same images.
 
 The tiny pipeline's weights are random: the features carry position and colour only because
@@ -27,11 +27,13 @@ import torch
 from PIL import Image, ImageDraw
 
 from engine.config import ModelConfig
-from engine.evaluation import evaluate_coco
-from engine.grounding.features import Featurizer
-from engine.grounding.model import GroundingConfig, predictions
-from engine.grounding.train import GroundingTrainConfig, build_head, collate, train_local
-from engine.models import load_pipeline
+from engine.evaluation.metrics import evaluate_coco
+from engine.models.grounding.features import Featurizer
+from engine.config import GroundingConfig
+from engine.models.grounding.head import predictions
+from engine.config import GroundingTrainConfig
+from engine.training.grounding import build_head, collate, train_local
+from engine.models.diffusion import load_pipeline
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "yellow": (230, 210, 40)}
 SHAPES = ("square", "circle", "triangle")

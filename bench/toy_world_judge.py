@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from engine.shards import iter_samples, shard_urls
+from engine.data.shards import iter_samples, shard_urls
 
 
 def load_split(world: str, split: str, categories: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

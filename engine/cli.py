@@ -2,41 +2,48 @@
 
     instagen generate --config configs/tiny.yaml [section.key=value ...]
     instagen export --output outputs/tiny
-    instagen finetune --config ...          (jobs/finetune_sd.py)
-    instagen train-grounding --config ...   (jobs/train_grounding.py)
-    instagen train-detector --config ...    (jobs/train_detector.py)
-    instagen evaluate --gt ... --detections ...  (jobs/evaluate.py)
-    instagen toy-world --config configs/toy_world.yaml  (jobs/toy_world.py)
+    instagen finetune --config ...
+    instagen train-grounding --config ...
+    instagen train-detector --config ...
+    instagen evaluate --gt ... --detections ... --out ...
+    instagen toy-world --config configs/toy_world.yaml
+
+Each `jobs/<step>.py` is the same sub-command as a script for `ray job submit`. Every error a
+user can cause (engine.errors.UserError) ends as one line on stderr and exit status 2.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from typing import Optional
 
-USER_ERRORS: tuple = ()
-
-
-def _user_errors() -> tuple:
-    """Errors a user causes and can fix: printed as one line, never as a traceback."""
-    from engine.annotation import AnnotationError
-    from engine.cluster import ResourceError
-    from engine.config import ConfigError
-    from engine.models import ModelLoadError
-    from engine.shards import ShardError
-    return (ConfigError, ModelLoadError, ShardError, ResourceError, AnnotationError, FileNotFoundError)
+from engine.config import load_config
+from engine.errors import UserError
+from engine.evaluation.detector import evaluate_detector
+from engine.evaluation.metrics import (
+    EvaluationError,
+    evaluate_coco,
+    evaluate_lvis,
+    format_table,
+    write_report,
+)
+from engine.generation.export import export
+from engine.generation.pipeline import generate
+from engine.generation.prompts import make_prompts
+from engine.models.diffusion import check_source
+from engine.runtime.cluster import connect
+from engine.toyworld.loop import load_ablation_config, run_loop
+from engine.toyworld.world import draw_world
+from engine.training.detection import train_detector
+from engine.training.finetune import finetune, prepare, summary_lines
+from engine.training.grounding import check_inputs, train_grounding
 
 
 def cmd_generate(args) -> None:
-    from engine.config import load_config
-    from engine.export import export
-    from engine.generate import generate
-    from engine.models import check_source
-
     cfg = load_config(args.config, args.overrides)
     check_source(cfg.model)
     if args.dry_run:
-        from engine.prompts import make_prompts
         rows = make_prompts(cfg.prompts)
         print(f"config {args.config} is valid: {len(rows)} prompts in "
               f"{(len(rows) + cfg.output.shard_size - 1) // cfg.output.shard_size} shards -> {cfg.output.path}")
@@ -53,51 +60,145 @@ def cmd_generate(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from engine.export import export
     result = export(args.output, dest=args.dest, write_images=not args.no_images)
     print(f"[export] {result['images']} images, {result['annotations']} boxes -> {result['coco']}, "
           f"{result['lvis']}, preview {result['preview']}")
+
+
+def cmd_finetune(args) -> None:
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        fc, rows, skipped, n_images = prepare(cfg)
+        print(f"[finetune] config valid: {n_images} base-category images, {len(rows)} crops planned; "
+              f"{skipped.summary()}")
+        return
+    for line in summary_lines(finetune(cfg)):
+        print(line, file=sys.stderr)
+
+
+def cmd_train_grounding(args) -> None:
+    cfg = load_config(args.config, args.overrides)
+    check_inputs(cfg.grounding, cfg.model)
+    connect(cfg.ray)
+    result = train_grounding(cfg.grounding, cfg.model)
+    print(f"[train-grounding] {result.line()}")
+
+
+def cmd_train_detector(args) -> None:
+    cfg = load_config(args.config, args.overrides)
+    det = cfg.detector
+    if not args.skip_train:
+        print(f"[train-detector] {train_detector(det, cfg.ray).line()}")
+    if not args.skip_eval and det.eval_annotations:
+        metrics = evaluate_detector(det)
+        print(format_table(metrics), end="")
+        print(f"[train-detector] report in {det.eval_dir or os.path.join(det.output_dir, 'eval')}")
+
+
+def cmd_evaluate(args) -> None:
+    if args.format == "lvis":
+        if args.base is not None or args.novel is not None:
+            raise EvaluationError("--base/--novel apply to --format coco only; for LVIS the "
+                                  "open-vocabulary metric is APr (rare categories)")
+        metrics = evaluate_lvis(args.gt, args.detections)
+    else:
+        metrics = evaluate_coco(args.gt, args.detections, base=args.base, novel=args.novel)
+    json_path, md_path = write_report(metrics, args.out, args.name)
+    print(format_table(metrics), end="")
+    print(f"\nwrote {json_path} and {md_path}")
+
+
+def cmd_toy_world(args) -> None:
+    cfg = load_ablation_config(args.config, args.overrides)
+    if args.draw_only:
+        summary = draw_world(os.path.join(cfg.workdir, "world"), cfg.world)
+        print(f"[toy-world] world drawn: {summary['splits']} -> {summary['path']}")
+        return
+    results = run_loop(cfg, rerun=args.rerun, keep=args.keep)
+    print(results["table"])
+    print(f"[toy-world] {results['wall_s'] / 60:.1f} min ({results['stages_total_s'] / 60:.1f} min of stages, "
+          f"earlier runs included); results {os.path.join(cfg.workdir, 'results.json')}"
+          + (f", samples {results['samples_png']}" if results.get("samples_png") else ""))
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="instagen", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate a labelled synthetic detection dataset into WebDataset shards")
-    g.add_argument("--config", default="configs/tiny.yaml", help="YAML config (default: configs/tiny.yaml)")
+
+    def command(name: str, func, help: str, config: Optional[str] = "configs/tiny.yaml"):
+        p = sub.add_parser(name, help=help, description=help)
+        if config is not None:
+            p.add_argument("--config", default=config or None, help=f"YAML config (default: {config or 'none'})")
+        p.set_defaults(func=func)
+        return p
+
+    def overrides(p) -> None:
+        p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. output.path=/data/run1")
+
+    g = command("generate", cmd_generate, "generate a labelled synthetic detection dataset into WebDataset shards")
     g.add_argument("--dry-run", action="store_true", help="validate the config and plan, generate nothing")
     g.add_argument("--no-export", action="store_true", help="skip the COCO/LVIS export and preview")
-    g.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. output.path=/data/run1")
-    g.set_defaults(func=cmd_generate)
-    e = sub.add_parser("export", help="write COCO / LVIS JSON, images and a preview sheet from shards")
+    overrides(g)
+
+    e = command("export", cmd_export, "write COCO / LVIS JSON, images and a preview sheet from shards", config=None)
     e.add_argument("--output", required=True, help="the generate job's output.path")
     e.add_argument("--dest", default=None, help="where to write (default: the output path itself)")
     e.add_argument("--no-images", action="store_true", help="write JSON and preview only")
-    e.set_defaults(func=cmd_export)
-    for name, module in JOB_COMMANDS.items():
-        sub.add_parser(name, help=f"see `instagen {name} --help` ({module.replace('.', '/')}.py)", add_help=False)
+
+    f = command("finetune", cmd_finetune, "fine-tune Stable Diffusion on crops of a detection dataset's base images")
+    f.add_argument("--dry-run", action="store_true", help="validate config and dataset, plan crops, train nothing")
+    overrides(f)
+
+    overrides(command("train-grounding", cmd_train_grounding,
+                      "train the grounding head on base shards, then self-train it on novel shards", config=""))
+
+    d = command("train-detector", cmd_train_detector, "train a detector on real + synthetic data and evaluate it",
+                config="")
+    d.add_argument("--skip-train", action="store_true", help="only evaluate detector.output_dir")
+    d.add_argument("--skip-eval", action="store_true", help="only train")
+    overrides(d)
+
+    v = command("evaluate", cmd_evaluate, "box AP of COCO results JSON against COCO-format or LVIS ground truth; "
+                                          "prints a table and writes OUT/NAME.json and OUT/NAME.md", config=None)
+    v.add_argument("--gt", required=True, help="ground-truth instances JSON")
+    v.add_argument("--detections", required=True, help="COCO results JSON: [{image_id, category_id, bbox, score}, ...]")
+    v.add_argument("--format", choices=("coco", "lvis"), default="coco", help="coco (also Objects365) or lvis")
+    v.add_argument("--base", type=_names, default=None, help="comma-separated base category names (coco format only)")
+    v.add_argument("--novel", type=_names, default=None, help="comma-separated novel category names (coco only)")
+    v.add_argument("--out", required=True, help="directory for the report")
+    v.add_argument("--name", default="report", help="report file name (default: report)")
+
+    t = command("toy-world", cmd_toy_world, "the InstaGen loop on a drawn world: table 4 in miniature",
+                config="configs/toy_world.yaml")
+    t.add_argument("--draw-only", action="store_true", help="draw the world and stop")
+    t.add_argument("--rerun", action="append", default=[], metavar="STAGE",
+                   help="run this finished stage again, and the stages after it (e.g. after a code change); repeatable")
+    t.add_argument("--keep", action="append", default=[], metavar="STAGE",
+                   help="count this finished stage as done under changed settings (a change that cannot touch it, "
+                        "e.g. a new config key at its default); repeatable")
+    t.add_argument("overrides", nargs="*", help="key=value or section.key=value, e.g. world.train_images=200")
     return parser
 
 
-# Training and evaluation steps keep their argument parsing in their job file; the CLI hands over.
-JOB_COMMANDS = {"finetune": "jobs.finetune_sd", "train-grounding": "jobs.train_grounding",
-                "train-detector": "jobs.train_detector", "evaluate": "jobs.evaluate",
-                "toy-world": "jobs.toy_world"}
-
-
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in JOB_COMMANDS:
-        import importlib
-        return importlib.import_module(JOB_COMMANDS[argv[0]]).main(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         args.func(args)
-    except _user_errors() as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def run_job(command: str, argv: Optional[list[str]] = None) -> int:
+    """What each jobs/<step>.py runs: the sub-command `command` with the script's arguments."""
+    return main([command, *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

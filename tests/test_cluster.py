@@ -267,8 +267,8 @@ def test_ray_job_submit_generate_on_a_real_head(ray_head, tmp_path):
     from ray.util.state import list_actors
 
     from engine.config import load_config
-    from engine.prompts import make_prompts
-    from engine.shards import iter_samples, shard_urls
+    from engine.generation.prompts import make_prompts
+    from engine.data.shards import iter_samples, shard_urls
 
     out = str(tmp_path / "out")
     # 4 prompts in 2 shards, 3 denoising steps: small, since the 2-core CI machine runs the head,
@@ -314,7 +314,7 @@ def memory_run():
     import ray
 
     from engine.config import load_config
-    from engine.generate import generate
+    from engine.generation.pipeline import generate
 
     url = f"memory://instagen-test-{uuid.uuid4().hex[:8]}/run"
     cfg = load_config(os.path.join(ROOT, "configs/tiny.yaml"),
@@ -335,8 +335,8 @@ def test_generate_writes_to_a_non_local_filesystem(memory_run):
 
     import fsspec
 
-    from engine.prompts import make_prompts
-    from engine.shards import ShardStore
+    from engine.generation.prompts import make_prompts
+    from engine.data.shards import ShardStore
 
     cfg, summary = memory_run
     expected = sorted(p.key for p in make_prompts(cfg.prompts))
@@ -355,7 +355,7 @@ def test_generate_writes_to_a_non_local_filesystem(memory_run):
 def test_export_reads_a_non_local_filesystem(memory_run):
     import fsspec
 
-    from engine.export import export
+    from engine.generation.export import export
 
     cfg, summary = memory_run
     result = export(cfg.output.path, write_images=False)
@@ -384,7 +384,7 @@ def test_embedded_ray_quiets_the_placement_group_cleaner_it_cannot_serve():
 
     import ray
 
-    from engine.cluster import PLACEMENT_GROUP_CLEANER_LOGGER, connect
+    from engine.runtime.cluster import PLACEMENT_GROUP_CLEANER_LOGGER, connect
     from engine.config import RayConfig
 
     @ray.remote(num_cpus=0)

@@ -2,7 +2,7 @@
 import pytest
 
 from engine.config import Config, ConfigError, load_config
-from engine.prompts import make_prompts, target_categories
+from engine.generation.prompts import make_prompts, target_categories
 
 
 def test_tiny_and_coco_ovd_load():
@@ -95,7 +95,7 @@ def test_every_section_is_wired_and_scientific_floats_parse():
 def test_an_override_of_a_merged_section_changes_only_that_section():
     # configs/toy_world.yaml builds `detector` from `teacher` with a YAML merge key; the nested
     # `tiny` mapping is then one object in both, and an override must not reach through it.
-    from engine.ablation import load_ablation_config
+    from engine.toyworld.loop import load_ablation_config
     cfg = load_ablation_config("configs/toy_world.yaml", ["detector.tiny.seed=5", "detector.seed=3"])
     assert (cfg.detector.tiny.seed, cfg.detector.seed) == (5, 3)
     assert (cfg.teacher.tiny.seed, cfg.teacher.seed) == (0, 0)

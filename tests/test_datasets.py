@@ -6,8 +6,7 @@ import os
 import pytest
 from fixtures_coco import load_json, make_coco_dataset, write_json
 
-from engine.datasets import (BAD_BOX, CORRUPT_IMAGE, CROWD, DUPLICATE_IMAGE, MISSING_IMAGE, UNKNOWN_CATEGORY,
-                             DatasetError, load_detection_dataset, open_image, split_records)
+from engine.data.datasets import (BAD_BOX, CORRUPT_IMAGE, CROWD, DUPLICATE_IMAGE, MISSING_IMAGE, UNKNOWN_CATEGORY, DatasetError, load_detection_dataset, open_image, split_records)
 
 
 @pytest.fixture

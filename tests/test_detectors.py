@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 
 from engine.config import ConfigError
-from engine.detection_train import (REAL, SYNTHETIC, DetectionDataError, DetectorConfig, augment,
-                                    evaluate_detector, load_trained, prepare, to_target, train_detector)
-from engine.detectors import (DETECTORS, DetectorError, ProjectMSDeformAttn, build_detector,
-                              uses_project_attention)
-from engine.shards import ShardStore
+from engine.evaluation.detector import evaluate_detector, load_trained
+from engine.training.detection import REAL, SYNTHETIC, DetectionDataError, augment, prepare, to_target, train_detector
+from engine.config import DetectorConfig
+from engine.models.detectors import (DETECTORS, DetectorError, ProjectMSDeformAttn, build_detector, uses_project_attention)
+from engine.data.shards import ShardStore
 from tests.fixtures_coco import draw_image, make_coco_dataset
 
 CATS = ["red square", "blue disc"]
@@ -236,12 +236,12 @@ def trained(local_ray, tmp_path_factory):
 
 def test_training_loss_is_finite_and_falls(trained):
     cfg, summary = trained
-    assert summary.steps == 8 and len(summary.losses) == 8  # 2 epochs x 16 samples / batch 4
-    losses = np.array(summary.losses)
+    assert summary.steps == 8 and len(summary.metrics["losses"]) == 8  # 2 epochs x 16 samples / batch 4
+    losses = np.array(summary.metrics["losses"])
     assert np.isfinite(losses).all()
     assert losses[-2:].mean() < losses[:2].mean()
     # Every epoch's stream really held half real, half synthetic samples (counted by the workers).
-    assert [(e[REAL], e[SYNTHETIC]) for e in summary.epochs] == [(8, 8)] * 2
+    assert [(e[REAL], e[SYNTHETIC]) for e in summary.metrics["epochs"]] == [(8, 8)] * 2
     saved = os.listdir(cfg.output_dir)
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "training.json"} <= set(saved)
 
@@ -251,12 +251,13 @@ def test_rerun_resumes_from_the_checkpoint(trained, tmp_path):
     # Same storage_path/name, one more epoch: continues at step 8, keeps the loss history.
     cfg2 = DetectorConfig(**{**cfg.__dict__, "epochs": 3, "output_dir": str(tmp_path / "det2")})
     resumed = train_detector(cfg2)
-    assert resumed.steps == 12 and resumed.losses[:8] == summary.losses and len(resumed.losses) == 12
-    assert len(resumed.epochs) == 3
+    assert resumed.steps == 12 and resumed.metrics["losses"][:8] == summary.metrics["losses"]
+    assert len(resumed.metrics["losses"]) == 12
+    assert len(resumed.metrics["epochs"]) == 3
 
 
 def test_evaluation_writes_results_report_and_png(trained, tmp_path):
-    from engine.evaluation import evaluate_coco, load_detections
+    from engine.evaluation.metrics import evaluate_coco, load_detections
     cfg, _ = trained
     cfg.base, cfg.novel = ["red square"], ["blue disc"]
     metrics = evaluate_detector(cfg, out_dir=str(tmp_path / "eval"))
@@ -271,7 +272,7 @@ def test_evaluation_writes_results_report_and_png(trained, tmp_path):
 
 
 def test_trained_folder_is_the_generation_teacher(trained):
-    from engine.annotation import build_labeller
+    from engine.generation.annotation import build_labeller
     from engine.config import AnnotationConfig
     cfg, _ = trained
     labeller = build_labeller(AnnotationConfig(labeller="detector", model=cfg.output_dir, alpha=0.0), CATS)
@@ -279,7 +280,7 @@ def test_trained_folder_is_the_generation_teacher(trained):
     found = labeller.label([image], [CATS])[0]
     assert found and all(f["category"] in CATS for f in found)
     # No object boxed twice: a duplicate would be a wrong label for whatever trains on these.
-    from engine.grounding.model import box_iou
+    from engine.models.boxes import box_iou
     for cat in CATS:
         boxes = torch.tensor([f["bbox"] for f in found if f["category"] == cat]).reshape(-1, 4)
         assert (box_iou(boxes, boxes).triu(1) <= 0.7).all()
@@ -292,7 +293,7 @@ def test_trained_folder_is_the_generation_teacher(trained):
 
 
 def test_labeller_nms_keeps_the_best_box_of_each_object_per_category():
-    from engine.annotation import per_category_nms
+    from engine.generation.annotation import per_category_nms
     boxes = [{"bbox": [0, 0, 10, 10], "category": "a", "score": 0.5},
              {"bbox": [1, 0, 11, 10], "category": "a", "score": 0.9},   # same object, better score
              {"bbox": [1, 0, 11, 10], "category": "b", "score": 0.3},   # another category keeps its box
@@ -314,6 +315,6 @@ def test_job_reports_bad_config_in_one_line(tmp_path, capsys):
                                                  "mix_ratio": 0.5}}))
     assert main(["--config", str(path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("train_detector: error:") and "detector.synthetic" in err and "\n" not in err
+    assert err.startswith("error:") and "detector.synthetic" in err and "\n" not in err
     assert main(["--config", str(path), "detector.kind=yolo"]) == 2
     assert "detector.kind 'yolo' is unknown" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""engine.evaluation and jobs/evaluate.py on tiny hand-built COCO and LVIS ground truth.
+"""engine.evaluation.metrics and jobs/evaluate.py on tiny hand-built COCO and LVIS ground truth.
 
 The hand-computed cases follow COCO's AP definition: detections sorted by score, cumulative
 precision/recall, precision replaced by its maximum at any higher recall (the envelope), then
@@ -17,9 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine import evaluation
-from engine.evaluation import (EvaluationError, draw_predictions, evaluate_coco, evaluate_lvis,
-                               format_table, load_detections, save_detections, write_report)
+import fsspec.implementations.local
+from engine.evaluation.metrics import (EvaluationError, draw_predictions, evaluate_coco, evaluate_lvis, format_table, load_detections, save_detections, write_report)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CATEGORIES = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}, {"id": 3, "name": "bird"}]
@@ -296,7 +295,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 
     def fail(*args, **kwargs):
         raise OSError("disk full")
-    monkeypatch.setattr(evaluation.os, "replace", fail)
+    monkeypatch.setattr(fsspec.implementations.local.LocalFileSystem, "mv", fail)
     with pytest.raises(OSError, match="disk full"):
         save_detections(path, [det(2, 2, [0, 0, 1, 1], 0.9)])
     assert path.read_text() == before  # old file intact

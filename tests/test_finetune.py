@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from engine.config import ModelConfig, PromptConfig, RayConfig, SynthesisConfig
-from engine.datasets import ImageRecord, SkipReport
+from engine.data.datasets import ImageRecord, SkipReport
 from engine.config import Config, FinetuneConfig
-from engine.finetune import (NO_OBJECT, TOO_SMALL, crop_names, crop_scale,
-                             decode_crops, make_prompt, plan_crop, plan_samples, prepare, visible_fraction)
+from engine.training.finetune import (NO_OBJECT, TOO_SMALL, crop_names, crop_scale, decode_crops, make_prompt, plan_crop, plan_samples, prepare, visible_fraction)
 from fixtures_coco import load_json, make_coco_dataset, write_json
 
 # ---------------------------------------------------------------------------------------------
@@ -205,8 +204,8 @@ def test_replay_mixes_a_seeded_share_of_old_captions_into_the_crops(coco):
 
 def test_latent_cache_encodes_a_crop_once_and_still_samples_afresh():
     from engine.config import ModelConfig
-    from engine.finetune import LatentCache
-    from engine.models import load_pipeline
+    from engine.training.finetune import LatentCache
+    from engine.models.diffusion import load_pipeline
     vae = load_pipeline(ModelConfig(source="tiny"), device="cpu").vae
     x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
     torch.manual_seed(0)
@@ -249,7 +248,7 @@ def test_job_driver_dry_run_and_one_line_errors(coco, capsys):
 
 def test_resuming_a_different_run_is_refused(coco):
     from engine.config import ConfigError
-    from engine.finetune import _check_same_run
+    from engine.training.finetune import _check_same_run
     tmp, ann, root = coco
     cfg = _cfg(tmp, ann, root, name="same")
     _check_same_run(cfg, cfg.finetune, ["red square"])
@@ -259,7 +258,8 @@ def test_resuming_a_different_run_is_refused(coco):
 
 
 def test_more_workers_than_cluster_is_clear_error():
-    from engine.training import TrainingConfigError, TrainRunConfig, check_resources
+    from engine.training.runner import TrainingConfigError, check_resources
+    from engine.config import TrainRunConfig
     with pytest.raises(TrainingConfigError, match="needs 2.5 CPUs but the Ray cluster has 2"):
         check_resources(TrainRunConfig(num_workers=4, cpus_per_worker=0.5), {"CPU": 2.0})
     with pytest.raises(TrainingConfigError, match="asks for 2 GPUs"):
@@ -287,10 +287,10 @@ def ray_cluster(tmp_path_factory):
 
 
 def test_finetune_trains_checkpoints_resumes_and_generates(tmp_path, ray_cluster):
-    from engine.finetune import finetune
-    from engine.models import finetuned_from, load_pipeline
-    from engine.synthesis import draw
-    from engine.training import read_meta
+    from engine.training.finetune import finetune
+    from engine.models.diffusion import finetuned_from, load_pipeline
+    from engine.generation.synthesis import draw
+    from engine.training.runner import read_meta
 
     ann, root = make_coco_dataset(tmp_path / "data", n_images=6,
                                   categories=["red square", "blue disc", "green square"])
@@ -306,14 +306,14 @@ def test_finetune_trains_checkpoints_resumes_and_generates(tmp_path, ray_cluster
     cfg = _cfg(tmp_path, ann, root, max_steps=6, overfit_batch=True, ema=True, ema_decay=0.9)
     summary = finetune(cfg)
     assert os.path.exists(os.path.join(ray_cluster, "instagen-crashed-finetune"))
-    assert summary["steps"] == 6 and summary["start_step"] in (2, 4)
-    assert summary["skipped"]["counts"].get("corrupt image") == 1
-    assert summary["images"] == 5
-    ckpt = summary["checkpoint"]
+    assert summary.steps == 6 and summary.metrics["start_step"] in (2, 4)
+    assert summary.metrics["skipped"]["counts"].get("corrupt image") == 1
+    assert summary.metrics["images"] == 5
+    ckpt = summary.checkpoint
     files = set(os.listdir(ckpt))
     assert {"meta.json", "model.safetensors", "ema.safetensors", "optim-rank0.pt", "optim-rank1.pt"} <= files
     assert read_meta(ckpt)["step"] == 6
-    losses = summary["losses"]  # steps up to the checkpoint from before the crash (kept in it), then after
+    losses = summary.metrics["losses"]  # steps up to the checkpoint from before the crash (kept in it), then after
     assert len(losses) == 6 and all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[3] < losses[0]  # fixed batch, noise and t: the objective must fall
 
@@ -329,14 +329,14 @@ def test_finetune_trains_checkpoints_resumes_and_generates(tmp_path, ray_cluster
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoint helpers (engine.training) without a cluster
+# Checkpoint helpers (engine.training.runner) without a cluster
 
 
 def test_checkpoint_round_trip_restores_weights_optimizer_and_step(tmp_path):
     import torch
     from ray.train import Checkpoint
 
-    from engine.training import latest_checkpoint_step, restore_checkpoint, save_checkpoint
+    from engine.training.runner import latest_checkpoint_step, restore_checkpoint, save_checkpoint
 
     def make():
         torch.manual_seed(0)
@@ -361,7 +361,7 @@ def test_checkpoint_round_trip_restores_weights_optimizer_and_step(tmp_path):
 
 
 def test_deepspeed_config_rejects_what_cannot_run():
-    from engine.training import TrainingConfigError, deepspeed_config
+    from engine.training.runner import TrainingConfigError, deepspeed_config
     cfg = deepspeed_config(2, 1e-4, 0.01, 10, 100, bf16=False, grad_accum=2, batch_per_worker=4, clip=1.0)
     assert cfg["zero_optimization"]["stage"] == 2 and cfg["bf16"]["enabled"] is False
     assert cfg["scheduler"]["params"]["warmup_num_steps"] == 10 and cfg["train_micro_batch_size_per_gpu"] == 4

@@ -13,10 +13,10 @@ import ray
 import webdataset as wds
 
 from engine.config import load_config
-from engine.export import export
-from engine.generate import generate
-from engine.prompts import make_prompts
-from engine.shards import ShardError, iter_samples, shard_urls
+from engine.generation.export import export
+from engine.generation.pipeline import generate
+from engine.generation.prompts import make_prompts
+from engine.data.shards import ShardError, iter_samples, shard_urls
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 4 base categories x 2 images = 8 prompts in shards of 3, 3 and 2.
@@ -169,7 +169,7 @@ def test_cli_errors_are_one_line(tmp_path):
 
 
 def test_actor_pools_fit_the_cluster_or_fail_clearly():
-    from engine.cluster import ResourceError, plan_pools
+    from engine.runtime.cluster import ResourceError, plan_pools
     node = lambda cpus, gpus=0: {"Alive": True, "Resources": {"CPU": cpus, "GPU": gpus}}  # noqa: E731
     # 2 CPUs, no GPU: never ask for more CPUs than exist (Ray would wait forever without an error).
     synth, annot = plan_pools({"CPU": 2}, [node(2)], 0, 1.0, 0, 0.5)

@@ -13,17 +13,18 @@ import numpy as np
 import pytest
 import torch
 
-from engine.annotation import LABELLERS, build_labeller
+from engine.generation.annotation import LABELLERS, build_labeller
 from engine.config import AnnotationConfig, ModelConfig
-from engine.grounding.features import Featurizer
-from engine.grounding.labeller import GroundingHeadLabeller, TeacherPlusHeadLabeller
-from engine.grounding.loss import LossConfig, generalized_iou, grounding_loss, hungarian_match, sigmoid_focal_loss, \
-    targets_from_boxes
-from engine.grounding.model import MASKED_LOGIT, GroundingConfig, GroundingHead, ema_update, inverse_sigmoid, \
-    make_teacher
-from engine.grounding.train import GroundingJob, GroundingTrainConfig, build_head, load_grounding_head, \
-    pseudo_labels, sample_to_row, save_grounding_head, train_local, without_missed
-from engine.models import FINETUNED_FROM, load_pipeline
+from engine.models.grounding.features import Featurizer
+from engine.generation.annotation import GroundingHeadLabeller, TeacherPlusHeadLabeller
+from engine.config import LossConfig
+from engine.models.boxes import generalized_iou
+from engine.models.grounding.loss import grounding_loss, hungarian_match, sigmoid_focal_loss, targets_from_boxes
+from engine.models.grounding.head import MASKED_LOGIT, GroundingHead, ema_update, inverse_sigmoid, make_teacher
+from engine.config import GroundingConfig
+from engine.training.grounding import (build_head, load_grounding_head, pseudo_labels, sample_to_row, save_grounding_head, train_local, without_missed)
+from engine.config import GroundingTrainConfig
+from engine.models.diffusion import FINETUNED_FROM, load_pipeline
 
 CATS = ["red square", "blue square", "green square", "yellow square"]
 COLOURS = {"red": (1.0, -1.0, -1.0), "blue": (-1.0, -1.0, 1.0), "green": (-1.0, 1.0, -1.0), "yellow": (1.0, 1.0, -1.0)}
@@ -298,7 +299,7 @@ def head_folder(pipe, tmp_path_factory):
     torch.manual_seed(0)
     head = build_head(cfg, pipe).eval()
     folder = str(tmp_path_factory.mktemp("heads") / "head")
-    save_grounding_head(folder, head, GroundingJob(model=ModelConfig(source="tiny"), grounding=cfg))
+    save_grounding_head(folder, head, ModelConfig(source="tiny"), cfg)
     return folder, head
 
 
@@ -371,8 +372,8 @@ def ray_cluster():
 
 
 def write_shards(pipe, url: str, rows: list[dict], novel: bool) -> None:
-    from engine.shards import ShardStore
-    from engine.synthesis import encode_jpeg, encode_npy
+    from engine.data.shards import ShardStore
+    from engine.generation.synthesis import encode_jpeg, encode_npy
     store = ShardStore(url)
     store.prepare({"fingerprint": "test"})
     samples = []
@@ -389,8 +390,8 @@ def write_shards(pipe, url: str, rows: list[dict], novel: bool) -> None:
 
 
 def test_ray_train_deepspeed_writes_head_and_resumes(pipe, ray_cluster, tmp_path):
-    from engine.grounding.train import train_grounding
-    from engine.training import TrainRunConfig
+    from engine.training.grounding import train_grounding
+    from engine.config import TrainRunConfig
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.abspath(".torch_extensions"))
     rows = toy_rows(pipe, 8, seed=5)
     write_shards(pipe, str(tmp_path / "base"), rows, novel=False)
@@ -400,13 +401,14 @@ def test_ray_train_deepspeed_writes_head_and_resumes(pipe, ray_cluster, tmp_path
                        train=TrainRunConfig(storage_path=str(tmp_path / "runs"), name="g", num_workers=1,
                                             cpus_per_worker=1.0, checkpoint_every=100))
     result = train_grounding(cfg, ModelConfig(source="tiny"))
-    assert result.metrics["step"] == 2  # 8 rows / batch 4, supervised only
+    assert result.steps == 2  # 8 rows / batch 4, supervised only
     first, _ = load_grounding_head(str(tmp_path / "head"))
     # The same run extended by a self-training epoch resumes after the finished epoch: it starts
     # from the saved weights at step 2 (not 0) and makes the transfer to the teacher there.
     cfg.epochs = 2
     result = train_grounding(cfg, ModelConfig(source="tiny"))
-    assert result.metrics["step"] == 4 and result.metrics["pseudo_boxes"] >= 0
+    # beta 0: the teacher's every box is a pseudo-label, so self-training had targets.
+    assert result.steps == 4 and result.metrics["pseudo_boxes"] > 0
     second, meta = load_grounding_head(str(tmp_path / "head"))
     assert meta["novel"] == ["purple square"]
     assert any(not torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
@@ -414,12 +416,13 @@ def test_ray_train_deepspeed_writes_head_and_resumes(pipe, ray_cluster, tmp_path
     warm = dataclasses.replace(cfg, init_head=str(tmp_path / "head"), output=str(tmp_path / "warm"),
                                train=dataclasses.replace(cfg.train, name="warm"))
     result = train_grounding(warm, ModelConfig(source="tiny"))
-    assert result.metrics["step"] == 2 and result.metrics["epoch"] == 1 and "pseudo_boxes" in result.metrics
+    assert result.steps == 2 and result.metrics["epoch"] == 1 and "pseudo_boxes" in result.metrics
 
 
 def test_init_head_must_match_the_model_and_head_sizes(head_folder, tmp_path):
-    from engine.grounding.train import GroundingTrainError, check_inputs
-    from engine.shards import ShardStore
+    from engine.config import GroundingTrainError
+    from engine.training.grounding import check_inputs
+    from engine.data.shards import ShardStore
     folder, _ = head_folder
     for name in ("base", "novel"):
         store = ShardStore(str(tmp_path / name))
@@ -437,7 +440,7 @@ def test_init_head_must_match_the_model_and_head_sizes(head_folder, tmp_path):
     (other / "grounding.json").write_text(json.dumps(meta))
     with pytest.raises(GroundingTrainError, match="other head sizes or another model"):
         check_inputs(dataclasses.replace(cfg, init_head=str(other)), ModelConfig(source="tiny"))
-    # A pipeline fine-tuned from that other model (engine.finetune names its start) may start from
+    # A pipeline fine-tuned from that other model (engine.training.finetune names its start) may start from
     # its head; a pipeline fine-tuned from yet another may not.
     tuned = tmp_path / "tuned"
     tuned.mkdir()
@@ -452,8 +455,8 @@ def test_init_head_must_match_the_model_and_head_sizes(head_folder, tmp_path):
 
 
 def test_annotation_stage_with_the_head_writes_boxes_tagged_as_the_head(pipe, head_folder):
-    from engine.annotation import Annotator
-    from engine.synthesis import encode_npy
+    from engine.generation.annotation import Annotator
+    from engine.generation.synthesis import encode_npy
     folder, _ = head_folder
     rows = toy_rows(pipe, 2, seed=7)
     annotator = Annotator(AnnotationConfig(labeller="grounding_head", model=folder, beta=0.0), CATS)

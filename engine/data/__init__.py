@@ -1,0 +1,1 @@
+"""Data in and out: real detection datasets (COCO, LVIS, Objects365) and WebDataset shards."""

@@ -1,0 +1,207 @@
+"""Shards: WebDataset tars of generated samples, written atomically, with a manifest for resume.
+
+Layout under the output path (local or any fsspec URL such as s3://bucket/run):
+
+    run.json                      what produced this output (config fingerprint), to refuse mixing runs
+    shards/shard-000000.tar       <key>.jpg, <key>.latent.npy, <key>.json [, <key>.features.npz]
+    manifest/shard-000000.json    written only after its tar is whole: keys, dropped ids, counts
+
+A shard is written under a temporary name and renamed when whole; its manifest entry comes after
+the rename. A crash at any point leaves either no entry (the shard is redone on rerun, and a
+leftover temporary is removed) or a whole shard. One manifest file per shard, rather than one
+appended file, because object stores cannot append and several writers may finish at once.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+import uuid
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import fsspec
+import numpy as np
+
+from engine.errors import UserError
+from engine.runtime.storage import write_atomic
+
+KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+MEMBER_SUFFIXES = ("jpg", "latent.npy", "json", "features.npz")
+
+
+class ShardError(UserError, RuntimeError):
+    pass
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+@dataclass
+class ShardEntry:
+    index: int
+    keys: list[str]
+    dropped: list[int]
+    boxes: int
+
+    def as_dict(self) -> dict:
+        """The manifest entry, as written to manifest/ and as `ShardStore.finished` returns it."""
+        return {"index": self.index, "shard": shard_name(self.index), "keys": self.keys,
+                "dropped": self.dropped, "samples": len(self.keys), "boxes": self.boxes}
+
+
+class ShardStore:
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def shard_url(self, index: int) -> str:
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        path = self._path("shards", shard_name(index))
+        return path if protocol in ("file", "local") else f"{protocol}://{path}"
+
+    # -- run identity ---------------------------------------------------------------------------
+    def run_info(self) -> Optional[dict]:
+        """What run.json says produced this output, or None for an output not started yet."""
+        try:
+            with self.fs.open(self._path("run.json"), "r") as f:
+                return json.load(f)
+        except (FileNotFoundError, NotADirectoryError):  # under a file: no run.json can be there
+            return None
+
+    def check_same_run(self, run_info: dict) -> None:
+        """Refuse to resume into an output that another configuration wrote (reads only)."""
+        old = self.run_info()
+        if old is not None:
+            if old.get("fingerprint") != run_info["fingerprint"]:
+                raise ShardError(
+                    f"output path {self.url!r} holds a different run (its prompts, model or image settings "
+                    f"differ from this config's); resuming would mix two datasets. Use a new output.path, "
+                    f"or delete the old output.")
+
+    def prepare(self, run_info: dict) -> None:
+        """Create the layout, check it is writable, and record which run owns it."""
+        self.check_same_run(run_info)
+        try:
+            self.fs.makedirs(self._path("shards"), exist_ok=True)
+            self.fs.makedirs(self._path("manifest"), exist_ok=True)
+            probe = self._path(f".write-probe-{uuid.uuid4().hex}")
+            with self.fs.open(probe, "wb") as f:
+                f.write(b"ok")
+            self.fs.rm(probe)
+        except (OSError, PermissionError) as e:
+            raise ShardError(f"output path {self.url!r} is not writable ({e}); choose a path you can "
+                             f"write to with output.path=...") from None
+        if self.run_info() is None:
+            write_atomic(self.fs, self._path("run.json"), json.dumps(run_info, indent=2).encode())
+
+    # -- manifest --------------------------------------------------------------------------------
+    def finished(self) -> dict[int, dict]:
+        """Manifest entries of shards whose tar is whole on storage."""
+        entries = {}
+        for path in self.fs.glob(self._path("manifest", "shard-*.json")):
+            with self.fs.open(path, "r") as f:
+                entry = json.load(f)
+            if self.fs.exists(self._path("shards", entry["shard"])):
+                entries[int(entry["index"])] = entry
+        return entries
+
+    def remove_temporaries(self) -> int:
+        stale = self.fs.glob(self._path("shards", ".*.tmp-*")) + self.fs.glob(self._path("manifest", ".*.tmp-*"))
+        for path in stale:
+            self.fs.rm(path)
+        return len(stale)
+
+    # -- writing ---------------------------------------------------------------------------------
+    def write_shard(self, index: int, samples: list[dict], dropped: list[int]) -> ShardEntry:
+        """samples: dicts with "__key__" and the member payloads (bytes) by suffix."""
+        data = pack_tar(samples)
+        write_atomic(self.fs, self._path("shards", shard_name(index)), data)
+        boxes = sum(len(json.loads(s["json"])["boxes"]) for s in samples)
+        entry = ShardEntry(index, [s["__key__"] for s in samples], sorted(dropped), boxes)
+        write_atomic(self.fs, self._path("manifest", f"shard-{index:06d}.json"), json.dumps(entry.as_dict()).encode())
+        return entry
+
+
+def pack_tar(samples: list[dict]) -> bytes:
+    """A tar in memory, members sorted by key then suffix, with fixed metadata so that the same
+    samples always give the same bytes."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in samples:
+            key = sample["__key__"]
+            if not KEY_RE.match(key):
+                raise ShardError(f"sample key {key!r} is not a plain name")
+            for suffix in MEMBER_SUFFIXES:
+                payload = sample.get(suffix)
+                if payload is None:
+                    continue
+                if isinstance(payload, str):
+                    payload = payload.encode()
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size, info.mode, info.mtime = len(payload), 0o644, 0
+                tar.addfile(info, io.BytesIO(payload))
+    return buf.getvalue()
+
+
+# -- reading -------------------------------------------------------------------------------------
+
+def decode_sample(sample: dict) -> dict:
+    """Decode a raw webdataset sample: JPEG to PIL, .npy without pickle, JSON. Anything else in a
+    shard is refused rather than decoded: a shard must never be able to run code (no pickle)."""
+    from PIL import Image
+    key = sample["__key__"]
+    if not KEY_RE.match(key.rsplit("/", 1)[-1]) or ".." in key or key.startswith("/"):
+        raise ShardError(f"shard member {key!r} has a name that is not a plain sample key; "
+                         f"the shard is corrupt or hostile, regenerate it")
+    out = {"__key__": key.rsplit("/", 1)[-1], "__url__": sample.get("__url__")}
+    for name, payload in sample.items():
+        if name.startswith("__"):
+            continue
+        if name == "jpg":
+            out["jpg"] = Image.open(io.BytesIO(payload)).convert("RGB")
+        elif name in ("latent.npy",):
+            out["latent"] = np.load(io.BytesIO(payload), allow_pickle=False)
+        elif name == "features.npz":
+            with np.load(io.BytesIO(payload), allow_pickle=False) as z:
+                out["features"] = [z[f"level{i}"] for i in range(len(z.files))]
+        elif name == "json":
+            out["json"] = json.loads(payload)
+        else:
+            raise ShardError(f"shard member {key}.{name} has an unexpected type; "
+                             f"only {', '.join(MEMBER_SUFFIXES)} are read")
+    return out
+
+
+def _open_with_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
+    return fsspec.open(url, mode).open()
+
+
+def iter_samples(urls: list[str], decode: bool = True) -> Iterator[dict]:
+    """Read samples in order through the webdataset library."""
+    import importlib
+
+    import webdataset as wds
+    gopen = importlib.import_module("webdataset.gopen")  # the module; `webdataset.gopen` is a function
+    # webdataset opens only local files, pipes and a few URL kinds itself; object stores
+    # (s3://, gs://, memory://, ...) are read through fsspec like everything else here.
+    for url in urls:
+        scheme = url.split("://", 1)[0] if "://" in url else None
+        if scheme and scheme != "file":
+            gopen.gopen_schemes[scheme] = _open_with_fsspec
+    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+    for sample in dataset:
+        yield decode_sample(sample) if decode else sample
+
+
+def shard_urls(url: str, indices: Optional[list[int]] = None) -> list[str]:
+    store = ShardStore(url)
+    entries = store.finished()
+    if not entries:
+        raise ShardError(f"no finished shards under {url!r}; run `instagen generate` first")
+    return [store.shard_url(i) for i in sorted(entries) if indices is None or i in indices]

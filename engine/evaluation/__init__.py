@@ -1,0 +1,1 @@
+"""Scoring detections: box AP on COCO-format (COCO, Objects365) and LVIS ground truth."""

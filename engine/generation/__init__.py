@@ -1,0 +1,1 @@
+"""Making the dataset: prompts -> synthesis -> annotation -> shards (the pipeline), then export."""

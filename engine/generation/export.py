@@ -1,0 +1,116 @@
+"""Export: COCO and LVIS-style JSON built from the shards, the images as files, a preview sheet.
+
+Boxes in shards are xyxy pixels; COCO wants [x, y, width, height]. Category ids follow the run's
+category order (base, then novel), starting at 1 as COCO does.
+"""
+from __future__ import annotations
+
+import io
+import json
+from typing import Optional
+
+import fsspec
+from PIL import Image, ImageDraw
+
+from engine.data.shards import ShardError, ShardStore, iter_samples
+from engine.runtime.storage import write_atomic
+
+PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+           (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40), (128, 0, 0)]
+
+
+def lvis_frequency(image_count: int) -> str:
+    """LVIS's own split: rare <= 10 training images, common <= 100, frequent above."""
+    return "r" if image_count <= 10 else ("c" if image_count <= 100 else "f")
+
+
+def export(output: str, dest: Optional[str] = None, write_images: bool = True,
+           preview_images: int = 16) -> dict:
+    """Write coco.json, lvis.json, images/ and preview.png for the shards under `output`."""
+    store = ShardStore(output)
+    dest = (dest or output).rstrip("/")
+    run = store.run_info()
+    if run is None:
+        raise ShardError(f"{output!r} holds no generated dataset (no run.json); run `instagen generate` "
+                         f"with output.path={output} first")
+    entries = store.finished()
+    if not entries:
+        raise ShardError(f"no finished shards under {output!r}; run `instagen generate` first")
+    cat_id = {name: i + 1 for i, name in enumerate(run["categories"])}
+    fs, root = fsspec.core.url_to_fs(dest)
+    if write_images:
+        fs.makedirs(f"{root}/images", exist_ok=True)
+    images, annotations, previews = [], [], []
+    for sample in iter_samples([store.shard_url(i) for i in sorted(entries)]):
+        meta = sample["json"]
+        image_id = int(meta["id"])
+        file_name = f"images/{sample['__key__']}.jpg"
+        if write_images:
+            buf = io.BytesIO()
+            sample["jpg"].save(buf, format="JPEG", quality=95)
+            with fs.open(f"{root}/{file_name}", "wb") as f:
+                f.write(buf.getvalue())
+        images.append({"id": image_id, "file_name": file_name, "width": meta["width"],
+                       "height": meta["height"], "prompt": meta["prompt"], "seed": meta["seed_used"]})
+        for box, label, score, who in zip(meta["boxes"], meta["labels"], meta["scores"], meta["labellers"]):
+            if label not in cat_id:
+                raise ShardError(f"sample {sample['__key__']} has a box of category {label!r}, which this "
+                                 f"run does not know; the shard does not belong to {output!r}")
+            x0, y0, x1, y1 = box
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": cat_id[label],
+                                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
+                                "iscrowd": 0, "score": score, "labeller": who})
+        if len(previews) < preview_images:
+            previews.append((sample["jpg"], meta))
+    novel = set(run.get("novel", []))
+    categories = [{"id": i, "name": n, "split": "novel" if n in novel else "base"} for n, i in cat_id.items()]
+    coco = {"info": {"description": f"InstaGen synthetic dataset {run.get('name', '')}"},
+            "images": images, "annotations": annotations, "categories": categories}
+    write_atomic(fs, f"{root}/coco.json", json.dumps(coco).encode())
+    write_atomic(fs, f"{root}/lvis.json", json.dumps(_to_lvis(coco)).encode())
+    write_atomic(fs, f"{root}/preview.png", preview_sheet(previews, novel))
+    return {"images": len(images), "annotations": len(annotations), "coco": f"{dest}/coco.json",
+            "lvis": f"{dest}/lvis.json", "preview": f"{dest}/preview.png"}
+
+
+def _to_lvis(coco: dict) -> dict:
+    per_cat_images: dict[int, set] = {}
+    per_cat_boxes: dict[int, int] = {}
+    for a in coco["annotations"]:
+        per_cat_images.setdefault(a["category_id"], set()).add(a["image_id"])
+        per_cat_boxes[a["category_id"]] = per_cat_boxes.get(a["category_id"], 0) + 1
+    cats = [{**c, "synset": c["name"].replace(" ", "_"), "image_count": len(per_cat_images.get(c["id"], ())),
+             "instance_count": per_cat_boxes.get(c["id"], 0),
+             "frequency": lvis_frequency(len(per_cat_images.get(c["id"], ())))} for c in coco["categories"]]
+    # Generated images are labelled only for their prompt's categories: LVIS's federated protocol
+    # expresses exactly that with not_exhaustive / neg category lists, left empty here.
+    images = [{**im, "neg_category_ids": [], "not_exhaustive_category_ids": []} for im in coco["images"]]
+    anns = [{k: v for k, v in a.items() if k != "iscrowd"} for a in coco["annotations"]]
+    return {"info": coco["info"], "images": images, "annotations": anns, "categories": cats}
+
+
+def preview_sheet(samples: list[tuple[Image.Image, dict]], novel: set, columns: int = 4,
+                  cell: int = 256) -> bytes:
+    """A grid of generated images with their boxes and category names; base and novel categories
+    in different colours, as in the paper's figures (base: green, novel: orange)."""
+    columns = max(1, min(columns, len(samples) or 1))
+    rows = max(1, (len(samples) + columns - 1) // columns)
+    caption_h = 28
+    sheet = Image.new("RGB", (columns * cell, rows * (cell + caption_h)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for n, (img, meta) in enumerate(samples):
+        x, y = (n % columns) * cell, (n // columns) * (cell + caption_h)
+        scale_x, scale_y = cell / img.width, cell / img.height
+        sheet.paste(img.resize((cell, cell)), (x, y))
+        for box, label, score in zip(meta["boxes"], meta["labels"], meta["scores"]):
+            colour = (255, 140, 0) if label in novel else (0, 200, 0)
+            x0, y0, x1, y1 = box
+            rect = [x + x0 * scale_x, y + y0 * scale_y, x + x1 * scale_x, y + y1 * scale_y]
+            draw.rectangle(rect, outline=colour, width=2)
+            draw.text((rect[0] + 2, rect[1] + 1), f"{label} {score:.2f}", fill=colour)
+        draw.text((x + 4, y + cell + 2), meta["prompt"][:40], fill=(0, 0, 0))
+        draw.text((x + 4, y + cell + 14), f"{len(meta['boxes'])} boxes", fill=(90, 90, 90))
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    return buf.getvalue()
+

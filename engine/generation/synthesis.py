@@ -1,0 +1,152 @@
+"""Synthesis: Stable Diffusion draws images for PromptSpec rows.
+
+The denoising loop is written out (rather than calling the pipeline) because InstaGen needs what
+the pipeline throws away: the latents that enter the last denoising step (the paper's step T-1,
+from which the grounding head later recomputes UNet features) and, optionally, the UNet decoder
+features of that last step. Each sample's starting noise comes from its own seed, so an image does
+not depend on the batch it was drawn in, nor on the actor that drew it.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from engine.config import ModelConfig, SynthesisConfig
+from engine.models.diffusion import UNetFeatureTap, load_pipeline
+from engine.runtime.faults import maybe_crash, poison_nonfinite
+
+
+@dataclass
+class Drawn:
+    images: np.ndarray  # (B, H, W, 3) uint8
+    latents: np.ndarray  # (B, C, h, w) float32: input of the last denoising step
+    features: Optional[list[np.ndarray]]  # per up-block (B, C_i, h_i, w_i) float16, or None
+    finite: np.ndarray  # (B,) bool: image and latents are free of NaN/Inf
+
+
+def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.stack([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds])
+
+
+@torch.no_grad()
+def draw(pipe, texts: list[str], seeds: list[int], cfg: SynthesisConfig) -> Drawn:
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    guided = cfg.guidance > 1.0
+    cond, uncond = pipe.encode_prompt(texts, device, 1, guided)
+    text_emb = torch.cat([uncond, cond]) if guided else cond
+
+    scale = pipe.vae_scale_factor
+    shape = (pipe.unet.config.in_channels, cfg.height // scale, cfg.width // scale)
+    sched = pipe.scheduler
+    sched.set_timesteps(cfg.steps, device=device)
+    latents = (initial_noise(seeds, shape) * sched.init_noise_sigma).to(device, dtype)
+
+    tap = UNetFeatureTap(pipe.unet) if cfg.keep_features else None
+    last = len(sched.timesteps) - 1
+    try:
+        for i, t in enumerate(sched.timesteps):
+            if i == last:
+                before_last = latents.float().cpu()
+                if tap:
+                    tap.active = True
+            x = torch.cat([latents, latents]) if guided else latents
+            x = sched.scale_model_input(x, t)
+            eps = pipe.unet(x, t, encoder_hidden_states=text_emb).sample
+            if guided:
+                eps_u, eps_c = eps.chunk(2)
+                eps = eps_u + cfg.guidance * (eps_c - eps_u)
+            latents = sched.step(eps, t, latents).prev_sample
+        features = None
+        if tap:
+            # With guidance the batch is [uncond, cond]: keep the text-conditioned half.
+            features = [(f.chunk(2)[1] if guided else f).to(torch.float16).cpu().numpy() for f in tap.outputs]
+    finally:
+        if tap:
+            tap.close()
+
+    image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample.float().cpu()
+    finite = torch.isfinite(image).flatten(1).all(1) & torch.isfinite(before_last).flatten(1).all(1)
+    pixels = ((image / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return Drawn(pixels, before_last.numpy(), features, finite.numpy())
+
+
+def derived_seed(seed: int, attempt: int) -> int:
+    """A new, deterministic seed for the attempt-th regeneration of a sample."""
+    return (int(seed) + 1_000_003 * attempt) % 2**31
+
+
+def encode_jpeg(pixels: np.ndarray, quality: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def encode_npz(arrays: list[np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **{f"level{i}": a for i, a in enumerate(arrays)})
+    return buf.getvalue()
+
+
+class Synthesizer:
+    """A Ray Data actor: loads the pipeline once, then turns batches of prompt rows into samples.
+
+    Every input row gives one output row: its prompt columns plus `status` ("ok", or "dropped"
+    when the sample stayed non-finite after the allowed regenerations), `seed_used`, `jpg` (bytes),
+    `latent` (npy bytes), `pixels` (uint8 HWC for the annotation stage, which drops the column)
+    and, if asked for, `features` (npz bytes). Dropped rows carry no image and are never written.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, synth_cfg: SynthesisConfig, threads: int = 0):
+        if threads:
+            torch.set_num_threads(threads)
+        self.cfg = synth_cfg
+        self.pipe = load_pipeline(model_cfg)
+        self.model_id = model_cfg.source
+        self.batches = 0
+
+    def __call__(self, batch: dict) -> dict:
+        self.batches += 1
+        maybe_crash("synthesis", self.batches)
+        ids = [int(i) for i in batch["id"]]
+        texts = [str(t) for t in batch["text"]]
+        seeds = [int(s) for s in batch["seed"]]
+        attempts = self.cfg.max_regenerations if self.cfg.on_nonfinite == "regenerate" else 0
+        done: dict[int, tuple[int, Drawn, int]] = {}  # row -> (seed used, the draw, index in it)
+        todo = list(range(len(ids)))
+        for attempt in range(attempts + 1):
+            if not todo:
+                break
+            tried = [derived_seed(seeds[i], attempt) if attempt else seeds[i] for i in todo]
+            drawn = draw(self.pipe, [texts[i] for i in todo], tried, self.cfg)
+            poison_nonfinite([ids[i] for i in todo], drawn, attempt)
+            for j, i in enumerate(todo):
+                if drawn.finite[j]:
+                    done[i] = (tried[j], drawn, j)
+            todo = [i for i in todo if i not in done]
+
+        blank = np.zeros((self.cfg.height, self.cfg.width, 3), np.uint8)
+        out = {k: list(batch[k]) for k in ("id", "seed", "text", "categories")}
+        out.update(status=[], seed_used=[], model_id=[self.model_id] * len(ids), pixels=[], jpg=[], latent=[])
+        if self.cfg.keep_features:
+            out["features"] = []
+        for i in range(len(ids)):
+            seed, d, j = done.get(i, (seeds[i], None, 0))
+            out["status"].append("ok" if d else "dropped")
+            out["seed_used"].append(seed)
+            out["pixels"].append(d.images[j] if d else blank)
+            out["jpg"].append(encode_jpeg(d.images[j], self.cfg.jpeg_quality) if d else b"")
+            out["latent"].append(encode_npy(d.latents[j]) if d else b"")
+            if self.cfg.keep_features:
+                out["features"].append(encode_npz([f[j] for f in d.features]) if d else b"")
+        return out

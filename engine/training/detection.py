@@ -1,0 +1,459 @@
+"""Detector training on real + synthetic data, and its evaluation.
+
+    cfg = load_config("configs/detector.yaml", cls=DetectorJobConfig).detector
+    summary = train_detector(cfg)      # Ray Train + DeepSpeed; resumes; saves cfg.output_dir
+    metrics = evaluate_detector(cfg)   # predictions on cfg.eval_annotations -> COCO AP / LVIS AP
+
+Data: real COCO/LVIS records (engine.data.datasets) and synthetic WebDataset shards (engine.data.shards)
+are mixed so that `mix_ratio` of each epoch's samples are synthetic, streamed through Ray Data
+(shards are read where they are, a shard per read task) and augmented on CPU workers: scale
+jitter around `image_size`, random crop or pad to a fixed `image_size` square canvas, horizontal
+flip. Boxes follow every transform; a box the crop leaves without area is dropped.
+
+Epoch: `samples_per_epoch` samples (0 = every real image once, plus as many synthetic ones as
+the ratio asks; or every synthetic sample once when mix_ratio is 1), rounded down to whole
+batches on every worker so all workers take the same steps. Which real and synthetic samples
+fill an epoch is drawn once per run (seeded): a pool larger than its share is subsampled, a
+smaller one repeated. Augmentation is drawn afresh every epoch.
+
+Training: `train_loop_per_worker` on Ray Train workers, DeepSpeed over gloo (CPU) or NCCL,
+checkpoints every `checkpoint_every` steps under storage_path/name through engine.training.runner;
+rerunning the same command resumes at the saved step. At the end the trained weights go to
+`output_dir` with `save_pretrained` (model + image processor), a folder the "detector" labeller
+of the generation stage loads as its teacher.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from engine.config import (
+    AugmentConfig,
+    ConfigError,
+    DetectorConfig,
+    RayConfig,
+    TrainRunConfig,
+    from_dict,
+)
+from engine.data.datasets import (
+    decode_image,
+    load_detection_dataset,
+    open_image,
+)
+from engine.data.shards import ShardError, ShardStore, iter_samples
+from engine.errors import UserError
+from engine.models.detectors import DETECTORS, build_detector
+from engine.runtime.cluster import connect
+from engine.training.runner import (
+    MODEL_FILE,
+    TrainSummary,
+    all_reduce,
+    deepspeed_config,
+    deepspeed_engine,
+    fit,
+    read_meta,
+    report,
+    restore_checkpoint,
+    seed_everything,
+)
+
+log = logging.getLogger(__name__)
+
+REAL, SYNTHETIC = "real", "synthetic"
+
+
+class DetectionDataError(UserError, ValueError):
+    """Training data that cannot be used as configured; the message names the fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sources
+
+
+@dataclass
+class SyntheticPool:
+    """Finished samples of one or more shard outputs: (shard url, sample key) pairs."""
+    samples: list[tuple[str, str]]
+    categories: set[str]  # every label the generating run could have written
+
+
+def synthetic_pool(paths: list[str], detector_categories: list[str], complete_only: bool = False) -> SyntheticPool:
+    """Finished shards under each path, checked against the detector's categories up front
+    (from the run's run.json, or every sample's labels where it has none), so a disagreeing
+    category fails here with its name instead of deep inside a Ray worker. `complete_only` keeps
+    the samples whose every prompted category has a box."""
+    samples: list[tuple[str, str]] = []
+    labels: set[str] = set()
+    incomplete = 0
+    for path in paths:
+        store = ShardStore(path)
+        entries = store.finished()
+        if not entries:
+            raise DetectionDataError(f"synthetic path {path!r} holds no finished shards; run `instagen generate` "
+                                     f"with output.path={path} first, or remove it from detector.synthetic")
+        urls = {i: store.shard_url(i) for i in sorted(entries)}
+        run = store.run_info()
+        if run is not None:
+            labels |= set(run.get("categories") or [])
+            if not complete_only:
+                samples += [(url, key) for i, url in urls.items() for key in entries[i]["keys"]]
+                continue
+        try:  # the records are read: the run's categories are unknown, or completeness is asked
+            for url in urls.values():
+                for sample in iter_samples([url], decode=False):
+                    record = json.loads(sample["json"])
+                    labels |= set(record["labels"])
+                    if complete_only and not set(record.get("categories", [])) <= set(record["labels"]):
+                        incomplete += 1
+                    else:
+                        samples.append((url, sample["__key__"].rsplit("/", 1)[-1]))
+        except (ShardError, OSError, KeyError, ValueError) as e:
+            raise DetectionDataError(f"synthetic shards under {path!r} cannot be read ({e}); regenerate them") from e
+    if incomplete:
+        log.info("synthetic data: %d images left out, a prompted category without a box (%d kept)",
+                 incomplete, len(samples))
+    if not samples:
+        why = (f"no image has a box for every prompted category ({incomplete} without); lower the labeller's "
+               f"threshold, or set detector.synthetic_complete_only=false") if incomplete else \
+            "every prompt was dropped; generate again, or set detector.mix_ratio=0"
+        raise DetectionDataError(f"the synthetic shards under {', '.join(map(repr, paths))} hold no usable "
+                                 f"samples ({why})")
+    unknown = sorted(labels - set(detector_categories))
+    if unknown:
+        raise DetectionDataError(
+            f"synthetic category {unknown[0]!r}{f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''} "
+            f"is not one of the detector's categories ({', '.join(detector_categories[:10])}"
+            f"{' ...' if len(detector_categories) > 10 else ''}); add it to detector.categories, or train on "
+            f"shards generated for these categories")
+    return SyntheticPool(samples, labels)
+
+
+def detector_categories(cfg: DetectorConfig) -> tuple[list[str], list[dict]]:
+    """The detector's classes and the real rows (boxes of other categories dropped)."""
+    if cfg.mix_ratio >= 1.0:
+        return list(cfg.categories), []
+    # Bad images are found (and skipped) here, not in the pipeline: a row dropped there would
+    # leave one worker a batch short, and Ray Train needs every worker at every step.
+    real = load_detection_dataset(cfg.real_annotations, cfg.real_image_root, fmt=cfg.real_format,
+                                  check_images=True)
+    if real.skipped.total:
+        log.warning("real data: %s", real.skipped.summary())
+    categories = list(cfg.categories) or real.categories
+    keep = set(categories)
+    rows = []
+    for r in real.records:
+        idx = [i for i, label in enumerate(r.labels) if label in keep]
+        rows.append({"id": r.id, "file": r.file, "boxes": json.dumps([r.boxes[i] for i in idx]),
+                     "labels": json.dumps([r.labels[i] for i in idx])})
+    if not rows:
+        raise DetectionDataError(f"real dataset {cfg.real_annotations!r} has no usable images "
+                                 f"({real.skipped.summary()})")
+    return categories, rows
+
+
+# --------------------------------------------------------------------------------------------
+# Mixing
+
+
+@dataclass
+class EpochPlan:
+    real: list[dict]  # real rows, one per sample (repeats allowed)
+    synthetic: dict[str, list[str]]  # shard url -> sample keys to take (repeats allowed)
+    steps_per_epoch: int
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {REAL: len(self.real), SYNTHETIC: sum(len(k) for k in self.synthetic.values())}
+
+
+def plan_epoch(cfg: DetectorConfig, real_rows: list[dict], pool: Optional[SyntheticPool]) -> EpochPlan:
+    """How many real and synthetic samples one epoch holds, and which."""
+    ratio = cfg.mix_ratio
+    n_syn_pool = len(pool.samples) if pool else 0
+    if cfg.samples_per_epoch:
+        total = cfg.samples_per_epoch
+    elif ratio >= 1.0:
+        total = n_syn_pool
+    else:
+        total = math.ceil(len(real_rows) / (1.0 - ratio))
+    per_step = cfg.batch_size * cfg.num_workers
+    steps = total // per_step
+    if steps < 1:
+        raise DetectionDataError(f"an epoch of {total} samples is less than one step of batch_size={cfg.batch_size} "
+                                 f"x num_workers={cfg.num_workers}; lower detector.batch_size or raise "
+                                 f"detector.samples_per_epoch")
+    total = steps * per_step
+    n_syn = round(ratio * total)
+    rng = random.Random(cfg.seed)
+    real = [real_rows[i] for i in _draw(rng, len(real_rows), total - n_syn)]
+    synthetic: dict[str, list[str]] = defaultdict(list)
+    for i in sorted(_draw(rng, n_syn_pool, n_syn)):
+        url, key = pool.samples[i]
+        synthetic[url].append(key)
+    return EpochPlan(real, dict(synthetic), steps)
+
+
+def _draw(rng: random.Random, pool: int, n: int) -> list[int]:
+    """n indices into range(pool): a shuffled subset, or whole shuffled passes plus a subset."""
+    if n and not pool:
+        raise DetectionDataError("an epoch asks for samples from an empty source; check the data paths")
+    out: list[int] = []
+    while len(out) < n:
+        order = list(range(pool))
+        rng.shuffle(order)
+        out += order[:n - len(out)]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Augmentation
+
+
+def augment(image, boxes: list[list[float]], labels: list[Any], size: int, scale: float, flip: bool,
+            crop_xy: tuple[float, float] = (0.0, 0.0), keep_aspect: bool = True):
+    """Resize to `scale` x `size` (longer side; or a square when not keep_aspect), crop to the
+    `size` x `size` canvas at the fraction `crop_xy` of the overhang, flip, pad bottom/right.
+
+    Returns (pixels uint8 (size, size, 3), mask uint8 (size, size) with 1 on the image,
+    boxes xyxy on the canvas, labels of the kept boxes, (valid_w, valid_h))."""
+    from PIL import Image
+    w, h = image.size
+    if keep_aspect:
+        r = scale * size / max(w, h)
+        new_w, new_h = max(1, round(w * r)), max(1, round(h * r))
+    else:
+        new_w = new_h = max(1, round(scale * size))
+    image = image.convert("RGB").resize((new_w, new_h), Image.BILINEAR)
+    sx, sy = new_w / w, new_h / h
+    x0 = round((new_w - size) * crop_xy[0]) if new_w > size else 0
+    y0 = round((new_h - size) * crop_xy[1]) if new_h > size else 0
+    vw, vh = min(new_w, size), min(new_h, size)
+    image = image.crop((x0, y0, x0 + vw, y0 + vh))
+    if flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    kept_boxes, kept_labels = [], []
+    for (bx0, by0, bx1, by1), label in zip(boxes, labels):
+        bx0, bx1 = min(max(bx0 * sx - x0, 0.0), vw), min(max(bx1 * sx - x0, 0.0), vw)
+        by0, by1 = min(max(by0 * sy - y0, 0.0), vh), min(max(by1 * sy - y0, 0.0), vh)
+        if bx1 - bx0 < 1.0 or by1 - by0 < 1.0:
+            continue  # cropped away (or under a pixel): nothing left to detect
+        if flip:
+            bx0, bx1 = vw - bx1, vw - bx0
+        kept_boxes.append([bx0, by0, bx1, by1])
+        kept_labels.append(label)
+    pixels = np.zeros((size, size, 3), dtype=np.uint8)
+    pixels[:vh, :vw] = np.asarray(image)
+    mask = np.zeros((size, size), dtype=np.uint8)
+    mask[:vh, :vw] = 1
+    return pixels, mask, kept_boxes, kept_labels, (vw, vh)
+
+
+def to_target(boxes: list[list[float]], valid: tuple[int, int]) -> list[list[float]]:
+    """xyxy canvas pixels -> (cx, cy, w, h) normalised by the valid region, the DETR targets
+    that post_process_object_detection maps back with the original image size."""
+    vw, vh = valid
+    return [[(x0 + x1) / 2 / vw, (y0 + y1) / 2 / vh, (x1 - x0) / vw, (y1 - y0) / vh] for x0, y0, x1, y1 in boxes]
+
+
+class Augmenter:
+    """Ray Data batch function: decode, augment, and encode the targets of one batch of rows."""
+
+    def __init__(self, categories: list[str], size: int, augment_cfg: dict, keep_aspect: bool, train: bool = True):
+        self.index = {c: i for i, c in enumerate(categories)}
+        self.size, self.keep_aspect, self.train = size, keep_aspect, train
+        self.cfg = AugmentConfig(**augment_cfg)
+        self.rng = np.random.default_rng()  # fresh draws on every epoch's pass
+
+    def __call__(self, batch: dict) -> dict:
+        pixels, masks, targets = [], [], []
+        for i in range(len(batch["source"])):
+            image = open_image(batch["file"][i]) if batch["source"][i] == REAL else decode_image(batch["image"][i])
+            labels = json.loads(batch["labels"][i])
+            unknown = [label for label in labels if label not in self.index]
+            if unknown and batch["source"][i] == SYNTHETIC:
+                raise DetectionDataError(f"synthetic sample {batch['file'][i]} has category {unknown[0]!r}, "
+                                         f"which is not one of the detector's categories")
+            keep = [j for j, label in enumerate(labels) if label in self.index]
+            boxes = [json.loads(batch["boxes"][i])[j] for j in keep]
+            scale = self.rng.uniform(self.cfg.min_scale, self.cfg.max_scale) if self.train else 1.0
+            flip = bool(self.rng.random() < self.cfg.flip_prob) if self.train else False
+            crop = tuple(self.rng.random(2)) if self.train else (0.0, 0.0)
+            px, mask, boxes, kept, valid = augment(image, boxes, [labels[j] for j in keep], self.size, scale,
+                                                   flip, crop, self.keep_aspect)
+            pixels.append(px)
+            masks.append(mask)
+            targets.append(json.dumps({"boxes": to_target(boxes, valid), "labels": [self.index[c] for c in kept]}))
+        return {"pixels": np.stack(pixels), "mask": np.stack(masks), "target": np.array(targets, dtype=object),
+                "source": np.asarray(batch["source"], dtype=object)}
+
+
+def read_shard_samples(item: dict) -> list[dict]:
+    """Ray Data flat_map: the planned samples of one shard, read in one pass over its tar."""
+    wanted = Counter(item["keys"])
+    rows = []
+    for sample in iter_samples([item["url"]], decode=False):
+        key = sample["__key__"].rsplit("/", 1)[-1]
+        if key in wanted:
+            record = json.loads(sample["json"])
+            row = {"source": SYNTHETIC, "file": f"{item['url']}#{key}", "image": sample["jpg"],
+                   "boxes": json.dumps(record["boxes"]), "labels": json.dumps(record["labels"])}
+            rows += [row] * wanted[key]
+    return rows
+
+
+def build_train_dataset(cfg: DetectorConfig, plan: EpochPlan, categories: list[str], keep_aspect: bool):
+    """The Ray Dataset of one epoch: planned real and synthetic rows, augmented on CPU workers."""
+    import ray
+    parts = []
+    if plan.real:
+        rows = [{"source": REAL, "file": r["file"], "image": b"", "boxes": r["boxes"], "labels": r["labels"]}
+                for r in plan.real]
+        parts.append(ray.data.from_items(rows, override_num_blocks=max(1, min(16, len(rows) // 8))))
+    if plan.synthetic:
+        items = [{"url": url, "keys": keys} for url, keys in plan.synthetic.items()]
+        # One read task per shard; a fraction of a CPU, since two trainer workers already hold
+        # most of a small machine.
+        parts.append(ray.data.from_items(items, override_num_blocks=len(items))
+                     .flat_map(read_shard_samples, num_cpus=0.25))
+    ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+    ds = ds.randomize_block_order(seed=None)
+    return ds.map_batches(Augmenter, fn_constructor_args=(categories, cfg.image_size, asdict(cfg.augment), keep_aspect),
+                          batch_size=cfg.batch_size, batch_format="numpy", num_cpus=0.25,
+                          compute=ray.data.ActorPoolStrategy(size=1))
+
+
+def collate(batch: dict, image_mean, image_std) -> dict:
+    """Numpy batch -> the detector's inputs (transformers-style targets) plus the sources."""
+    pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"])).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(image_mean, dtype=torch.float32)[None, :, None, None]
+    std = torch.tensor(image_std, dtype=torch.float32)[None, :, None, None]
+    labels = []
+    for t in batch["target"]:
+        t = json.loads(t)
+        labels.append({"class_labels": torch.tensor(t["labels"], dtype=torch.long),
+                       "boxes": torch.tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4)})
+    return {"pixel_values": (pixels - mean) / std, "pixel_mask": torch.from_numpy(batch["mask"]).long(),
+            "labels": labels, "sources": list(batch["source"])}
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker; everything it needs arrives in `config`."""
+    import ray.train
+    import ray.train.torch
+    cfg: DetectorConfig = from_dict(DetectorConfig, config["detector"])
+    categories, steps_per_epoch, total = config["categories"], config["steps_per_epoch"], config["total_steps"]
+    rank = ray.train.get_context().get_world_rank()
+    seed_everything(cfg.seed + rank)
+    det = build_detector(cfg.kind, cfg.model, categories, cfg.image_size, cfg.attention, cfg.tiny)
+    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+    det.model.to(device).train()
+    engine = deepspeed_engine(det.model, deepspeed_config(
+        cfg.zero_stage, cfg.lr, cfg.weight_decay, cfg.warmup_steps, total, cfg.bf16,
+        batch_per_worker=cfg.batch_size, clip=cfg.clip))
+    history: dict[str, list] = {"losses": [], "epochs": []}
+
+    def on_load(directory: str, meta: dict) -> None:
+        history.update(meta["extra"])
+
+    step = restore_checkpoint(engine, on_load=on_load)
+    shard = ray.train.get_dataset_shard("train")
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    while step < total:
+        epoch, done_in_epoch = divmod(step, steps_per_epoch)
+        seen = Counter()
+        start = time.time()
+        batches = shard.iter_torch_batches(
+            batch_size=cfg.batch_size, drop_last=True, local_shuffle_buffer_size=4 * cfg.batch_size,
+            collate_fn=lambda b: collate(b, det.image_mean, det.image_std))
+        for i, batch in enumerate(batches):
+            if i < done_in_epoch:
+                continue  # resumed mid-epoch: these batches were trained on before the checkpoint
+            if step >= total or i >= steps_per_epoch:
+                break
+            labels = [{k: v.to(device) for k, v in t.items()} for t in batch["labels"]]
+            out = engine(pixel_values=batch["pixel_values"].to(device, dtype),
+                         pixel_mask=batch["pixel_mask"].to(device), labels=labels)
+            engine.backward(out.loss)
+            engine.step()
+            step += 1
+            seen.update(batch["sources"])
+            loss = _finite(float(all_reduce(out.loss.detach().float(), "mean")))
+            history["losses"].append(round(loss, 6))
+            end_of_epoch = i + 1 == steps_per_epoch or step == total
+            metrics = {"loss": loss, "epoch": epoch, "lr": engine.get_lr()[0]}
+            if end_of_epoch:
+                counts = all_reduce(torch.tensor([seen[REAL], seen[SYNTHETIC]], device=device)).tolist()
+                # Samples by source over the epoch's steps on all workers (the mixing check);
+                # after a resume in mid-epoch, over the steps since the checkpoint.
+                history["epochs"].append({"epoch": epoch, REAL: counts[0], SYNTHETIC: counts[1],
+                                          "images_per_s": sum(counts) / max(time.time() - start, 1e-9)})
+                metrics.update(history["epochs"][-1])
+            report(metrics, engine, step, cfg.checkpoint_every, extra=history, last=step == total)
+
+
+def _finite(loss: float) -> float:
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"detector loss became {loss}; lower detector.lr or check the boxes of the data")
+    return loss
+
+
+def check_config(cfg: DetectorConfig) -> None:
+    """The detector section's own checks, and that its kind is one the detector registry builds."""
+    cfg.validate()
+    if cfg.kind not in DETECTORS:
+        raise ConfigError(f"detector.kind {cfg.kind!r} is unknown; choose one of {', '.join(sorted(DETECTORS))}")
+
+
+def prepare(cfg: DetectorConfig) -> tuple[list[str], EpochPlan]:
+    """Everything the driver checks and plans before any worker starts."""
+    check_config(cfg)
+    categories, real_rows = detector_categories(cfg)
+    pool = synthetic_pool(cfg.synthetic, categories, cfg.synthetic_complete_only) if cfg.mix_ratio > 0 else None
+    return categories, plan_epoch(cfg, real_rows, pool)
+
+
+def train_detector(cfg: DetectorConfig, ray_cfg: Optional[RayConfig] = None) -> TrainSummary:
+    """Train on Ray Train workers (resuming an earlier run of the same storage_path/name), then
+    save the detector to cfg.output_dir."""
+    from safetensors.torch import load_file
+
+    start = time.time()
+    categories, plan = prepare(cfg)
+    # Build once on the driver: a bad kind, folder or attention fails here, not in every worker.
+    det = build_detector(cfg.kind, cfg.model, categories, cfg.image_size, "reference", cfg.tiny)
+    total = plan.steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    connect(ray_cfg or RayConfig())
+    dataset = build_train_dataset(cfg, plan, categories, det.keep_aspect)
+    run = TrainRunConfig(storage_path=cfg.storage_path, name=cfg.name, num_workers=cfg.num_workers,
+                         use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker,
+                         max_failures=cfg.max_failures, checkpoint_every=cfg.checkpoint_every)
+    loop_config = {"detector": asdict(cfg), "categories": categories,
+                   "steps_per_epoch": plan.steps_per_epoch, "total_steps": total}
+    result = fit(train_loop_per_worker, loop_config, run, {"train": dataset}, "detector training")
+    with result.checkpoint.as_directory() as d:
+        meta = read_meta(d)
+        det.model.load_state_dict(load_file(os.path.join(d, MODEL_FILE)))
+    history = meta["extra"]
+    losses = history.get("losses", [])
+    summary = TrainSummary(os.path.abspath(cfg.output_dir), int(meta["step"]), result.checkpoint.path,
+                           {"loss": losses[-1] if losses else None, "losses": losses,
+                            "epochs": history.get("epochs", []), "plan": plan.counts}, time.time() - start)
+    record = {**asdict(summary), "categories": categories, "config": asdict(cfg)}
+    det.save(cfg.output_dir, extra_files={"training.json": json.dumps(record, indent=2)})
+    return summary
