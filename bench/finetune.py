@@ -80,7 +80,7 @@ def main() -> None:
     from fixtures_coco import make_coco_dataset
 
     from engine.config import PromptConfig, RayConfig
-    from engine.config import Config, FinetuneConfig
+    from engine.config import Config, FinetuneConfig, TrainRunConfig
     from engine.training.finetune import finetune, prepare
 
     tmp = tempfile.mkdtemp(prefix="bench-finetune-")
@@ -90,9 +90,9 @@ def main() -> None:
     def cfg(workers: int, name: str) -> Config:
         return Config(prompts=PromptConfig(base=cats), ray=RayConfig(num_cpus=2), finetune=FinetuneConfig(
             annotations=ann, image_root=root, crop_size=args.crop, max_steps=args.steps, warmup_steps=1,
-            batch_size=args.batch, num_workers=workers, cpus_per_worker=0.5, zero_stage=2, lr=1e-4, ema=True,
-            checkpoint_every=args.steps, storage_path=os.path.join(tmp, "ray"), name=name,
-            output_dir=os.path.join(tmp, f"pipe-{name}")))
+            batch_size=args.batch, lr=1e-4, ema=True, output_dir=os.path.join(tmp, f"pipe-{name}"),
+            run=TrainRunConfig(num_workers=workers, cpus_per_worker=0.5, zero_stage=2, checkpoint_every=args.steps,
+                               storage_path=os.path.join(tmp, "ray"), name=name)))
 
     rows_ = prepare(cfg(1, "plan"))[1]
     results = []

@@ -32,12 +32,11 @@ from engine.generation.export import export
 from engine.generation.pipeline import generate
 from engine.generation.prompts import make_prompts
 from engine.models.diffusion import check_source
-from engine.runtime.cluster import connect
 from engine.toyworld.loop import load_ablation_config, run_loop
 from engine.toyworld.world import draw_world
 from engine.training.detection import train_detector
 from engine.training.finetune import finetune, prepare, summary_lines
-from engine.training.grounding import check_inputs, train_grounding
+from engine.training.grounding import train_grounding
 
 
 def cmd_generate(args) -> None:
@@ -78,10 +77,7 @@ def cmd_finetune(args) -> None:
 
 def cmd_train_grounding(args) -> None:
     cfg = load_config(args.config, args.overrides)
-    check_inputs(cfg.grounding, cfg.model)
-    connect(cfg.ray)
-    result = train_grounding(cfg.grounding, cfg.model)
-    print(f"[train-grounding] {result.line()}")
+    print(f"[train-grounding] {train_grounding(cfg.grounding, cfg.model, cfg.ray).line()}")
 
 
 def cmd_train_detector(args) -> None:

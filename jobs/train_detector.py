@@ -7,7 +7,7 @@ On a cluster:
     ray job submit --address http://HEAD:8265 --working-dir . \\
         --runtime-env-json '{"env_vars": {"RAY_AUTH_MODE": "disabled"}}' \\
         -- python jobs/train_detector.py --config configs/coco_ovd.yaml \\
-           detector.storage_path=s3://bucket/train detector.num_workers=8 detector.use_gpu=true
+           detector.run.storage_path=s3://bucket/train detector.run.num_workers=8 detector.run.use_gpu=true
 
 The config's `detector:` section is engine.config.DetectorConfig, e.g.
 

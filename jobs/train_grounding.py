@@ -5,19 +5,19 @@ On a laptop (embedded local Ray, the tiny pipeline):
     python jobs/train_grounding.py --config configs/tiny.yaml \\
         grounding.base_shards=outputs/tiny grounding.novel_shards=outputs/tiny_novel \\
         'grounding.base=[person, bicycle, car, dog]' 'grounding.novel=[cat, umbrella]' \\
-        grounding.synthesis_steps=10 grounding.batch_size=4 grounding.train.num_workers=1
+        grounding.synthesis_steps=10 grounding.batch_size=4 grounding.run.num_workers=1
 
 On a cluster:
     ray job submit --address http://HEAD:8265 --working-dir . \\
         --runtime-env-json '{"env_vars": {"RAY_AUTH_MODE": "disabled"}}' \\
         -- python jobs/train_grounding.py --config configs/coco_ovd.yaml \\
-           grounding.train.storage_path=s3://bucket/train grounding.train.num_workers=8 \\
-           grounding.train.use_gpu=true grounding.bf16=true
+           grounding.run.storage_path=s3://bucket/train grounding.run.num_workers=8 \\
+           grounding.run.use_gpu=true grounding.run.bf16=true
 
 The config's `model:` section names the pipeline whose UNet features the head reads (the one
 that generated the shards); its `grounding:` section is engine.config.GroundingTrainConfig.
 Rerunning the same command resumes from the latest checkpoint under
-grounding.train.storage_path/name. The head lands in grounding.output (head.safetensors +
+grounding.run.storage_path/name. The head lands in grounding.output (head.safetensors +
 grounding.json), for annotation.labeller=grounding_head or teacher+head. Bad input exits with
 status 2 and one message saying what to fix.
 """

@@ -16,7 +16,7 @@ CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "to
 # Minutes, not an hour: few images and steps everywhere, the loop and its files unchanged.
 SMALL = [
     "world.pretrain_images=256", "world.train_images=192", "world.test_images=48",
-    "pretrain_vae.max_steps=40", "pretrain_vae.checkpoint_every=20",
+    "pretrain_vae.max_steps=40", "pretrain_vae.run.checkpoint_every=20",
     "pretrain_unet.max_steps=40", "pretrain_unet.batch_size=32", "pretrain_unet.warmup_steps=5",
     "finetune.max_steps=10", "finetune.batch_size=32", "finetune.warmup_steps=2",
     "prompts.images_per_category=4", "synthesis.steps=8",

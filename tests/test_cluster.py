@@ -311,7 +311,6 @@ def memory_run(local_ray):
     """Generate into memory:// with the local Ray. Ray workers cannot see this process's
     memory filesystem, but they never need to: the driver is the only writer of shards."""
     import fsspec
-    import ray
 
     from engine.config import load_config
     from engine.generation.pipeline import generate

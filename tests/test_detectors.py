@@ -8,10 +8,10 @@ import os
 
 import numpy as np
 import pytest
-import ray
 import torch
 from PIL import Image
 
+from engine.config import TrainRunConfig
 from engine.config import ConfigError
 from engine.evaluation.detector import evaluate_detector, load_trained
 from engine.training.detection import REAL, SYNTHETIC, DetectionDataError, augment, prepare, to_target, train_detector
@@ -58,9 +58,9 @@ def make_shards(path, n_shards: int, per_shard: int, labels=("red square", "blue
 
 def base_config(tmp_path, **kw) -> DetectorConfig:
     ann, root = make_coco_dataset(tmp_path / "real", n_images=kw.pop("n_real", 8), categories=CATS)
-    cfg = DetectorConfig(real_annotations=ann, real_image_root=root, storage_path=str(tmp_path / "runs"),
-                         output_dir=str(tmp_path / "detector"), eval_annotations=ann, eval_image_root=root,
-                         batch_size=4, lr=2e-4, checkpoint_every=5, max_failures=0)
+    run = TrainRunConfig(storage_path=str(tmp_path / "runs"), name="detector", checkpoint_every=5, max_failures=0)
+    cfg = DetectorConfig(real_annotations=ann, real_image_root=root, output_dir=str(tmp_path / "detector"),
+                         eval_annotations=ann, eval_image_root=root, batch_size=4, lr=2e-4, run=run)
     for k, v in kw.items():
         setattr(cfg, k, v)
     return cfg

@@ -2,6 +2,7 @@
 real run (two Ray Train workers, DeepSpeed ZeRO-2 on CPU over gloo, tiny SD) that trains,
 checkpoints, survives a worker crash, resumes at the saved step and writes a pipeline the
 generation stage draws with."""
+import dataclasses
 import math
 import os
 
@@ -11,7 +12,7 @@ import torch
 
 from engine.config import ModelConfig, PromptConfig, RayConfig, SynthesisConfig
 from engine.data.datasets import ImageRecord, SkipReport
-from engine.config import Config, FinetuneConfig
+from engine.config import Config, FinetuneConfig, TrainRunConfig
 from engine.training.finetune import (NO_OBJECT, TOO_SMALL, crop_names, crop_scale, decode_crops, make_prompt, plan_crop, plan_samples, prepare, visible_fraction)
 from conftest import ray_with_env
 from fixtures_coco import load_json, make_coco_dataset, write_json
@@ -98,13 +99,19 @@ def test_decode_crops_marks_bad_images(tmp_path):
 # Impossible configs fail before training
 
 
+RUN_KEYS = {f.name for f in dataclasses.fields(TrainRunConfig)}
+
+
 def _cfg(tmp_path, ann, root, **ft) -> Config:
+    """A small fine-tuning config; keys of its `run` section may be given among the others."""
+    run = dict(num_workers=2, cpus_per_worker=0.5, zero_stage=2, checkpoint_every=2,
+               storage_path=str(tmp_path / "ray"), name="run")
+    run.update({k: ft.pop(k) for k in list(ft) if k in RUN_KEYS})
     fields = dict(annotations=ann, image_root=root, crop_size=32, max_steps=4, warmup_steps=1, batch_size=2,
-                  num_workers=2, cpus_per_worker=0.5, zero_stage=2, lr=1e-3, checkpoint_every=2,
-                  storage_path=str(tmp_path / "ray"), name="run", output_dir=str(tmp_path / "pipeline"))
+                  lr=1e-3, output_dir=str(tmp_path / "pipeline"), run=TrainRunConfig(**run))
     fields.update(ft)
     return Config(prompts=PromptConfig(base=["red square", "blue disc"]), ray=RayConfig(num_cpus=2),
-                             finetune=FinetuneConfig(**fields))
+                  finetune=FinetuneConfig(**fields))
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +261,7 @@ def test_resuming_a_different_run_is_refused(coco):
     cfg = _cfg(tmp, ann, root, name="same")
     _check_same_run(cfg, cfg.finetune, ["red square"])
     _check_same_run(cfg, FinetuneConfig(**{**cfg.finetune.__dict__, "max_steps": 50}), ["red square"])  # may grow
-    with pytest.raises(ConfigError, match="set finetune.name to a new run name"):
+    with pytest.raises(ConfigError, match="set finetune.run.name to a new run name"):
         _check_same_run(cfg, FinetuneConfig(**{**cfg.finetune.__dict__, "crop_size": 64}), ["red square"])
 
 

@@ -391,7 +391,7 @@ def test_ray_train_deepspeed_writes_head_and_resumes(pipe, local_ray, tmp_path):
     write_shards(pipe, str(tmp_path / "novel"), toy_rows(pipe, 4, seed=6), novel=True)
     cfg = train_config(base_shards=str(tmp_path / "base"), novel_shards=str(tmp_path / "novel"),
                        novel=["purple square"], epochs=1, transfer_epoch=1, beta=0.0, output=str(tmp_path / "head"),
-                       train=TrainRunConfig(storage_path=str(tmp_path / "runs"), name="g", num_workers=1,
+                       run=TrainRunConfig(storage_path=str(tmp_path / "runs"), name="g", num_workers=1,
                                             cpus_per_worker=1.0, checkpoint_every=100))
     result = train_grounding(cfg, ModelConfig(source="tiny"))
     assert result.steps == 2  # 8 rows / batch 4, supervised only
@@ -407,7 +407,7 @@ def test_ray_train_deepspeed_writes_head_and_resumes(pipe, local_ray, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
     # Self-training from that head (init_head): only the epoch after the transfer runs.
     warm = dataclasses.replace(cfg, init_head=str(tmp_path / "head"), output=str(tmp_path / "warm"),
-                               train=dataclasses.replace(cfg.train, name="warm"))
+                               run=dataclasses.replace(cfg.run, name="warm"))
     result = train_grounding(warm, ModelConfig(source="tiny"))
     assert result.steps == 2 and result.metrics["epoch"] == 1 and "pseudo_boxes" in result.metrics
 

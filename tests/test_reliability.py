@@ -6,7 +6,6 @@ import os
 import tarfile
 
 import pytest
-import ray
 from conftest import ray_with_env
 
 from engine.config import load_config

@@ -16,6 +16,11 @@ from engine.errors import ConfigError
 DETECTOR_ATTENTION = ("reference", "project_op")
 
 
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
 @dataclass
 class TinyModelConfig:
     """Sizes of the tiny randomly initialised Stable Diffusion used on CPU and in tests."""
@@ -113,6 +118,35 @@ class RayConfig:
 
 
 @dataclass
+class TrainRunConfig:
+    """How a trainer runs on Ray Train + DeepSpeed: the `run` section of finetune, grounding and
+    detector alike. A rerun with the same storage_path and name resumes from its checkpoints."""
+    storage_path: str = "outputs/train"  # a local path or a URL every worker reaches
+    name: str = "run"
+    num_workers: int = 1
+    cpus_per_worker: float = 0.5  # on a 2-CPU machine two workers must leave CPU for Ray Data
+    use_gpu: bool = False  # one GPU per worker (NCCL); CPU workers all-reduce over gloo
+    # bf16 weights and activations, GPU only: on CPU bf16 matmuls are slow and gloo reduces fp32.
+    bf16: bool = False
+    zero_stage: int = 1  # DeepSpeed ZeRO 0, 1 or 2 (optimizer state, and gradients, sharded)
+    data_cpus: float = 0.5  # CPU kept free for Ray Data tasks (0 for a trainer without datasets)
+    max_failures: int = 2  # worker-group restarts before the run fails
+    checkpoint_every: int = 50
+
+    def validate(self, section: str) -> None:
+        where = f"{section}.run"
+        _require(self.num_workers >= 1, f"{where}.num_workers must be >= 1, got {self.num_workers}")
+        _require(self.cpus_per_worker > 0 and self.data_cpus >= 0,
+                 f"{where}.cpus_per_worker must be > 0 and {where}.data_cpus >= 0")
+        _require(self.zero_stage in (0, 1, 2), f"{where}.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
+        _require(not self.bf16 or self.use_gpu, f"{where}.bf16 needs {where}.use_gpu=true (bf16 is for GPUs)")
+        _require(self.max_failures >= 0 and self.checkpoint_every >= 1,
+                 f"{where}.max_failures must be >= 0 and {where}.checkpoint_every >= 1")
+        _require(bool(self.name) and "/" not in self.name,
+                 f"{where}.name must be a plain run name (no '/'), got {self.name!r}")
+
+
+@dataclass
 class FinetuneConfig:
     annotations: str = ""  # COCO/LVIS instances JSON: local path or fsspec URL
     image_root: str = ""
@@ -154,36 +188,18 @@ class FinetuneConfig:
     batch_size: int = 4  # per worker
     grad_accum: int = 1
     clip: float = 1.0
-    num_workers: int = 1
-    cpus_per_worker: float = 1.0
-    use_gpu: str = "auto"  # auto (GPU when the cluster has one) | true | false
-    data_cpus: float = 0.25  # CPUs per Ray Data decode-and-crop task
-    zero_stage: int = 2
     ema: bool = True
     ema_decay: float = 0.9999
     grad_checkpointing: bool = True  # GPU only: on CPU memory is not the limit, time is
     latent_cache_mb: float = 1024  # per worker, on its device: VAE encodings of crops that come back (0 = off)
-    storage_path: str = "outputs/finetune/ray"
-    name: str = "sd-finetune"
     output_dir: str = "outputs/finetune/pipeline"
     seed: int = 0
-    max_failures: int = 2
-    checkpoint_every: int = 500
     # Debugging: train on one batch, one noise draw and one set of timesteps, over and over. The
     # loss must then fall; if it does not, the training step itself is broken.
     overfit_batch: bool = False
-
-
-@dataclass
-class TrainRunConfig:
-    storage_path: str = "outputs/train"
-    name: str = "run"
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = 0.5  # on a 2-CPU machine two workers must leave CPU for Ray Data
-    max_failures: int = 2
-    checkpoint_every: int = 50
-    data_cpus: float = 0.5  # CPU kept free for Ray Data tasks (0 for a trainer without datasets)
+    run: TrainRunConfig = field(default_factory=lambda: TrainRunConfig(
+        storage_path="outputs/finetune/ray", name="sd-finetune", cpus_per_worker=1.0, zero_stage=2,
+        data_cpus=0.25, checkpoint_every=500))
 
 
 @dataclass
@@ -241,16 +257,6 @@ class DetectorConfig:
     epochs: int = 1
     max_steps: int = 0  # > 0 caps the total steps (smoke runs, benchmarks)
     seed: int = 0
-    # Ray Train / DeepSpeed
-    num_workers: int = 1
-    cpus_per_worker: float = 0.5
-    use_gpu: bool = False
-    zero_stage: int = 1
-    bf16: bool = False
-    checkpoint_every: int = 50
-    max_failures: int = 2
-    storage_path: str = "outputs/train"
-    name: str = "detector"
     output_dir: str = "outputs/detector"
     # Evaluation
     eval_annotations: Optional[str] = None
@@ -263,35 +269,32 @@ class DetectorConfig:
     draw_images: int = 8  # images in the predictions PNG
     draw_threshold: float = 0.3
     eval_dir: str = ""  # "" = output_dir/eval
+    run: TrainRunConfig = field(default_factory=lambda: TrainRunConfig(name="detector"))
 
     def validate(self) -> None:
-        def require(ok: bool, message: str) -> None:
-            if not ok:
-                raise ConfigError(message)
-        require(self.attention in DETECTOR_ATTENTION, f"detector.attention must be one of {', '.join(DETECTOR_ATTENTION)}, "
-                                             f"got {self.attention!r}")
-        require(0.0 <= self.mix_ratio <= 1.0, f"detector.mix_ratio must lie in [0, 1], got {self.mix_ratio}")
-        require(self.mix_ratio == 0.0 or bool(self.synthetic),
-                f"detector.mix_ratio={self.mix_ratio} asks for synthetic samples but detector.synthetic "
-                f"names no shard path; set detector.synthetic=[path] or detector.mix_ratio=0")
-        require(self.mix_ratio == 1.0 or bool(self.real_annotations and self.real_image_root),
-                f"detector.mix_ratio={self.mix_ratio} asks for real samples; set detector.real_annotations "
-                f"and detector.real_image_root, or detector.mix_ratio=1 for synthetic data only")
-        require(self.mix_ratio < 1.0 or bool(self.categories),
-                "with synthetic data only (mix_ratio=1) list the detector's classes in detector.categories")
-        require(self.real_format in ("coco", "lvis") and self.eval_format in ("coco", "lvis"),
-                "detector.real_format and detector.eval_format must be coco or lvis")
-        require(self.image_size >= 32 and self.image_size % 32 == 0,
-                f"detector.image_size must be a multiple of 32 (the backbone's stride), got {self.image_size}")
+        _require(self.attention in DETECTOR_ATTENTION,
+                 f"detector.attention must be one of {', '.join(DETECTOR_ATTENTION)}, got {self.attention!r}")
+        _require(0.0 <= self.mix_ratio <= 1.0, f"detector.mix_ratio must lie in [0, 1], got {self.mix_ratio}")
+        _require(self.mix_ratio == 0.0 or bool(self.synthetic),
+                 f"detector.mix_ratio={self.mix_ratio} asks for synthetic samples but detector.synthetic "
+                 f"names no shard path; set detector.synthetic=[path] or detector.mix_ratio=0")
+        _require(self.mix_ratio == 1.0 or bool(self.real_annotations and self.real_image_root),
+                 f"detector.mix_ratio={self.mix_ratio} asks for real samples; set detector.real_annotations "
+                 f"and detector.real_image_root, or detector.mix_ratio=1 for synthetic data only")
+        _require(self.mix_ratio < 1.0 or bool(self.categories),
+                 "with synthetic data only (mix_ratio=1) list the detector's classes in detector.categories")
+        _require(self.real_format in ("coco", "lvis") and self.eval_format in ("coco", "lvis"),
+                 "detector.real_format and detector.eval_format must be coco or lvis")
+        _require(self.image_size >= 32 and self.image_size % 32 == 0,
+                 f"detector.image_size must be a multiple of 32 (the backbone's stride), got {self.image_size}")
         a = self.augment
-        require(0.0 <= a.flip_prob <= 1.0, "detector.augment.flip_prob must lie in [0, 1]")
-        require(0.0 < a.min_scale <= a.max_scale, "detector.augment needs 0 < min_scale <= max_scale")
-        require(self.batch_size >= 1 and self.epochs >= 1 and self.max_steps >= 0 and self.samples_per_epoch >= 0,
-                "detector.batch_size and epochs must be >= 1, max_steps and samples_per_epoch >= 0")
-        require(self.num_workers >= 1, "detector.num_workers must be >= 1")
-        require(self.zero_stage in (0, 1, 2), f"detector.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
-        require(not (self.eval_format == "lvis" and (self.base or self.novel)),
-                "detector.base/novel apply to eval_format coco; for LVIS the novel metric is APr")
+        _require(0.0 <= a.flip_prob <= 1.0, "detector.augment.flip_prob must lie in [0, 1]")
+        _require(0.0 < a.min_scale <= a.max_scale, "detector.augment needs 0 < min_scale <= max_scale")
+        _require(self.batch_size >= 1 and self.epochs >= 1 and self.max_steps >= 0 and self.samples_per_epoch >= 0,
+                 "detector.batch_size and epochs must be >= 1, max_steps and samples_per_epoch >= 0")
+        self.run.validate("detector")
+        _require(not (self.eval_format == "lvis" and (self.base or self.novel)),
+                 "detector.base/novel apply to eval_format coco; for LVIS the novel metric is APr")
 
 
 class GroundingConfigError(ConfigError):
@@ -378,13 +381,12 @@ class GroundingTrainConfig:
     # continues the supervised head). "" = train from scratch.
     init_head: str = ""
     feature_cache_mb: float = 1024  # UNet features kept per sample and worker (Featurizer)
-    zero_stage: int = 0
-    bf16: bool = False  # only on GPU
     seed: int = 0
     output: str = "outputs/grounding"
     head: GroundingConfig = field(default_factory=GroundingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    train: TrainRunConfig = field(default_factory=lambda: TrainRunConfig(name="grounding"))
+    run: TrainRunConfig = field(default_factory=lambda: TrainRunConfig(name="grounding", num_workers=2,
+                                                                       zero_stage=0))
 
     def validate(self) -> None:
         if not self.base_shards:
@@ -400,9 +402,10 @@ class GroundingTrainConfig:
                                       f"[0, epochs={self.epochs}]")
         if not (0 <= self.alpha <= 1 and 0 <= self.beta <= 1 and 0 <= self.ema_momentum <= 1):
             raise GroundingTrainError("grounding.alpha, beta and ema_momentum must lie in [0, 1]")
-        if self.batch_size < self.train.num_workers or self.batch_size % self.train.num_workers:
+        self.run.validate("grounding")
+        if self.batch_size < self.run.num_workers or self.batch_size % self.run.num_workers:
             raise GroundingTrainError(f"grounding.batch_size ({self.batch_size}) must be a multiple of "
-                                      f"grounding.train.num_workers ({self.train.num_workers})")
+                                      f"grounding.run.num_workers ({self.run.num_workers})")
         if self.synthesis_steps < 2:
             raise GroundingTrainError("grounding.synthesis_steps must be >= 2")
         if self.max_per_category < 0:
@@ -431,11 +434,6 @@ class Config:
 
     def validate(self) -> None:
         _validate(self)
-
-
-def _require(cond: bool, message: str) -> None:
-    if not cond:
-        raise ConfigError(message)
 
 
 def _validate(cfg: Config) -> None:

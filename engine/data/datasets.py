@@ -28,6 +28,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from engine.errors import UserError
+from engine.runtime.storage import read_bytes, read_json
 
 FORMATS = ("coco", "lvis")
 REQUIRED_FIELDS = ("images", "annotations", "categories")
@@ -129,15 +130,6 @@ def resolve_file(image_root: str, file_name: str) -> str:
     return os.path.join(os.path.expanduser(image_root), file_name)
 
 
-def read_bytes(path: str) -> bytes:
-    if _is_url(path):
-        import fsspec
-        with fsspec.open(path, "rb") as f:
-            return f.read()
-    with open(path, "rb") as f:
-        return f.read()
-
-
 def _exists(path: str) -> bool:
     if _is_url(path):
         import fsspec
@@ -163,16 +155,8 @@ def open_image(file: str) -> Image.Image:
 
 
 def _load_json(path: str) -> dict:
-    try:
-        raw = read_bytes(path)
-    except FileNotFoundError:
-        raise DatasetError(f"annotation file {path!r} does not exist; set the dataset's annotations "
-                           f"path to a COCO/LVIS instances JSON") from None
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"annotation file {path!r} is not valid JSON ({e}); is it a COCO/LVIS "
-                           f"instances file, and was it fully downloaded?") from None
+    data = read_json(path, "annotation file", DatasetError,
+                     "set the dataset's annotations path to a COCO/LVIS instances JSON")
     if not isinstance(data, dict):
         raise DatasetError(f"annotation file {path!r} holds a JSON {type(data).__name__}, not the COCO/LVIS "
                            f"object with images, annotations and categories")

@@ -6,13 +6,12 @@ picture of its predictions.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Optional
 
 from engine.config import ConfigError, DetectorConfig
-from engine.data.datasets import open_image, read_bytes, resolve_file
+from engine.data.datasets import open_image, resolve_file
 from engine.evaluation.metrics import (
     draw_predictions,
     evaluate_coco,
@@ -21,6 +20,7 @@ from engine.evaluation.metrics import (
     write_report,
 )
 from engine.models.detectors import Detector, load_detector
+from engine.runtime.storage import read_json
 from engine.training.detection import DetectionDataError
 
 
@@ -53,16 +53,6 @@ def predict_coco(det: Detector, gt: dict, image_root: str, batch_size: int = 8,
     return results, per_image
 
 
-def _read_json(path: str) -> dict:
-    """The ground truth; engine.evaluation.metrics validates its content."""
-    try:
-        return json.loads(read_bytes(path))
-    except FileNotFoundError:
-        raise DetectionDataError(f"ground truth {path!r} does not exist; set detector.eval_annotations") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DetectionDataError(f"ground truth {path!r} is not valid JSON ({e})") from None
-
-
 def evaluate_detector(cfg: DetectorConfig, folder: Optional[str] = None, out_dir: Optional[str] = None) -> dict:
     """Predict on cfg.eval_annotations, then write OUT/detections.json (COCO results), OUT/report.json
     and .md (engine.evaluation.metrics), and OUT/predictions.png. Returns the metrics."""
@@ -70,7 +60,7 @@ def evaluate_detector(cfg: DetectorConfig, folder: Optional[str] = None, out_dir
         raise ConfigError("set detector.eval_annotations and detector.eval_image_root to evaluate")
     out_dir = out_dir or cfg.eval_dir or os.path.join(cfg.output_dir, "eval")
     det = load_trained(cfg, folder)
-    gt = _read_json(cfg.eval_annotations)
+    gt = read_json(cfg.eval_annotations, "ground truth", DetectionDataError, "set detector.eval_annotations")
     start = time.time()
     detections, per_image = predict_coco(det, gt, cfg.eval_image_root, cfg.eval_batch_size, cfg.eval_threshold)
     predict_s = time.time() - start

@@ -41,12 +41,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Optional, Union
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from engine.data.sheet import Tile, contact_sheet
 from engine.errors import UserError
-from engine.runtime.storage import write_file
+from engine.runtime.storage import read_json, write_file
 
 PathLike = Union[str, "os.PathLike[str]"]
 Detection = dict[str, Any]
@@ -190,7 +191,7 @@ def save_detections(path: PathLike, detections: list[Detection]) -> str:
 
 def load_detections(path: PathLike) -> list[Detection]:
     """Read a COCO results JSON written by save_detections (or any detector that emits one)."""
-    data = _load_json(path, "detections")
+    data = read_json(path, "detections file", EvaluationError)
     return _validate_detection_entries(data, source=f"detections file {os.fspath(path)}")
 
 
@@ -236,40 +237,15 @@ def draw_predictions(images: Sequence[tuple[Image.Image, Sequence[Mapping[str, A
     if not images:
         raise EvaluationError("draw_predictions got no images; pass at least one "
                               "(image, detections) pair")
-    font = ImageFont.load_default()
     tiles = []
     for index, (image, dets) in enumerate(images):
         clean = _validate_detection_entries(list(dets), source=f"predictions of image {index}")
-        scale = min(1.0, max_side / max(image.size))
-        tile = image.convert("RGB")
-        if scale < 1.0:
-            tile = tile.resize((max(1, round(tile.width * scale)),
-                                max(1, round(tile.height * scale))))
-        draw = ImageDraw.Draw(tile)
-        for det in clean:
-            if det["score"] < score_threshold:
-                continue
-            x, y, w, h = (v * scale for v in det["bbox"])
-            color = _color(det["category_id"])
-            draw.rectangle([x, y, x + w, y + h], outline=color, width=2)
-            label = f"{categories.get(det['category_id'], det['category_id'])} {det['score']:.2f}"
-            left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
-            # Above the box when there is room, else just inside its top edge.
-            label_y = y - bottom if y >= bottom else y
-            draw.rectangle([x, label_y, x + right, label_y + bottom], fill=color)
-            draw.text((x, label_y), label, fill=(0, 0, 0), font=font)
-        tiles.append(tile)
-
-    columns = max(1, min(columns, len(tiles)))
-    rows = math.ceil(len(tiles) / columns)
-    cell_w = max(t.width for t in tiles)
-    cell_h = max(t.height for t in tiles)
-    sheet = Image.new("RGB", (columns * cell_w, rows * cell_h), (40, 40, 40))
-    for index, tile in enumerate(tiles):
-        sheet.paste(tile, ((index % columns) * cell_w, (index // columns) * cell_h))
-    buffer = io.BytesIO()
-    sheet.save(buffer, format="PNG")
-    write_file(path, buffer.getvalue())
+        boxes = [((x, y, x + w, y + h), f"{categories.get(d['category_id'], d['category_id'])} {d['score']:.2f}",
+                  _color(d["category_id"]))
+                 for d in clean if d["score"] >= score_threshold for x, y, w, h in [d["bbox"]]]
+        tiles.append(Tile(image, boxes))
+    png = contact_sheet(tiles, columns, side=max_side, enlarge=False, background=(40, 40, 40))
+    write_file(path, png)
     return os.fspath(path)
 
 
@@ -297,7 +273,7 @@ def _prepare_gt(gt: Union[PathLike, dict], lvis: bool) -> dict[str, Any]:
     kind = "LVIS" if lvis else "COCO"
     source = f"ground truth {os.fspath(gt)}" if isinstance(gt, (str, os.PathLike)) \
         else "ground truth"
-    data = _load_json(gt, "ground truth") if isinstance(gt, (str, os.PathLike)) else gt
+    data = read_json(gt, "ground truth file", EvaluationError) if isinstance(gt, (str, os.PathLike)) else gt
     if not isinstance(data, dict):
         raise EvaluationError(f"{source} must be a {kind} JSON object with "
                               f"{', '.join(GT_FIELDS)}; got a {type(data).__name__}"
@@ -504,17 +480,6 @@ def _quiet_lvis_logging() -> Iterator[None]:
             yield
     finally:
         logger.setLevel(level)
-
-
-def _load_json(path: PathLike, what: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise EvaluationError(f"{what} file {os.fspath(path)} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise EvaluationError(f"{what} file {os.fspath(path)} is not valid JSON ({e}); "
-                              f"was it cut off while being written?") from None
 
 
 def _metric(value: float) -> Optional[float]:

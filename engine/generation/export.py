@@ -10,9 +10,10 @@ import json
 from typing import Optional
 
 import fsspec
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from engine.data.shards import ShardError, ShardStore, iter_samples
+from engine.data.sheet import BASE_COLOUR, NOVEL_COLOUR, Tile, contact_sheet
 from engine.runtime.storage import write_atomic
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
@@ -68,7 +69,7 @@ def export(output: str, dest: Optional[str] = None, write_images: bool = True,
             "images": images, "annotations": annotations, "categories": categories}
     write_atomic(fs, f"{root}/coco.json", json.dumps(coco).encode())
     write_atomic(fs, f"{root}/lvis.json", json.dumps(_to_lvis(coco)).encode())
-    write_atomic(fs, f"{root}/preview.png", preview_sheet(previews, novel))
+    write_atomic(fs, f"{root}/preview.png", contact_sheet([preview_tile(img, meta, novel) for img, meta in previews]))
     return {"images": len(images), "annotations": len(annotations), "coco": f"{dest}/coco.json",
             "lvis": f"{dest}/lvis.json", "preview": f"{dest}/preview.png"}
 
@@ -89,28 +90,9 @@ def _to_lvis(coco: dict) -> dict:
     return {"info": coco["info"], "images": images, "annotations": anns, "categories": cats}
 
 
-def preview_sheet(samples: list[tuple[Image.Image, dict]], novel: set, columns: int = 4,
-                  cell: int = 256) -> bytes:
-    """A grid of generated images with their boxes and category names; base and novel categories
-    in different colours, as in the paper's figures (base: green, novel: orange)."""
-    columns = max(1, min(columns, len(samples) or 1))
-    rows = max(1, (len(samples) + columns - 1) // columns)
-    caption_h = 28
-    sheet = Image.new("RGB", (columns * cell, rows * (cell + caption_h)), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    for n, (img, meta) in enumerate(samples):
-        x, y = (n % columns) * cell, (n // columns) * (cell + caption_h)
-        scale_x, scale_y = cell / img.width, cell / img.height
-        sheet.paste(img.resize((cell, cell)), (x, y))
-        for box, label, score in zip(meta["boxes"], meta["labels"], meta["scores"]):
-            colour = (255, 140, 0) if label in novel else (0, 200, 0)
-            x0, y0, x1, y1 = box
-            rect = [x + x0 * scale_x, y + y0 * scale_y, x + x1 * scale_x, y + y1 * scale_y]
-            draw.rectangle(rect, outline=colour, width=2)
-            draw.text((rect[0] + 2, rect[1] + 1), f"{label} {score:.2f}", fill=colour)
-        draw.text((x + 4, y + cell + 2), meta["prompt"][:40], fill=(0, 0, 0))
-        draw.text((x + 4, y + cell + 14), f"{len(meta['boxes'])} boxes", fill=(90, 90, 90))
-    buf = io.BytesIO()
-    sheet.save(buf, format="PNG")
-    return buf.getvalue()
-
+def preview_tile(image: Image.Image, meta: dict, novel: set) -> Tile:
+    """A generated image with its boxes and scores (base green, novel orange, as in the paper's
+    figures), its prompt and box count beneath."""
+    boxes = [(box, f"{label} {score:.2f}", NOVEL_COLOUR if label in novel else BASE_COLOUR)
+             for box, label, score in zip(meta["boxes"], meta["labels"], meta["scores"])]
+    return Tile(image, boxes, [meta["prompt"][:40], f"{len(meta['boxes'])} boxes"])

@@ -105,9 +105,9 @@ def build_tiny_pipeline(cfg: TinyModelConfig):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     n = len(cfg.block_out_channels)
-    devices_state = torch.random.get_rng_state()
-    torch.manual_seed(cfg.seed)
-    try:
+    # Every actor builds the same random weights, without disturbing the caller's random state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
         unet = UNet2DConditionModel(
             sample_size=8, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
             block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
@@ -128,8 +128,6 @@ def build_tiny_pipeline(cfg: TinyModelConfig):
                 projection_dim=cfg.cross_attention_dim, max_position_embeddings=cfg.text_max_length,
                 bos_token_id=0, eos_token_id=1, pad_token_id=1))
             tokenizer = tiny_tokenizer(cfg.text_max_length)
-    finally:
-        torch.random.set_rng_state(devices_state)
     if cfg.text_encoder:
         text_encoder, tokenizer = load_text_encoder(cfg.text_encoder, cfg.text_max_length)
     hidden = text_encoder.config.hidden_size

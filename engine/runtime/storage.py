@@ -2,14 +2,17 @@
 whole new one, never half of one, and a failed write leaves no temporary behind."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 import uuid
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import fsspec
+
+from engine.errors import UserError
 
 
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
@@ -58,3 +61,24 @@ def atomic_folder(folder: str) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_bytes(path: str) -> bytes:
+    """The whole file at a local path or any fsspec URL (s3://, gs://, ...)."""
+    with fsspec.open(os.fspath(path), "rb") as f:
+        return f.read()
+
+
+def read_json(path: str, what: str, error: type[UserError], hint: str = "") -> Any:
+    """The JSON document at `path`; a missing or malformed file raises `error` naming `what` it
+    should have been and, after a semicolon, `hint`: how to fix it. JSON is parsed as data only."""
+    hint = f"; {hint}" if hint else ""
+    try:
+        raw = read_bytes(path)
+    except FileNotFoundError:
+        raise error(f"{what} {os.fspath(path)!r} does not exist{hint}") from None
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{what} {os.fspath(path)!r} is not valid JSON ({e}); was it cut off while being "
+                    f"written or downloaded?") from None

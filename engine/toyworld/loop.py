@@ -52,16 +52,18 @@ from engine.config import (
     PromptConfig,
     RayConfig,
     SynthesisConfig,
+    TrainRunConfig,
     fingerprint,
     load_config,
     to_dict,
 )
 from engine.data.shards import iter_samples, shard_urls
+from engine.data.sheet import BASE_COLOUR, NOVEL_COLOUR, Tile, contact_sheet
 from engine.evaluation.detector import evaluate_detector
 from engine.evaluation.metrics import evaluate_coco
 from engine.generation.pipeline import generate
 from engine.runtime.cluster import connect
-from engine.runtime.storage import write_atomic
+from engine.runtime.storage import write_atomic, write_file
 from engine.toyworld.world import WorldConfig, draw_world
 from engine.training.detection import train_detector
 from engine.training.finetune import finetune
@@ -207,9 +209,13 @@ class Loop:
         return self.stages.run("world", dataclasses.asdict(self.cfg.world),
                                lambda: draw_world(self.world_dir, self.cfg.world), [self.world_dir], after=[])
 
+    def run_settings(self, run: TrainRunConfig, name: str) -> TrainRunConfig:
+        """A stage's Ray Train run: its checkpoints under WORKDIR/ray/<stage name>."""
+        return dataclasses.replace(run, storage_path=self.path("ray"), name=name)
+
     def train_generator(self, name: str, fc: FinetuneConfig, source: str, after: str, **data) -> str:
         out = self.path("models", name)
-        fc = dataclasses.replace(fc, storage_path=self.path("ray"), name=name, output_dir=out, **data)
+        fc = dataclasses.replace(fc, run=self.run_settings(fc.run, name), output_dir=out, **data)
         cfg = Config(model=dataclasses.replace(self.cfg.model, source=source),
                      prompts=dataclasses.replace(self.cfg.prompts, base=self.base, novel=self.novel),
                      finetune=fc, ray=self.cfg.ray)
@@ -254,11 +260,11 @@ class Loop:
             alpha=a.alpha, beta=a.beta, nms_iou=a.nms_iou, max_per_category=a.max_per_category,
             output=out, init_head=init_head,
             epochs=g.epochs if novel_shards else g.transfer_epoch,
-            train=dataclasses.replace(g.train, storage_path=self.path("ray"), name=name))
+            run=self.run_settings(g.run, name))
         model = ModelConfig(source=source, scheduler=self.cfg.model.scheduler)
 
         def run() -> dict:
-            s = train_grounding(gc, model)
+            s = train_grounding(gc, model, self.cfg.ray)
             return {"step": s.steps, "loss": s.metrics.get("loss")}
         self.stages.run(name, {"grounding": to_dict(gc)}, run, [out, self.path("ray", name)], after)
         return out
@@ -284,7 +290,7 @@ class Loop:
                                  synthetic_complete_only=section.synthetic_complete_only and bool(synthetic),
                                  categories=categories,
                                  base=self.base, novel=novel, eval_annotations=test_ann, eval_image_root=test_root,
-                                 storage_path=self.path("ray"), name=name, output_dir=self.path("models", name),
+                                 run=self.run_settings(section.run, name), output_dir=self.path("models", name),
                                  eval_dir=self.path("eval", name))
 
         def run() -> dict:
@@ -417,36 +423,23 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-BASE_COLOUR, NOVEL_COLOUR = (40, 220, 80), (255, 140, 0)
 
 
 def draw_samples(shard_paths: tuple[str, str], base: list[str], path: str, per_set: int = 16,
-                 scale: int = 3, columns: int = 8) -> str:
+                 side: int = 192, columns: int = 8) -> str:
     """A PNG of generated images with their boxes: base-category boxes green, novel orange (the
     paper's figures), first `per_set` images of the base set, then of the novel set."""
-    from PIL import Image, ImageDraw
-
     tiles = []
     for shards in shard_paths:
         for i, s in enumerate(iter_samples(shard_urls(shards))):
             if i == per_set:
                 break
-            img = s["jpg"].resize((s["jpg"].width * scale, s["jpg"].height * scale), Image.NEAREST)
-            d = ImageDraw.Draw(img)
             rec = s["json"]
-            for box, label in zip(rec["boxes"], rec["labels"]):
-                colour = BASE_COLOUR if label in base else NOVEL_COLOUR
-                d.rectangle([v * scale for v in box], outline=colour, width=2)
-                d.text((box[0] * scale + 2, box[1] * scale + 1), label, fill=colour)
-            tiles.append(img)
+            tiles.append(Tile(s["jpg"], [(box, label, BASE_COLOUR if label in base else NOVEL_COLOUR)
+                                         for box, label in zip(rec["boxes"], rec["labels"])]))
     if not tiles:
         raise ValueError(f"no generated samples under {shard_paths}")
-    w, h = tiles[0].size
-    rows = (len(tiles) + columns - 1) // columns
-    sheet = Image.new("RGB", (columns * w, rows * h), (255, 255, 255))
-    for k, t in enumerate(tiles):
-        sheet.paste(t, ((k % columns) * w, (k // columns) * h))
-    sheet.save(path)
+    write_file(path, contact_sheet(tiles, columns, side))
     return path
 
 

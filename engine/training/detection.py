@@ -42,7 +42,6 @@ from engine.config import (
     ConfigError,
     DetectorConfig,
     RayConfig,
-    TrainRunConfig,
     from_dict,
 )
 from engine.data.datasets import (
@@ -186,11 +185,11 @@ def plan_epoch(cfg: DetectorConfig, real_rows: list[dict], pool: Optional[Synthe
         total = n_syn_pool
     else:
         total = math.ceil(len(real_rows) / (1.0 - ratio))
-    per_step = cfg.batch_size * cfg.num_workers
+    per_step = cfg.batch_size * cfg.run.num_workers
     steps = total // per_step
     if steps < 1:
         raise DetectionDataError(f"an epoch of {total} samples is less than one step of batch_size={cfg.batch_size} "
-                                 f"x num_workers={cfg.num_workers}; lower detector.batch_size or raise "
+                                 f"x run.num_workers={cfg.run.num_workers}; lower detector.batch_size or raise "
                                  f"detector.samples_per_epoch")
     total = steps * per_step
     n_syn = round(ratio * total)
@@ -359,10 +358,10 @@ def train_loop_per_worker(config: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
     seed_everything(cfg.seed + rank)
     det = build_detector(cfg.kind, cfg.model, categories, cfg.image_size, cfg.attention, cfg.tiny)
-    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+    device = ray.train.torch.get_device() if cfg.run.use_gpu else torch.device("cpu")
     det.model.to(device).train()
     engine = deepspeed_engine(det.model, deepspeed_config(
-        cfg.zero_stage, cfg.lr, cfg.weight_decay, cfg.warmup_steps, total, cfg.bf16,
+        cfg.run.zero_stage, cfg.lr, cfg.weight_decay, cfg.warmup_steps, total, cfg.run.bf16,
         batch_per_worker=cfg.batch_size, clip=cfg.clip))
     history: dict[str, list] = {"losses": [], "epochs": []}
 
@@ -371,7 +370,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     step = restore_checkpoint(engine, on_load=on_load)
     shard = ray.train.get_dataset_shard("train")
-    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    dtype = torch.bfloat16 if cfg.run.bf16 else torch.float32
     while step < total:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         seen = Counter()
@@ -402,7 +401,7 @@ def train_loop_per_worker(config: dict) -> None:
                 history["epochs"].append({"epoch": epoch, REAL: counts[0], SYNTHETIC: counts[1],
                                           "images_per_s": sum(counts) / max(time.time() - start, 1e-9)})
                 metrics.update(history["epochs"][-1])
-            report(metrics, engine, step, cfg.checkpoint_every, extra=history, last=step == total)
+            report(metrics, engine, step, cfg.run.checkpoint_every, extra=history, last=step == total)
 
 
 def _finite(loss: float) -> float:
@@ -440,12 +439,9 @@ def train_detector(cfg: DetectorConfig, ray_cfg: Optional[RayConfig] = None) -> 
         total = min(total, cfg.max_steps)
     connect(ray_cfg or RayConfig())
     dataset = build_train_dataset(cfg, plan, categories, det.keep_aspect)
-    run = TrainRunConfig(storage_path=cfg.storage_path, name=cfg.name, num_workers=cfg.num_workers,
-                         use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker,
-                         max_failures=cfg.max_failures, checkpoint_every=cfg.checkpoint_every)
     loop_config = {"detector": asdict(cfg), "categories": categories,
                    "steps_per_epoch": plan.steps_per_epoch, "total_steps": total}
-    result = fit(train_loop_per_worker, loop_config, run, {"train": dataset}, "detector training")
+    result = fit(train_loop_per_worker, loop_config, cfg.run, {"train": dataset}, "detector training")
     with result.checkpoint.as_directory() as d:
         meta = read_meta(d)
         det.model.load_state_dict(load_file(os.path.join(d, MODEL_FILE)))

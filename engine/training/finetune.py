@@ -40,7 +40,6 @@ from engine.config import (
     ConfigError,
     FinetuneConfig,
     ModelConfig,
-    TrainRunConfig,
     fingerprint,
     from_dict,
 )
@@ -57,6 +56,7 @@ from engine.data.datasets import (
     split_records,
 )
 from engine.models.diffusion import FINETUNED_FROM, PromptEmbeddings, load_pipeline
+from engine.runtime.cache import ByteBudgetCache
 from engine.runtime.cluster import connect
 from engine.runtime.faults import maybe_crash
 from engine.runtime.storage import atomic_folder
@@ -281,30 +281,6 @@ def decode_crops(batch: dict, size: int) -> dict:
 # Worker
 
 
-class EMA:
-    """Exponential moving average of the UNet weights, in fp32, with the usual warmup of the
-    decay (min(decay, (1 + step) / (10 + step))) so early averages are not dominated by the
-    random start."""
-
-    def __init__(self, module, decay: float):
-        import torch
-        self.decay = decay
-        self.shadow = {k: v.detach().float().clone() for k, v in module.state_dict().items()
-                       if torch.is_floating_point(v)}
-
-    def update(self, module, step: int) -> None:
-        import torch
-        d = min(self.decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, v in module.state_dict().items():
-                if k in self.shadow:
-                    self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
-
-    def load(self, state: dict) -> None:
-        for k, v in state.items():
-            self.shadow[k].copy_(v)
-
-
 class LatentCache:
     """The frozen VAE encoder's output (the latent distribution's mean and log-variance) per crop,
     kept while it fits in `max_mb`. Caption pairs are cut the same way every epoch, so each
@@ -313,23 +289,13 @@ class LatentCache:
     still sampled afresh from the distribution at every step, as without the cache."""
 
     def __init__(self, vae, max_mb: float):
-        self.vae, self.room = vae, int(max_mb * 2**20)
-        self._cache: dict[str, torch.Tensor] = {}
+        self.vae, self.cache = vae, ByteBudgetCache(max_mb)
 
     @torch.no_grad()
     def __call__(self, keys: list[str], x: torch.Tensor) -> torch.Tensor:
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-        miss = [i for i, k in enumerate(keys) if k not in self._cache]
-        new = {}
-        if miss:
-            new = dict(zip([keys[i] for i in miss], self.vae.encode(x[miss]).latent_dist.parameters))
-        params = torch.stack([new[k] if k in new else self._cache[k] for k in keys])
-        for k, p in new.items():
-            size = p.numel() * p.element_size()
-            if size <= self.room:
-                self._cache[k] = p.clone()  # not a view keeping the whole batch alive
-                self.room -= size
-        return DiagonalGaussianDistribution(params).sample()
+        params = self.cache.get(keys, lambda miss: list(self.vae.encode(x[miss]).latent_dist.parameters))
+        return DiagonalGaussianDistribution(torch.stack(params)).sample()
 
 
 class VAEObjective(torch.nn.Module):
@@ -372,17 +338,18 @@ def train_loop(config: dict) -> None:
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
 
 
     fc = from_dict(FinetuneConfig, config["finetune"])
     mc = from_dict(ModelConfig, config["model"])
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    cuda = torch.cuda.is_available() and config["use_gpu"]
+    cuda = torch.cuda.is_available() and fc.run.use_gpu
     if not cuda:
-        torch.set_num_threads(max(1, int(round(fc.cpus_per_worker))))
+        torch.set_num_threads(max(1, int(round(fc.run.cpus_per_worker))))
     device = str(ray.train.torch.get_device()) if cuda else "cpu"  # the GPU Ray Train gave this worker
-    bf16 = bool(cuda)  # bf16 on GPU; fp32 on CPU, where gloo all-reduces fp32 anyway
+    bf16 = fc.run.bf16 and cuda
     torch.manual_seed(fc.seed + 1000 * rank)
 
     # The trained part loads in fp32 (DeepSpeed makes its own bf16 copy); the frozen parts run in
@@ -400,9 +367,12 @@ def train_loop(config: dict) -> None:
     encode_latents, encode_prompts = LatentCache(vae, fc.latent_cache_mb), PromptEmbeddings(pipe)
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     steps_t = noise_sched.config.num_train_timesteps
-    ema = EMA(trained, fc.ema_decay) if fc.ema else None
+    # diffusers' EMA: fp32 copies (made before DeepSpeed casts the module), decay warmed up as
+    # min(decay, (1 + step) / (10 + step)) so early averages are not dominated by the random start.
+    ema = EMAModel(trained.parameters(), decay=fc.ema_decay) if fc.ema else None
+    names = [n for n, _ in trained.named_parameters()]
 
-    ds_cfg = deepspeed_config(fc.zero_stage, fc.lr, fc.weight_decay, fc.warmup_steps, fc.max_steps, bf16,
+    ds_cfg = deepspeed_config(fc.run.zero_stage, fc.lr, fc.weight_decay, fc.warmup_steps, fc.max_steps, bf16,
                               fc.grad_accum, fc.batch_size, fc.clip)
     engine = deepspeed_engine(trained, ds_cfg)
 
@@ -412,7 +382,9 @@ def train_loop(config: dict) -> None:
         losses.extend(meta["extra"].get("losses", []))
         state = load_tensors(directory, "ema")
         if ema is not None and state is not None:
-            ema.load(state)
+            for shadow, name in zip(ema.shadow_params, names):
+                shadow.copy_(state[name])
+            ema.optimization_step = int(meta["step"])
 
     start = restore_checkpoint(engine, on_load=on_load)
     skips: dict[str, int] = {}
@@ -458,7 +430,7 @@ def train_loop(config: dict) -> None:
             engine.backward(loss)
             engine.step()
         if ema is not None:
-            ema.update(engine.module, step)
+            ema.step(engine.module.parameters())
         if step - start == 2:
             t0 = time.time()
         elif step - start > 2:
@@ -471,8 +443,8 @@ def train_loop(config: dict) -> None:
             metrics["decode_skips"] = _all_reduce_counts(skips)
             metrics["losses"] = losses
             metrics["peak_rss_mb"] = _gather_peak_rss()
-        report(metrics, engine, step, fc.checkpoint_every, extra={"losses": losses}, last=last,
-               tensors=(lambda: {"ema": ema.shadow}) if ema is not None else None)
+        report(metrics, engine, step, fc.run.checkpoint_every, extra={"losses": losses}, last=last,
+               tensors=(lambda: {"ema": dict(zip(names, ema.shadow_params))}) if ema is not None else None)
     if start >= fc.max_steps:
         # A rerun of a finished run: nothing to train; the latest checkpoint is the result.
         ray.train.report({"loss": losses[-1] if losses else None, "start_step": start, "step": start,
@@ -526,10 +498,8 @@ def _check_config(fc: FinetuneConfig, base: list[str]) -> None:
     need(fc.max_steps >= 1 and fc.batch_size >= 1 and fc.grad_accum >= 1,
          "finetune.max_steps, batch_size and grad_accum must be >= 1")
     need(0 <= fc.warmup_steps <= fc.max_steps, f"finetune.warmup_steps ({fc.warmup_steps}) must lie in [0, max_steps={fc.max_steps}]")
-    need(fc.zero_stage in (0, 1, 2), f"finetune.zero_stage must be 0, 1 or 2, got {fc.zero_stage}")
     need(0.0 < fc.ema_decay < 1.0, f"finetune.ema_decay must lie in (0, 1), got {fc.ema_decay}")
-    need(fc.use_gpu in ("auto", "true", "false"), f"finetune.use_gpu must be auto, true or false, got {fc.use_gpu!r}")
-    need(fc.checkpoint_every >= 1, "finetune.checkpoint_every must be >= 1")
+    fc.run.validate("finetune")
     need(fc.latent_cache_mb >= 0, f"finetune.latent_cache_mb must be >= 0, got {fc.latent_cache_mb}")
 
 
@@ -549,10 +519,10 @@ def prepare(cfg: Any) -> tuple[FinetuneConfig, list[dict], SkipReport, int]:
     fc: FinetuneConfig = cfg.finetune
     base = base_of(cfg)
     _check_config(fc, base)
-    need = fc.max_steps * fc.batch_size * fc.grad_accum * fc.num_workers
+    need = fc.max_steps * fc.batch_size * fc.grad_accum * fc.run.num_workers
     if fc.captions:
         records, skipped = load_captions(fc.captions, fc.image_root, check_images=fc.check_images)
-        rows = plan_caption_samples(records, fc, int(need * 1.1) + fc.batch_size * fc.num_workers)
+        rows = plan_caption_samples(records, fc, int(need * 1.1) + fc.batch_size * fc.run.num_workers)
         return fc, drop_captions(rows, fc), skipped, len({r.file for r in records})
     ds = load_detection_dataset(fc.annotations, fc.image_root, fc.format, check_images=fc.check_images)
     base_ds = split_records(ds, base)
@@ -565,12 +535,12 @@ def prepare(cfg: Any) -> tuple[FinetuneConfig, list[dict], SkipReport, int]:
         largest = max(min(r.width, r.height) for r in base_ds.records)
         raise ConfigError(f"finetune.crop_size={fc.crop_size} is larger than every base-category image (largest "
                           f"short side {largest}, max_upscale {fc.max_upscale}); lower crop_size or raise max_upscale")
-    if fc.batch_size * fc.num_workers > len(fits):
-        raise ConfigError(f"finetune.batch_size={fc.batch_size} x num_workers={fc.num_workers} is more than the "
+    if fc.batch_size * fc.run.num_workers > len(fits):
+        raise ConfigError(f"finetune.batch_size={fc.batch_size} x num_workers={fc.run.num_workers} is more than the "
                           f"{len(fits)} usable base-category images; lower batch_size or num_workers")
     # Enough samples for every rank to reach max_steps, plus a margin for images that fail to
     # decode inside Ray Data (counted there, and a rank that ran short would stall the others).
-    rows = plan_samples(base_ds.records, fc, int(need * 1.1) + fc.batch_size * fc.num_workers, skipped)
+    rows = plan_samples(base_ds.records, fc, int(need * 1.1) + fc.batch_size * fc.run.num_workers, skipped)
     if len(rows) < need:
         raise ConfigError(f"only {len(rows)} crops with an object at least {fc.min_visible_fraction} visible "
                           f"could be planned ({need} needed); lower finetune.min_visible_fraction or crop_size")
@@ -591,10 +561,7 @@ def finetune(cfg: Any) -> TrainSummary:
 
     connect(cfg.ray)
     resources = ray.cluster_resources()
-    use_gpu = resources.get("GPU", 0) > 0 if fc.use_gpu == "auto" else fc.use_gpu == "true"
-    run = TrainRunConfig(fc.storage_path, fc.name, fc.num_workers, use_gpu, fc.cpus_per_worker,
-                         fc.max_failures, fc.checkpoint_every, data_cpus=fc.data_cpus)
-    check_resources(run, resources)
+    check_resources(fc.run, resources)
 
     _check_same_run(cfg, fc, base_of(cfg))
     ctx = ray.data.DataContext.get_current()
@@ -602,9 +569,9 @@ def finetune(cfg: Any) -> TrainSummary:
     data = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // max(fc.batch_size, 1), 64)))
     # Plain CPU tasks, not actors: decoding is stateless, and tasks scale with the CPUs there are.
     data = data.map_batches(decode_crops, fn_kwargs={"size": fc.crop_size}, batch_size=fc.batch_size,
-                            batch_format="numpy", num_cpus=fc.data_cpus)
-    loop_cfg = {"finetune": dataclasses.asdict(fc), "model": dataclasses.asdict(cfg.model), "use_gpu": use_gpu}
-    result = fit(train_loop, loop_cfg, run, {"train": data}, "fine-tuning")
+                            batch_format="numpy", num_cpus=fc.run.data_cpus)
+    loop_cfg = {"finetune": dataclasses.asdict(fc), "model": dataclasses.asdict(cfg.model)}
+    result = fit(train_loop, loop_cfg, fc.run, {"train": data}, "fine-tuning")
     metrics = result.metrics or {}
     for reason, n in (metrics.get("decode_skips") or {}).items():
         skipped.add(reason, n=n)
@@ -643,8 +610,8 @@ def base_of(cfg: Any) -> list[str]:
 
 # What a resumed run must share with the run that wrote the checkpoints; max_steps, workers,
 # checkpoint_every and the like may change between the two.
-_RUN_KEYS = ("annotations", "captions", "train", "kl_weight", "format", "crop_size", "min_visible_fraction", "template", "name_template",
-             "joiner", "caption_dropout", "replay", "replay_captions", "ema", "zero_stage")
+_RUN_KEYS = ("annotations", "captions", "train", "kl_weight", "format", "crop_size", "min_visible_fraction", "template",
+             "name_template", "joiner", "caption_dropout", "replay", "replay_captions", "ema")
 
 
 def _check_same_run(cfg: Any, fc: FinetuneConfig, base: list[str]) -> None:
@@ -653,8 +620,8 @@ def _check_same_run(cfg: Any, fc: FinetuneConfig, base: list[str]) -> None:
     import fsspec
 
     want = {"fingerprint": fingerprint({"model": dataclasses.asdict(cfg.model), "base": base,
-                                        **{k: getattr(fc, k) for k in _RUN_KEYS}})}
-    path = f"{fc.storage_path.rstrip('/')}/{fc.name}/instagen_run.json"
+                                        **{k: getattr(fc, k) for k in _RUN_KEYS}, "zero_stage": fc.run.zero_stage})}
+    path = f"{fc.run.storage_path.rstrip('/')}/{fc.run.name}/instagen_run.json"
     if "://" not in path:
         path = os.path.abspath(os.path.expanduser(path))
     fs, p = fsspec.core.url_to_fs(path)
@@ -662,8 +629,8 @@ def _check_same_run(cfg: Any, fc: FinetuneConfig, base: list[str]) -> None:
         with fs.open(p, "r") as f:
             have = json.load(f)
         if have.get("fingerprint") != want["fingerprint"]:
-            raise ConfigError(f"{fc.storage_path}/{fc.name} holds checkpoints of a fine-tuning with another model, "
-                              f"dataset or crop/prompt settings; set finetune.name to a new run name (or delete "
+            raise ConfigError(f"{fc.run.storage_path}/{fc.run.name} holds checkpoints of a fine-tuning with another model, "
+                              f"dataset or crop/prompt settings; set finetune.run.name to a new run name (or delete "
                               f"that folder to start over)")
         return
     fs.makedirs(fs._parent(p), exist_ok=True)

@@ -49,7 +49,7 @@ from engine.models.grounding.head import (
     save_grounding_head,
 )
 from engine.models.grounding.loss import grounding_loss, targets_from_boxes
-from engine.runtime.cluster import threads_for
+from engine.runtime.cluster import connect, threads_for
 from engine.training.runner import (
     TrainSummary,
     deepspeed_config,
@@ -224,8 +224,61 @@ def _cycle(make: Callable[[], Iterator[dict]]) -> Iterator[dict]:
                                       "batch_size / num_workers samples")
 
 
+@dataclass
+class Optimizer:
+    """What the epoch loop needs of its optimizer: what to call forward (a DeepSpeed engine, or the
+    head itself), the head it trains, a step on a loss, and the parameter groups (the paper's step
+    drop of the lr is set on them per epoch)."""
+    model: Callable
+    module: torch.nn.Module
+    step: Callable[[torch.Tensor], None]
+    param_groups: list
+
+
+def run_epochs(cfg: GroundingTrainConfig, trainer: GroundingStep, opt: Optimizer, base_batches: Callable[[], Iterator[dict]],
+               novel_batches: Optional[Iterator[dict]], device, start_epoch: int = 0, skip: int = 0,
+               teacher: Optional[torch.nn.Module] = None, on_step: Callable[..., bool] = lambda **kw: False,
+               on_epoch_end: Callable[..., None] = lambda **kw: None) -> Optional[torch.nn.Module]:
+    """The grounding head's epochs (paper 3.3): supervised on base batches; from transfer_epoch on,
+    an EMA teacher (a copy of the student at the transfer) labels novel batches for the student,
+    which then drops out after each layer. `skip` batches of `start_epoch` are passed over (done
+    before a restart). `on_step(step_in_epoch=, epoch=, loss=, metrics=, teacher=)` after every
+    step (True stops training) and `on_epoch_end(epoch=, batches=, teacher=)` after every epoch
+    report progress. Returns the teacher."""
+    head = opt.module
+    for epoch in range(start_epoch, cfg.epochs):
+        self_training = novel_batches is not None and epoch >= cfg.transfer_epoch
+        if self_training and teacher is None:
+            teacher = make_teacher(head)  # the transfer: teacher = student
+        head.set_layer_dropout(cfg.head.layer_dropout if self_training else 0.0)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, epoch)
+        seen = 0
+        for i, batch in enumerate(base_batches()):
+            seen += 1
+            if epoch == start_epoch and i < skip:
+                continue  # done before the restart
+            opt.model.train()
+            loss, metrics = trainer.base_loss(opt.model, batch, device)
+            if self_training:
+                novel_loss, novel_metrics = trainer.novel_loss(opt.model, teacher, next(novel_batches), device)
+                loss = loss + novel_loss
+                metrics |= novel_metrics
+            opt.step(loss)
+            if self_training:
+                ema_update(teacher, head, cfg.ema_momentum)
+            if on_step(step_in_epoch=i + 1, epoch=epoch, loss=float(loss.detach()), metrics=metrics, teacher=teacher):
+                return teacher  # the caller's budget of steps or time is spent
+        on_epoch_end(epoch=epoch, batches=seen, teacher=teacher)
+    return teacher
+
+
 # ------------------------------------------------------------------------------------------------
 # Ray Train worker
+
+
+def _teacher_state(teacher) -> Callable[[], dict]:
+    return lambda: {"teacher": teacher.state_dict()} if teacher is not None else {}
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -240,7 +293,7 @@ def train_loop_per_worker(config: dict) -> None:
     seed_everything(cfg.seed)  # same head initialisation on every rank
     if config.get("threads"):
         torch.set_num_threads(int(config["threads"]))
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.use_gpu else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.run.use_gpu else "cpu")
     pipe = load_pipeline(job.model, str(device))
     pipe.unet.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
@@ -251,7 +304,7 @@ def train_loop_per_worker(config: dict) -> None:
         head.load_state_dict(load_file(os.path.join(cfg.init_head, HEAD_FILE)))
 
     per_worker = cfg.batch_size // world
-    ds_cfg = deepspeed_config(cfg.zero_stage, cfg.lr, cfg.weight_decay, 0, 1, cfg.bf16,
+    ds_cfg = deepspeed_config(cfg.run.zero_stage, cfg.lr, cfg.weight_decay, 0, 1, cfg.run.bf16,
                               batch_per_worker=per_worker, clip=cfg.clip)
     # The paper's schedule is a step drop by epoch, set on the optimizer below (lr_at); DeepSpeed's
     # warmup-decay scheduler is not used, so there is no scheduler state to checkpoint either.
@@ -283,43 +336,30 @@ def train_loop_per_worker(config: dict) -> None:
     if novel_ds is not None:
         novel_iter = _cycle(lambda: novel_ds.iter_batches(batch_size=per_worker, batch_format="numpy",
                                                           drop_last=True))
-    teacher_tensors = lambda: {"teacher": teacher.state_dict()} if teacher is not None else {}  # noqa: E731
+    state = {"step": step, "metrics": {}}
 
-    last_metrics: dict = {}
-    for epoch in range(start_epoch, cfg.epochs):
-        self_training = novel_iter is not None and epoch >= cfg.transfer_epoch
-        if self_training and teacher is None:
-            teacher = make_teacher(engine.module)  # the transfer: teacher = student
-        head.set_layer_dropout(cfg.head.layer_dropout if self_training else 0.0)
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr_at(cfg, epoch)
-        batches = base_ds.iter_batches(batch_size=per_worker, batch_format="numpy", drop_last=True)
-        seen = 0
-        for i, batch in enumerate(batches):
-            seen += 1
-            if epoch == start_epoch and i < skip:
-                continue  # done before the restart
-            engine.train()
-            loss, metrics = trainer.base_loss(engine, batch, device)
-            if self_training:
-                novel_loss, novel_metrics = trainer.novel_loss(engine, teacher, next(novel_iter), device)
-                loss = loss + novel_loss
-                metrics |= novel_metrics
-            engine.backward(loss)
-            engine.step()
-            if self_training:
-                ema_update(teacher, engine.module, cfg.ema_momentum)
-            step += 1
-            last_metrics = {"loss": float(loss.detach()), "epoch": epoch, **metrics}
-            report(last_metrics, engine, step, cfg.train.checkpoint_every,
-                   extra={"epoch": epoch, "batches": i + 1}, tensors=teacher_tensors)
-        if not seen:
+    def on_step(step_in_epoch: int, epoch: int, loss: float, metrics: dict, teacher) -> bool:
+        state["step"] += 1
+        state["metrics"] = {"loss": loss, "epoch": epoch, **metrics}
+        report(state["metrics"], engine, state["step"], cfg.run.checkpoint_every,
+               extra={"epoch": epoch, "batches": step_in_epoch}, tensors=_teacher_state(teacher))
+        return False
+
+    def on_epoch_end(epoch: int, batches: int, teacher) -> None:
+        if not batches:
             raise GroundingTrainError(f"the base-category shards gave no batch of {per_worker} samples to this "
                                       f"worker; generate more samples or lower grounding.batch_size")
         # An end-of-epoch checkpoint, so a restart never redoes a finished epoch.
-        report({**last_metrics, "epoch_end": 1}, engine, step, cfg.train.checkpoint_every,
-               extra={"epoch": epoch, "batches": -1}, last=True, tensors=teacher_tensors)
+        report({**state["metrics"], "epoch_end": 1}, engine, state["step"], cfg.run.checkpoint_every,
+               extra={"epoch": epoch, "batches": -1}, last=True, tensors=_teacher_state(teacher))
 
+    def engine_step(loss: torch.Tensor) -> None:
+        engine.backward(loss)
+        engine.step()
+
+    run_epochs(cfg, trainer, Optimizer(engine, engine.module, engine_step, engine.optimizer.param_groups),
+               lambda: base_ds.iter_batches(batch_size=per_worker, batch_format="numpy", drop_last=True),
+               novel_iter, device, start_epoch, skip, teacher, on_step, on_epoch_end)
     if rank == 0:
         save_grounding_head(cfg.output, engine.module, job.model, cfg)
 
@@ -345,18 +385,19 @@ def check_inputs(cfg: GroundingTrainConfig, model: ModelConfig) -> None:
                                       f"and grounding.head, or leave init_head out")
 
 
-def train_grounding(cfg: GroundingTrainConfig, model: ModelConfig) -> TrainSummary:
-    """Driver: read the shards through Ray Data and train on Ray Train + DeepSpeed (Ray must be
-    connected: engine.runtime.cluster.connect). The head is in cfg.output."""
+def train_grounding(cfg: GroundingTrainConfig, model: ModelConfig, ray_cfg: Optional[RayConfig] = None) -> TrainSummary:
+    """Driver: read the shards through Ray Data and train on Ray Train + DeepSpeed (resuming an
+    earlier run of the same run.storage_path/name). The head is written to cfg.output."""
     start = time.time()
     check_inputs(cfg, model)
+    connect(ray_cfg or RayConfig())
     job = GroundingJob(model=model, grounding=cfg)
     datasets = {"base": read_rows(cfg.base_shards, cfg.base, cfg.alpha)}
     if cfg.novel_shards:
         # Novel shards' own boxes are never used: the EMA teacher labels novel images.
         datasets["novel"] = read_rows(cfg.novel_shards, cfg.novel, 1.0)
-    loop_config = {"job": dataclasses.asdict(job), "threads": threads_for(cfg.train.cpus_per_worker)}
-    result = fit(train_loop_per_worker, loop_config, cfg.train, datasets, "grounding-head training")
+    loop_config = {"job": dataclasses.asdict(job), "threads": threads_for(cfg.run.cpus_per_worker)}
+    result = fit(train_loop_per_worker, loop_config, cfg.run, datasets, "grounding-head training")
     with result.checkpoint.as_directory() as d:
         steps = int(read_meta(d)["step"])
     # A rerun of a finished run trains (and reports) nothing: its figures are those of the checkpoint.
@@ -368,48 +409,43 @@ def train_grounding(cfg: GroundingTrainConfig, model: ModelConfig) -> TrainSumma
 
 
 # ------------------------------------------------------------------------------------------------
-# A plain single-process loop (tests, the learning check): the same steps without Ray or DeepSpeed
+# In this process (tests, bench/grounding_learns.py): the same epoch loop without Ray or DeepSpeed
 
 
 def train_local(cfg: GroundingTrainConfig, featurizer: Featurizer, head: GroundingHead,
                 base_rows: list[dict], novel_rows: Optional[list[dict]] = None,
                 max_steps: Optional[int] = None, time_limit_s: Optional[float] = None,
                 log_every: int = 0) -> list[float]:
-    """Train `head` in place on in-memory rows (see sample_to_row); returns the loss per step."""
+    """Train `head` in place on in-memory rows (see sample_to_row) in this process, with torch's
+    AdamW in place of DeepSpeed's and run_epochs' loop; returns the loss per step."""
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    trainer = GroundingStep(cfg, featurizer, rng)
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    teacher, losses, start = None, [], time.time()
-    novel_batches = None
-    if novel_rows:
-        novel_batches = _cycle(lambda: (collate(novel_rows[i:i + cfg.batch_size])
-                                        for i in range(0, len(novel_rows) - cfg.batch_size + 1, cfg.batch_size)))
-    for epoch in range(cfg.epochs):
-        self_training = novel_batches is not None and epoch >= cfg.transfer_epoch
-        if self_training and teacher is None:
-            teacher = make_teacher(head)
-        head.set_layer_dropout(cfg.head.layer_dropout if self_training else 0.0)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(cfg, epoch)
+    adamw = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    losses: list[float] = []
+    start = time.time()
+
+    def step(loss: torch.Tensor) -> None:
+        adamw.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.clip)
+        adamw.step()
+
+    def base_batches() -> Iterator[dict]:
         order = rng.sample(range(len(base_rows)), len(base_rows))
         for i in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
-            head.train()
-            batch = collate([base_rows[j] for j in order[i:i + cfg.batch_size]])
-            loss, metrics = trainer.base_loss(head, batch, "cpu")
-            if self_training:
-                nl, _ = trainer.novel_loss(head, teacher, next(novel_batches), "cpu")
-                loss = loss + nl
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.clip)
-            opt.step()
-            if teacher is not None:
-                ema_update(teacher, head, cfg.ema_momentum)
-            losses.append(float(loss.detach()))
-            if log_every and len(losses) % log_every == 0:
-                print(f"step {len(losses)} epoch {epoch} loss {np.mean(losses[-log_every:]):.3f} "
-                      f"({time.time() - start:.0f} s)", flush=True)
-            if (max_steps and len(losses) >= max_steps) or (time_limit_s and time.time() - start > time_limit_s):
-                return losses
+            yield collate([base_rows[j] for j in order[i:i + cfg.batch_size]])
+
+    def on_step(epoch: int, loss: float, **_) -> bool:
+        losses.append(loss)
+        if log_every and len(losses) % log_every == 0:
+            print(f"step {len(losses)} epoch {epoch} loss {np.mean(losses[-log_every:]):.3f} "
+                  f"({time.time() - start:.0f} s)", flush=True)
+        return bool((max_steps and len(losses) >= max_steps) or (time_limit_s and time.time() - start > time_limit_s))
+
+    novel = None
+    if novel_rows:
+        novel = _cycle(lambda: (collate(novel_rows[i:i + cfg.batch_size])
+                                for i in range(0, len(novel_rows) - cfg.batch_size + 1, cfg.batch_size)))
+    run_epochs(cfg, GroundingStep(cfg, featurizer, rng), Optimizer(head, head, step, adamw.param_groups),
+               base_batches, novel, "cpu", on_step=on_step)
     return losses

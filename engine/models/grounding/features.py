@@ -21,6 +21,7 @@ import copy
 import torch
 
 from engine.models.diffusion import PromptEmbeddings, UNetFeatureTap
+from engine.runtime.cache import ByteBudgetCache
 
 
 def head_inputs(pipe) -> tuple[list[int], int]:
@@ -43,8 +44,7 @@ class Featurizer:
         # (stored latents, fixed timestep), so every epoch after the first would recompute the
         # same tensors (the pass was 23% of a toy-world head step). At SD 1.5 sizes a sample's
         # features are ~22 MB, so there the cache holds few and training simply recomputes.
-        self._features: dict[str, list[torch.Tensor]] = {}
-        self._room = int(cache_mb * 2**20)
+        self._features = ByteBudgetCache(cache_mb)
 
     @property
     def device(self):
@@ -56,17 +56,11 @@ class Featurizer:
         sample), samples seen before come from the cache."""
         if keys is None:
             return self._unet_pass(latents, prompts)
-        miss = [i for i, k in enumerate(keys) if k not in self._features]
-        new = {}
-        if miss:
-            computed = self._unet_pass(latents[miss], [prompts[i] for i in miss])
-            new = {keys[i]: [level[j] for level in computed] for j, i in enumerate(miss)}
-        rows = [new[k] if k in new else self._features[k] for k in keys]
-        for k, levels in new.items():
-            size = sum(f.numel() * f.element_size() for f in levels)
-            if size <= self._room:
-                self._features[k] = [f.clone() for f in levels]  # not views keeping the batch alive
-                self._room -= size
+
+        def compute(miss: list[int]) -> list[list[torch.Tensor]]:
+            levels = self._unet_pass(latents[miss], [prompts[i] for i in miss])
+            return [[level[j] for level in levels] for j in range(len(miss))]
+        rows = self._features.get(keys, compute)
         return [torch.stack([r[level] for r in rows]) for level in range(len(rows[0]))]
 
     @torch.no_grad()
