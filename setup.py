@@ -63,7 +63,6 @@ setup(
     description="Ray-distributed synthesis of object-detection datasets after InstaGen (CVPR 2024)",
     python_requires=">=3.10,<3.13",
     packages=find_packages(include=["engine", "engine.*", "jobs"]),
-    package_data={"engine": ["assets/*"]},
     install_requires=REQUIRES,
     extras_require={
         "gpu": ["xformers"],

@@ -98,8 +98,9 @@ class AblationConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     random_boxes: int = 10  # boxes per test image of the chance baseline
     # Each row's detector is trained once per seed (detector.seed and detector.tiny.seed set to
-    # it); with several, the table shows mean ± sd. On this world one row moves by 3-4 AP50
-    # between seeds on the same data, so a single seed cannot rank the rows.
+    # it); with several, the table shows mean ± sd. On this world one row moves by up to 23 AP50
+    # base between seeds on the same data (run 7, real only: 13.2-36.2), so one seed cannot rank
+    # the rows.
     detector_seeds: list[int] = field(default_factory=lambda: [0])
 
     def validate(self) -> None:
