@@ -32,7 +32,8 @@ from engine.models.grounding.features import Featurizer
 from engine.config import GroundingConfig
 from engine.models.grounding.head import predictions
 from engine.config import GroundingTrainConfig
-from engine.training.grounding import build_head, collate, train_local
+from engine.models.grounding.head import build_head
+from engine.training.grounding import collate, train_local
 from engine.models.diffusion import load_pipeline
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "yellow": (230, 210, 40)}
@@ -146,7 +147,7 @@ def main() -> None:
         lr_drop_epoch=10**6, batch_size=16, negatives=3, seed=0,
         head=GroundingConfig(d_model=64, enhancer_layers=2, decoder_layers=2, num_queries=60, n_levels=2,
                              n_heads=4, n_points=4, ffn_dim=128))
-    head = build_head(cfg, pipe)
+    head = build_head(cfg.head, pipe)
     start = time.time()
     losses = train_local(cfg, featurizer, head, train_rows, time_limit_s=args.minutes * 60, log_every=25)
     trained_s = time.time() - start

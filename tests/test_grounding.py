@@ -22,7 +22,8 @@ from engine.models.boxes import generalized_iou
 from engine.models.grounding.loss import grounding_loss, hungarian_match, sigmoid_focal_loss, targets_from_boxes
 from engine.models.grounding.head import MASKED_LOGIT, GroundingHead, ema_update, inverse_sigmoid, make_teacher
 from engine.config import GroundingConfig
-from engine.training.grounding import (build_head, load_grounding_head, pseudo_labels, sample_to_row, save_grounding_head, train_local, without_missed)
+from engine.models.grounding.head import build_head
+from engine.training.grounding import (load_grounding_head, pseudo_labels, sample_to_row, save_grounding_head, train_local, without_missed)
 from engine.config import GroundingTrainConfig
 from engine.models.diffusion import FINETUNED_FROM, load_pipeline
 
@@ -274,7 +275,7 @@ def test_training_on_a_fixed_set_lowers_the_loss(pipe):
     torch.manual_seed(0)
     rows = toy_rows(pipe, 8, seed=0)
     cfg = train_config()
-    head = build_head(cfg, pipe)
+    head = build_head(cfg.head, pipe)
     losses = train_local(cfg, Featurizer(pipe, 10), head, rows, max_steps=40)
     assert len(losses) == 40 and all(math.isfinite(v) for v in losses)
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
@@ -287,7 +288,7 @@ def test_self_training_runs_with_teacher_pseudo_labels(pipe):
     for r in novel:  # novel prompts: the category is named, no boxes are given
         r["boxes"], r["labels"] = "[]", "[]"
     cfg = train_config(novel=["purple square"], epochs=2, transfer_epoch=1, beta=0.0)
-    head = build_head(cfg, pipe)
+    head = build_head(cfg.head, pipe)
     losses = train_local(cfg, Featurizer(pipe, 10), head, rows, novel_rows=novel)
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
     assert head.layer_dropout.p == cfg.head.layer_dropout  # the student drops out while self-training
@@ -297,7 +298,7 @@ def test_self_training_runs_with_teacher_pseudo_labels(pipe):
 def head_folder(pipe, tmp_path_factory):
     cfg = train_config(base=CATS[:2], novel=CATS[2:])
     torch.manual_seed(0)
-    head = build_head(cfg, pipe).eval()
+    head = build_head(cfg.head, pipe).eval()
     folder = str(tmp_path_factory.mktemp("heads") / "head")
     save_grounding_head(folder, head, ModelConfig(source="tiny"), cfg)
     return folder, head

@@ -38,10 +38,11 @@ from engine.config import (
 )
 from engine.data.shards import decode_sample, shard_urls
 from engine.models.diffusion import check_source, finetuned_from, load_pipeline
-from engine.models.grounding.features import Featurizer, head_inputs
+from engine.models.grounding.features import Featurizer
 from engine.models.grounding.head import (
     HEAD_FILE,
     GroundingHead,
+    build_head,
     ema_update,
     load_grounding_head,
     make_teacher,
@@ -207,12 +208,6 @@ def lr_at(cfg: GroundingTrainConfig, epoch: int) -> float:
     return cfg.lr * (0.1 if epoch + 1 >= cfg.lr_drop_epoch else 1.0)
 
 
-def build_head(cfg: GroundingTrainConfig, pipe) -> GroundingHead:
-    in_channels, text_dim = head_inputs(pipe)
-    head_cfg = dataclasses.replace(cfg.head, in_channels=in_channels, text_dim=text_dim)
-    return GroundingHead(head_cfg)
-
-
 def _cycle(make: Callable[[], Iterator[dict]]) -> Iterator[dict]:
     while True:
         empty = True
@@ -298,7 +293,7 @@ def train_loop_per_worker(config: dict) -> None:
     pipe.unet.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
     featurizer = Featurizer(pipe, cfg.synthesis_steps, cfg.feature_cache_mb)
-    head = build_head(cfg, pipe).to(device)
+    head = build_head(cfg.head, pipe).to(device)
     if cfg.init_head:  # sizes checked on the driver (check_inputs); a restored checkpoint replaces these
         from safetensors.torch import load_file
         head.load_state_dict(load_file(os.path.join(cfg.init_head, HEAD_FILE)))

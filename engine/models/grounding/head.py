@@ -39,6 +39,7 @@ from engine.config import (
     from_dict,
 )
 from engine.models.boxes import cxcywh_to_xyxy, nms
+from engine.models.grounding.features import head_inputs
 from engine.ops import MSDeformAttn
 from engine.runtime.storage import atomic_folder
 
@@ -328,6 +329,13 @@ def make_teacher(student: nn.Module) -> nn.Module:
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
+
+
+def build_head(cfg: GroundingConfig, pipe) -> GroundingHead:
+    """The head of sizes `cfg` over the pipeline's UNet features and text encoder: the one place
+    a grounding head is built from config (load_grounding_head builds a saved one)."""
+    in_channels, text_dim = head_inputs(pipe)
+    return GroundingHead(dataclasses.replace(cfg, in_channels=in_channels, text_dim=text_dim))
 
 
 # ------------------------------------------------------------------------------------------------
