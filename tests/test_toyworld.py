@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from engine import toyworld
+from engine.toyworld import world as toyworld
 from engine.config import ConfigError
 from engine.toyworld.world import JITTER, SPLITS, WorldConfig, draw_scene, draw_world
 

@@ -369,8 +369,7 @@ def run_loop(cfg: AblationConfig, log: Callable[[str], None] = lambda m: print(f
     if samples:
         results["samples_png"] = draw_samples(samples, loop.base, loop.path("samples.png"))
     results["table"] = format_table(results)
-    import fsspec
-    write_atomic(fsspec.filesystem("file"), loop.path("results.json"), json.dumps(results, indent=2).encode())
+    write_file(loop.path("results.json"), json.dumps(results, indent=2).encode())
     return results
 
 
