@@ -19,6 +19,7 @@ import sys
 from typing import Optional
 
 from engine.config import load_config
+from engine.config.sections import check_output_path
 from engine.errors import UserError
 from engine.evaluation.detector import evaluate_detector
 from engine.evaluation.metrics import (
@@ -59,6 +60,9 @@ def cmd_generate(args) -> None:
 
 
 def cmd_export(args) -> None:
+    check_output_path("export --output", args.output)
+    if args.dest:
+        check_output_path("export --dest", args.dest)
     result = export(args.output, dest=args.dest, write_images=not args.no_images)
     print(f"[export] {result['images']} images, {result['annotations']} boxes -> {result['coco']}, "
           f"{result['lvis']}, preview {result['preview']}")

@@ -32,6 +32,22 @@ def test_overrides_are_typed():
     ("nonsense.key=1", "nonsense"),
     ("synthesis.height=65", "synthesis.height"),
     ("annotation.alpha=1.5", "annotation.alpha"),
+    # Every float is finite, every string printable, every template plain, every count sensible.
+    ("synthesis.guidance=.nan", "synthesis.guidance"),
+    ("annotation.alpha=.inf", "annotation.alpha"),
+    ("finetune.lr=nan", "finetune.lr"),
+    ("annotation.batch_size=0", "annotation.batch_size"),
+    ("synthesis.jpeg_quality=0", "synthesis.jpeg_quality"),
+    ("model.scheduler=foo", "model.scheduler"),
+    ("prompts.template={c1:>99999999999}", "prompts.template"),
+    ("prompts.template={c1!r} and {c2}", "prompts.template"),
+    ("prompts.template_single=a {c2}", "prompts.template_single"),
+    ("prompts.base=[\"dog\\u0000\", cat]", "prompts.base"),
+    ("prompts.base=[\"dog\\nrm -rf\", cat]", "prompts.base"),
+    ("prompts.base=[\" dog\", cat]", "prompts.base"),
+    ("output.path=foo://bucket/run", "output.path"),
+    ("output.path=/", "output.path"),
+    ("output.path=~", "output.path"),
 ])
 def test_bad_keys_and_types_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -100,3 +116,29 @@ def test_an_override_of_a_merged_section_changes_only_that_section():
     assert (cfg.detector.tiny.seed, cfg.detector.seed) == (5, 3)
     assert (cfg.teacher.tiny.seed, cfg.teacher.seed) == (0, 0)
     assert cfg.detector.tiny.num_queries == cfg.teacher.tiny.num_queries == 20
+
+
+def test_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
+    # 9 levels of 10 aliases each: 10**9 values once expanded, from a few hundred bytes.
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join(['*a' + str(i - 1)] * 10)}]" for i in range(1, 9)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match="expands to more than"):
+        load_config(str(path))
+    (tmp_path / "self.yaml").write_text("a: &a [*a]\n")
+    with pytest.raises(ConfigError, match="alias that contains itself"):
+        load_config(str(tmp_path / "self.yaml"))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("detector.run.num_workers=0", "detector.run.num_workers"),
+    ("detector.run.bf16=true", "detector.run.bf16"),
+    ("detector.categories=[a, a]", "detector.categories"),
+])
+def test_trainer_sections_are_checked_by_their_job(override, key):
+    ok = ["detector.mix_ratio=1", "detector.synthetic=[x]", "detector.categories=[a, b]"]
+    load_config("configs/tiny.yaml", ok).detector.validate()
+    cfg = load_config("configs/tiny.yaml", ok + [override])  # a later override wins
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        cfg.detector.validate()

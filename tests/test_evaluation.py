@@ -244,6 +244,22 @@ def test_many_unknown_image_ids_list_a_few():
         evaluate_coco(gt, dets)
 
 
+def test_gt_that_would_give_wrong_numbers_is_refused():
+    gt = coco_gt(BOXES)
+    gt["images"].append(dict(gt["images"][0]))
+    with pytest.raises(EvaluationError, match=r"images\[3\] repeats image id"):
+        evaluate_coco(gt, [])
+    gt = coco_gt(BOXES)
+    gt["categories"].append({"id": 1, "name": "cow"})
+    with pytest.raises(EvaluationError, match="repeats category id 1"):
+        evaluate_coco(gt, [])
+    for area in (float("nan"), -4.0, "big"):
+        gt = coco_gt(BOXES)
+        gt["annotations"][1]["area"] = area
+        with pytest.raises(EvaluationError, match=r"annotations\[1\] has area"):
+            evaluate_coco(gt, [])
+
+
 @pytest.mark.parametrize("field", ["images", "annotations", "categories"])
 def test_gt_missing_field_is_named(field):
     gt = coco_gt(BOXES)

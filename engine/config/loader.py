@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from typing import Any, Optional
@@ -25,11 +26,11 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     if path is not None:
         try:
             with open(path, encoding="utf-8") as f:
-                raw = yaml.safe_load(f) or {}
+                raw = load_yaml(f.read(), f"config file {path!r}") or {}
         except FileNotFoundError:
             raise ConfigError(f"config file {path!r} does not exist; pass a file from configs/") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path!r} is not UTF-8 text; pass a YAML file from configs/") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path!r} must hold a mapping of sections, not {type(raw).__name__}")
         raw = unshared(raw)
@@ -38,8 +39,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         try:
-            parsed = yaml.safe_load(value) if value != "" else ""
-        except yaml.YAMLError:
+            parsed = load_yaml(value, f"override {item!r}") if value != "" else ""
+        except ConfigError:
             parsed = value
         node = raw
         parts = key.strip().split(".")
@@ -53,6 +54,46 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     if validate:
         validate()
     return cfg
+
+
+# A config has hundreds of values; YAML aliases can make a few bytes expand to billions (a
+# "billion laughs" file). The expanded size is measured on the node graph, before anything is built.
+MAX_YAML_NODES = 100_000
+
+
+def load_yaml(text: str, what: str) -> Any:
+    """Safe YAML (plain data only) whose aliases expand to at most MAX_YAML_NODES nodes."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} is not valid YAML: {e}") from None
+    if root is None:
+        return None
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            if sizes[id(node)] < 0:
+                raise ConfigError(f"{what} holds a YAML alias that contains itself; write the values out")
+            return sizes[id(node)]
+        sizes[id(node)] = -1
+        if isinstance(node, yaml.SequenceNode):
+            n = 1 + sum(size(v) for v in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            n = 1 + sum(size(k) + size(v) for k, v in node.value)
+        else:
+            n = 1
+        if n > MAX_YAML_NODES:
+            raise ConfigError(f"{what} expands to more than {MAX_YAML_NODES:,} values through YAML aliases; "
+                              f"a config needs far fewer: write the values out instead of nesting aliases")
+        sizes[id(node)] = n
+        return n
+
+    size(root)
+    try:
+        return yaml.SafeLoader(text).get_single_data()
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} is not valid YAML: {e}") from None
 
 
 def unshared(node: Any) -> Any:
@@ -111,18 +152,25 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp is Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if tp is float and isinstance(value, str):
         try:  # YAML 1.1 reads 1e-3 (no dot) as a string
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if tp is float and isinstance(value, float):
+        if not math.isfinite(value):  # NaN compares false with every bound a check sets
+            raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}")
+        return value
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
+    if tp is str and isinstance(value, str) and not value.isprintable():
+        raise ConfigError(f"config key {key!r} holds a control character (newline, tab, NUL, escape...): "
+                          f"{value!r}; names, paths and templates are one line of printable text")
     if isinstance(tp, type) and not isinstance(value, tp):
         raise ConfigError(f"config key {key!r} must be {tp.__name__}, got {value!r} "
                           f"({type(value).__name__})")

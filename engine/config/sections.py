@@ -6,8 +6,12 @@ and each trainer); every job reads the sections it needs. Checks that need a com
 """
 from __future__ import annotations
 
+import os
+import string
 from dataclasses import dataclass, field
 from typing import Optional
+
+import fsspec
 
 from engine.errors import ConfigError
 
@@ -293,6 +297,7 @@ class DetectorConfig:
         _require(self.batch_size >= 1 and self.epochs >= 1 and self.max_steps >= 0 and self.samples_per_epoch >= 0,
                  "detector.batch_size and epochs must be >= 1, max_steps and samples_per_epoch >= 0")
         self.run.validate("detector")
+        check_names("detector", {"categories": self.categories, "base": self.base, "novel": self.novel})
         _require(not (self.eval_format == "lvis" and (self.base or self.novel)),
                  "detector.base/novel apply to eval_format coco; for LVIS the novel metric is APr")
 
@@ -403,6 +408,7 @@ class GroundingTrainConfig:
         if not (0 <= self.alpha <= 1 and 0 <= self.beta <= 1 and 0 <= self.ema_momentum <= 1):
             raise GroundingTrainError("grounding.alpha, beta and ema_momentum must lie in [0, 1]")
         self.run.validate("grounding")
+        check_names("grounding", {"base": self.base, "novel": self.novel})
         if self.batch_size < self.run.num_workers or self.batch_size % self.run.num_workers:
             raise GroundingTrainError(f"grounding.batch_size ({self.batch_size}) must be a multiple of "
                                       f"grounding.run.num_workers ({self.run.num_workers})")
@@ -457,10 +463,70 @@ def _validate(cfg: Config) -> None:
     _require(cfg.model.attention in ("auto", "sdpa", "xformers"),
              f"model.attention must be auto, sdpa or xformers, got {cfg.model.attention!r}")
 
-    for name, template in (("template", p.template), ("template_single", p.template_single)):
-        try:
-            template.format(c1="x", c2="y")
-        except (KeyError, IndexError, ValueError) as e:
-            raise ConfigError(f"prompts.{name} {template!r} is not a valid template ({e!r}); "
-                              f"use {{c1}} and {{c2}} for the category names") from None
+    _require(cfg.model.scheduler in SCHEDULERS,
+             f"model.scheduler {cfg.model.scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
+    _require(s.guidance >= 0, f"synthesis.guidance must be >= 0 (1 = no guidance), got {s.guidance}")
+    _require(1 <= s.jpeg_quality <= 100, f"synthesis.jpeg_quality must lie in [1, 100], got {s.jpeg_quality}")
+    _require(s.max_regenerations >= 0 and s.gpus_per_actor > 0 and a.gpus_per_actor > 0,
+             "synthesis.max_regenerations must be >= 0, synthesis.gpus_per_actor and annotation.gpus_per_actor > 0")
+    _require(a.batch_size >= 1, f"annotation.batch_size must be >= 1, got {a.batch_size}")
+    _require(o.preview_images >= 0, f"output.preview_images must be >= 0, got {o.preview_images}")
+    _require(cfg.ray.num_cpus is None or cfg.ray.num_cpus >= 1, f"ray.num_cpus must be >= 1, got {cfg.ray.num_cpus}")
+    check_names("prompts", {"base": p.base, "novel": p.novel, "categories": p.categories})
+    check_template("prompts.template", p.template, ("c1", "c2"))
+    check_template("prompts.template_single", p.template_single, ("c1",))
+    check_output_path("output.path", o.path)
+
+
+SCHEDULERS = ("ddim", "pndm", "euler", "dpm")
+
+
+def check_names(section: str, lists: dict[str, list[str]]) -> None:
+    """Category names: short non-empty text without leading or trailing blanks, each listed once
+    (that every string is printable is checked when a config loads)."""
+    for key, names in lists.items():
+        for name in names:
+            _require(bool(name.strip()) and name == name.strip(),
+                     f"{section}.{key} holds the name {name!r}; a category name is non-empty text without "
+                     f"leading or trailing blanks")
+            _require(len(name) <= 200, f"category name starting {name[:40]!r} in {section}.{key} is {len(name)} "
+                                       f"characters long; category names are short nouns")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        _require(not dup, f"category {dup[0]!r} is listed twice in {section}.{key}; category names must be "
+                          f"unique" if dup else "")
+
+
+def check_template(key: str, template: str, allowed: tuple[str, ...]) -> None:
+    """A prompt template names only its placeholders, plainly: no format spec or conversion (a
+    width spec such as {c1:>99999999} would build a string of any size)."""
+    fields = []
+    try:
+        for _, name, spec, conversion in string.Formatter().parse(template):
+            if name is not None:
+                fields.append(name)
+                _require(name in allowed and not spec and conversion is None,
+                         f"{key} {template!r} may use only {', '.join('{' + a + '}' for a in allowed)} as they "
+                         f"are (no format spec or conversion); got {{{name}{'!' + conversion if conversion else ''}"
+                         f"{':' + spec if spec else ''}}}")
+    except ValueError as e:
+        raise ConfigError(f"{key} {template!r} is not a valid template ({e}); write literal braces as {{{{ and }}}}") from None
+    _require(allowed[0] in fields, f"{key} {template!r} must name {{{allowed[0]}}}")
+
+
+def check_output_path(key: str, path: str) -> None:
+    """A path or URL that storage can reach, and a folder of its own: never a filesystem root or a
+    home folder, which a dataset would spill into."""
+    _require(bool(path.strip()), f"{key} is empty; name a folder for the output, e.g. outputs/run1")
+    protocol, rest = fsspec.core.split_protocol(path)
+    if protocol not in (None, "file", "local"):
+        # Known protocols only; one whose package is missing here (s3fs on a laptop) may still be
+        # right for the cluster that runs the job: the stage that opens it says what to install.
+        _require(protocol in fsspec.available_protocols(),
+                 f"{key} {path!r}: storage protocol {protocol!r} is unknown; use a local path or a URL such "
+                 f"as s3://bucket/run1 or gs://bucket/run1")
+        _require(bool(rest.strip("/")), f"{key} {path!r} names no folder; add one, e.g. {protocol}://bucket/run1")
+        return
+    local = os.path.abspath(os.path.expanduser(rest))
+    _require(os.path.dirname(local) != local and local != os.path.abspath(os.path.expanduser("~")),
+             f"{key} {path!r} is a filesystem root or a home folder; name a folder of its own, e.g. outputs/run1")
 

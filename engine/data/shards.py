@@ -55,7 +55,11 @@ class ShardEntry:
 class ShardStore:
     def __init__(self, url: str):
         self.url = url.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        except (ImportError, ValueError) as e:
+            raise ShardError(f"cannot open the storage of {self.url!r}: {e} (s3:// and gs:// need "
+                             f"`pip install -e .[cloud]`)") from None
 
     def _path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])

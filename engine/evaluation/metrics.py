@@ -289,6 +289,11 @@ def _prepare_gt(gt: Union[PathLike, dict], lvis: bool) -> dict[str, Any]:
     for i, image in enumerate(data["images"]):
         if not isinstance(image, dict) or "id" not in image:
             raise EvaluationError(f"{source}: images[{i}] has no 'id'")
+        if image["id"] in image_ids:
+            # The evaluators index images by id: a second image of the same id would take the
+            # first one's boxes, and every number would be wrong without a word.
+            raise EvaluationError(f"{source}: images[{i}] repeats image id {image['id']!r}; image ids "
+                                  f"must be unique")
         if lvis:
             for field in LVIS_IMAGE_FIELDS:
                 if not isinstance(image.get(field), list):
@@ -302,6 +307,9 @@ def _prepare_gt(gt: Union[PathLike, dict], lvis: bool) -> dict[str, Any]:
     for i, cat in enumerate(data["categories"]):
         if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:
             raise EvaluationError(f"{source}: categories[{i}] needs an 'id' and a 'name'")
+        if cat["id"] in names.values():
+            raise EvaluationError(f"{source}: categories[{i}] repeats category id {cat['id']!r}; category "
+                                  f"ids must be unique")
         if cat["name"] in names:
             raise EvaluationError(f"{source}: category name {cat['name']!r} is used by ids "
                                   f"{names[cat['name']]!r} and {cat['id']!r}; names must be unique")
@@ -327,6 +335,11 @@ def _prepare_gt(gt: Union[PathLike, dict], lvis: bool) -> dict[str, Any]:
             raise EvaluationError(f"{where} names category {ann['category_id']!r}, which is "
                                   f"not in 'categories'")
         x, y, w, h = _check_bbox(ann["bbox"], where)
+        area = ann.get("area", w * h)
+        if not (_is_number(area) and math.isfinite(area) and area >= 0):
+            # COCO sorts boxes into small / medium / large by area; a NaN area falls in all three.
+            raise EvaluationError(f"{where} has area {_short(area)}; it must be a finite number >= 0 "
+                                  f"(or left out: the box's w * h)")
         annotations.append({
             **ann,
             # Renumbered 1..N: pycocotools marks "unmatched" with id 0, so a ground-truth id of
@@ -336,7 +349,7 @@ def _prepare_gt(gt: Union[PathLike, dict], lvis: bool) -> dict[str, Any]:
             "bbox": [x, y, w, h],
             # Defaults for files that omit them (our synthetic datasets may): the box area, as
             # COCO's own converters write it, and not-a-crowd.
-            "area": ann.get("area", w * h),
+            "area": area,
             "iscrowd": ann.get("iscrowd", 0),
         })
     return {**data, "annotations": annotations}

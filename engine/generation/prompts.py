@@ -58,16 +58,7 @@ def target_categories(cfg: PromptConfig) -> list[str]:
     if not cats:
         raise ConfigError(f"no categories to generate (prompts.generate={cfg.generate!r} selects an "
                           f"empty list); fill prompts.base / prompts.novel or prompts.categories")
-    dup = sorted({c for c in cats if cats.count(c) > 1})
-    if dup:
-        raise ConfigError(f"category {dup[0]!r} is listed twice; category names must be unique")
-    for c in cats:
-        if not c.strip():
-            raise ConfigError("an empty category name is in the category list")
-        if len(c) > 200:
-            raise ConfigError(f"category name starting {c[:40]!r} is {len(c)} characters long; "
-                              f"category names are short nouns")
-    return cats
+    return cats  # each name was checked when the config loaded (engine.config.sections.check_names)
 
 
 def make_prompts(cfg: PromptConfig) -> list[PromptSpec]:

@@ -43,6 +43,7 @@ from engine.config import (
     fingerprint,
     from_dict,
 )
+from engine.config.sections import check_template
 from engine.data.datasets import (
     CORRUPT_IMAGE,
     CaptionRecord,
@@ -493,8 +494,8 @@ def _check_config(fc: FinetuneConfig, base: list[str]) -> None:
     need(fc.crop_size >= 8 and fc.crop_size % 8 == 0, f"finetune.crop_size must be a positive multiple of 8, got {fc.crop_size}")
     need(0.0 < fc.min_visible_fraction <= 1.0, f"finetune.min_visible_fraction must lie in (0, 1], got {fc.min_visible_fraction}")
     need(fc.max_upscale >= 1.0, f"finetune.max_upscale must be >= 1, got {fc.max_upscale}")
-    need("{categories}" in fc.template, f"finetune.template must contain {{categories}}, got {fc.template!r}")
-    need("{name}" in fc.name_template, f"finetune.name_template must contain {{name}}, got {fc.name_template!r}")
+    check_template("finetune.template", fc.template, ("categories",))
+    check_template("finetune.name_template", fc.name_template, ("name",))
     need(fc.max_steps >= 1 and fc.batch_size >= 1 and fc.grad_accum >= 1,
          "finetune.max_steps, batch_size and grad_accum must be >= 1")
     need(0 <= fc.warmup_steps <= fc.max_steps, f"finetune.warmup_steps ({fc.warmup_steps}) must lie in [0, max_steps={fc.max_steps}]")
