@@ -7,6 +7,7 @@ import tarfile
 
 import pytest
 from conftest import ray_with_env
+from PIL import Image
 
 from engine.config import load_config
 from engine.generation.pipeline import generate
@@ -172,3 +173,61 @@ def test_non_utf8_file_names_and_annotation_bytes(tmp_path):
     bad.write_bytes(b'{"images": [], "annotations": [], "categories": [{"id": 1, "name": "caf\xe9"}]}')
     with pytest.raises(DatasetError, match="latin1.json"):
         load_detection_dataset(str(bad), root)
+
+
+def small_output(path, shards: int = 3) -> ShardStore:
+    """An output of `shards` whole shards of two samples each, written as generate writes them."""
+    store = ShardStore(str(path))
+    store.prepare({"fingerprint": "test", "categories": ["cat"], "novel": []})
+    for i in range(shards):
+        samples = []
+        for k in range(2):
+            key = f"{2 * i + k:09d}"
+            img = io.BytesIO()
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(img, format="JPEG")
+            record = {"id": 2 * i + k, "prompt": "a cat", "seed_used": 0, "width": 8, "height": 8,
+                      "boxes": [[1, 1, 5, 5]], "labels": ["cat"], "scores": [0.9], "labellers": ["detector"]}
+            samples.append({"__key__": key, "jpg": img.getvalue(), "json": json.dumps(record)})
+        store.write_shard(i, samples, [])
+    return store
+
+
+def test_damaged_shards_and_entries_are_redone_and_refused_by_export(tmp_path):
+    from engine.generation.export import export
+    out = tmp_path / "run"
+    store = small_output(out)
+    assert sorted(store.finished()) == [0, 1, 2] and not store.damaged
+    whole = export(str(out), dest=str(tmp_path / "whole"))  # whole shards pass their checksums
+    assert (whole["images"], whole["annotations"]) == (6, 6)
+    tar1 = out / "shards" / "shard-000001.tar"
+    tar1.write_bytes(tar1.read_bytes()[:-700])  # cut short
+    (out / "manifest" / "shard-000002.json").write_text("{not json")
+    assert sorted(store.finished()) == [0]  # a rerun of generate redoes shards 1 and 2
+    assert set(store.damaged) == {"shard-000001.tar", "shard-000002.tar"}
+    with pytest.raises(ShardError, match="2 shard\\(s\\) .* are damaged .* rerun `instagen generate`"):
+        export(str(out))
+    assert not (out / "images").exists() and not (out / "coco.json").exists()
+
+
+def test_a_replaced_shard_of_the_same_size_fails_its_checksum(tmp_path):
+    from engine.generation.export import export
+    out = tmp_path / "run"
+    small_output(out)
+    tar0 = out / "shards" / "shard-000000.tar"
+    data = bytearray(tar0.read_bytes())
+    data[600] ^= 0xFF  # one byte inside the first JPEG: same size, other content
+    tar0.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match="shard-000000.tar .* does not match its manifest"):
+        export(str(out))
+    assert not (out / "images").exists() and not (out / "coco.json").exists()
+    tar0.unlink()
+    (out / "manifest" / "shard-000000.json").unlink()
+    assert sorted(ShardStore(str(out)).finished()) == [1, 2]
+
+
+def test_damaged_run_json_is_one_clear_error(tmp_path):
+    out = tmp_path / "run"
+    small_output(out, shards=1)
+    (out / "run.json").write_text("\x00\x01garbage")
+    with pytest.raises(ShardError, match="run.json is damaged"):
+        ShardStore(str(out)).run_info()

@@ -13,6 +13,7 @@ appended file, because object stores cannot append and several writers may finis
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -45,16 +46,20 @@ class ShardEntry:
     keys: list[str]
     dropped: list[int]
     boxes: int
+    size: int  # bytes of the shard's tar
+    sha256: str  # of the tar: resume checks the size, export the checksum
 
     def as_dict(self) -> dict:
         """The manifest entry, as written to manifest/ and as `ShardStore.finished` returns it."""
         return {"index": self.index, "shard": shard_name(self.index), "keys": self.keys,
-                "dropped": self.dropped, "samples": len(self.keys), "boxes": self.boxes}
+                "dropped": self.dropped, "samples": len(self.keys), "boxes": self.boxes,
+                "size": self.size, "sha256": self.sha256}
 
 
 class ShardStore:
     def __init__(self, url: str):
         self.url = url.rstrip("/")
+        self.damaged: dict[str, str] = {}  # shard -> why, filled by finished()
         try:
             self.fs, self.root = fsspec.core.url_to_fs(self.url)
         except (ImportError, ValueError) as e:
@@ -74,9 +79,15 @@ class ShardStore:
         """What run.json says produced this output, or None for an output not started yet."""
         try:
             with self.fs.open(self._path("run.json"), "r") as f:
-                return json.load(f)
+                info = json.load(f)
         except (FileNotFoundError, NotADirectoryError):  # under a file: no run.json can be there
             return None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            info = None
+        if not isinstance(info, dict) or "fingerprint" not in info:
+            raise ShardError(f"{self.url}/run.json is damaged (not the JSON record of the config that wrote this "
+                             f"output); restore it, or delete {self.url!r} to generate it afresh")
+        return info
 
     def check_same_run(self, run_info: dict) -> None:
         """Refuse to resume into an output that another configuration wrote (reads only)."""
@@ -106,14 +117,42 @@ class ShardStore:
 
     # -- manifest --------------------------------------------------------------------------------
     def finished(self) -> dict[int, dict]:
-        """Manifest entries of shards whose tar is whole on storage."""
-        entries = {}
-        for path in self.fs.glob(self._path("manifest", "shard-*.json")):
-            with self.fs.open(path, "r") as f:
-                entry = json.load(f)
-            if self.fs.exists(self._path("shards", entry["shard"])):
-                entries[int(entry["index"])] = entry
+        """Manifest entries of shards whose tar is on storage at the size recorded. A damaged entry
+        or shard (cut short, replaced, its entry not JSON) counts as not finished, so a rerun of
+        generate redoes it; `damaged` says which and why."""
+        entries, self.damaged = {}, {}
+        for path in sorted(self.fs.glob(self._path("manifest", "shard-*.json"))):
+            name = path.rsplit("/", 1)[-1].replace(".json", ".tar")
+            try:
+                with self.fs.open(path, "r") as f:
+                    entry = json.load(f)
+                index, shard = int(entry["index"]), entry["shard"]
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+                self.damaged[name] = "its manifest entry is not a JSON record"
+                continue
+            try:
+                size = self.fs.size(self._path("shards", shard))
+            except FileNotFoundError:
+                self.damaged[shard] = "the shard is missing"
+                continue
+            if "size" in entry and size != entry["size"]:
+                self.damaged[shard] = f"the shard holds {size} bytes, its manifest says {entry['size']}"
+                continue
+            entries[index] = entry
         return entries
+
+    def verify(self, entry: dict) -> None:
+        """The shard's bytes against its manifest's checksum; a damaged shard is a ShardError that
+        says how to redo it."""
+        digest = hashlib.sha256()
+        with self.fs.open(self._path("shards", entry["shard"]), "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        if "sha256" in entry and digest.hexdigest() != entry["sha256"]:
+            raise ShardError(f"shard {entry['shard']} under {self.url!r} does not match its manifest (checksum "
+                             f"differs): it was changed after it was written. Delete "
+                             f"manifest/{entry['shard'].replace('.tar', '.json')} and rerun `instagen generate` "
+                             f"with the same config to redo it")
 
     def remove_temporaries(self) -> int:
         stale = self.fs.glob(self._path("shards", ".*.tmp-*")) + self.fs.glob(self._path("manifest", ".*.tmp-*"))
@@ -127,7 +166,8 @@ class ShardStore:
         data = pack_tar(samples)
         write_atomic(self.fs, self._path("shards", shard_name(index)), data)
         boxes = sum(len(json.loads(s["json"])["boxes"]) for s in samples)
-        entry = ShardEntry(index, [s["__key__"] for s in samples], sorted(dropped), boxes)
+        entry = ShardEntry(index, [s["__key__"] for s in samples], sorted(dropped), boxes, len(data),
+                           hashlib.sha256(data).hexdigest())
         write_atomic(self.fs, self._path("manifest", f"shard-{index:06d}.json"), json.dumps(entry.as_dict()).encode())
         return entry
 

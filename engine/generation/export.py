@@ -35,8 +35,14 @@ def export(output: str, dest: Optional[str] = None, write_images: bool = True,
         raise ShardError(f"{output!r} holds no generated dataset (no run.json); run `instagen generate` "
                          f"with output.path={output} first")
     entries = store.finished()
+    if store.damaged:
+        shard, why = next(iter(store.damaged.items()))
+        raise ShardError(f"{len(store.damaged)} shard(s) under {output!r} are damaged ({shard}: {why}); rerun "
+                         f"`instagen generate` with the same config to redo them, then export")
     if not entries:
         raise ShardError(f"no finished shards under {output!r}; run `instagen generate` first")
+    for entry in entries.values():  # before a byte is written: an export is of whole shards or none
+        store.verify(entry)
     cat_id = {name: i + 1 for i, name in enumerate(run["categories"])}
     fs, root = fsspec.core.url_to_fs(dest)
     if write_images:

@@ -89,6 +89,8 @@ def generate(cfg: Config) -> Summary:
     store = ShardStore(cfg.output.path)
     store.check_same_run(run_info)
     done = store.finished()
+    for shard, why in store.damaged.items():
+        print(f"[generate] {shard} is damaged ({why}): it is redone", file=sys.stderr, flush=True)
     todo = set(range(n_shards)) - set(done)
     todo_rows = [r for r in rows if r.id // size in todo]
     written: dict[int, dict] = {}
