@@ -143,6 +143,26 @@ def test_unwritable_output_is_a_clear_error(tmp_path):
         generate(small_config(str(blocker / "run")))
 
 
+def test_model_that_fails_in_the_actors_leaves_nothing_and_the_fix_runs(local_ray, tmp_path):
+    from engine.models.diffusion import ModelLoadError
+    broken = tmp_path / "sd"
+    broken.mkdir()
+    (broken / "model_index.json").write_text("{not json")  # passes the driver's look, fails to load
+    out = tmp_path / "run"
+    with pytest.raises(ModelLoadError, match="could not load the diffusers folder") as err:
+        generate(small_config(str(out), f"model.source={broken}"))
+    assert "\n" not in str(err.value) and not out.exists()
+    summary = generate(small_config(str(out)))  # the corrected run is not refused as another run
+    assert summary.shards_written == summary.shards > 0
+
+
+def test_a_folder_of_other_files_is_not_written_into(local_ray, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ShardError, match="holds other files \\(notes.txt\\)"):
+        generate(small_config(str(tmp_path)))
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
+
+
 def test_cli_errors_are_one_line(tmp_path):
     cases = [
         (["synthesis.stepz=3"], "unknown config key 'synthesis.stepz'"),

@@ -100,8 +100,19 @@ class ShardStore:
                     f"or delete the old output.")
 
     def prepare(self, run_info: dict) -> None:
-        """Create the layout, check it is writable, and record which run owns it."""
+        """Create the layout and check it is writable. The output is claimed for this run (run.json)
+        only with its first shard, so an attempt that fails before any work is done (a model that
+        cannot load in the actors) leaves nothing that would refuse the corrected rerun."""
         self.check_same_run(run_info)
+        fresh = self.run_info() is None
+        if fresh and self.fs.isdir(self.root):
+            foreign = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False))
+            foreign = [name for name in foreign if name not in ("shards", "manifest")]
+            if foreign:
+                raise ShardError(f"output path {self.url!r} is a folder that holds other files ({', '.join(foreign[:3])}"
+                                 f"{', ...' if len(foreign) > 3 else ''}) and no InstaGen output; choose a new or "
+                                 f"empty folder with output.path=...")
+        self._created = [p for p in (self.root, self._path("shards"), self._path("manifest")) if not self.fs.exists(p)]
         try:
             self.fs.makedirs(self._path("shards"), exist_ok=True)
             self.fs.makedirs(self._path("manifest"), exist_ok=True)
@@ -112,8 +123,18 @@ class ShardStore:
         except (OSError, PermissionError) as e:
             raise ShardError(f"output path {self.url!r} is not writable ({e}); choose a path you can "
                              f"write to with output.path=...") from None
-        if self.run_info() is None:
-            write_atomic(self.fs, self._path("run.json"), json.dumps(run_info, indent=2).encode())
+        self._claim = run_info if fresh else None
+
+    def discard_unclaimed(self) -> None:
+        """After a failed attempt that wrote no shard: remove the folders prepare() made."""
+        if getattr(self, "_claim", None) is None:
+            return
+        for path in reversed(getattr(self, "_created", [])):
+            try:
+                if not self.fs.ls(path, detail=False):
+                    self.fs.rmdir(path)
+            except (FileNotFoundError, OSError):
+                pass
 
     # -- manifest --------------------------------------------------------------------------------
     def finished(self) -> dict[int, dict]:
@@ -164,6 +185,9 @@ class ShardStore:
     def write_shard(self, index: int, samples: list[dict], dropped: list[int]) -> ShardEntry:
         """samples: dicts with "__key__" and the member payloads (bytes) by suffix."""
         data = pack_tar(samples)
+        if getattr(self, "_claim", None) is not None:  # the first shard of a new output claims it
+            write_atomic(self.fs, self._path("run.json"), json.dumps(self._claim, indent=2).encode())
+            self._claim = None
         write_atomic(self.fs, self._path("shards", shard_name(index)), data)
         boxes = sum(len(json.loads(s["json"])["boxes"]) for s in samples)
         entry = ShardEntry(index, [s["__key__"] for s in samples], sorted(dropped), boxes, len(data),

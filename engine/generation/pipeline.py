@@ -15,10 +15,17 @@ from dataclasses import asdict, dataclass
 
 from engine.config import Config, fingerprint
 from engine.data.shards import ShardStore
-from engine.generation.annotation import Annotator, check_labeller
+from engine.generation.annotation import Annotator, build_labeller, check_labeller
 from engine.generation.prompts import PromptSpec, make_prompts
 from engine.generation.synthesis import Synthesizer
-from engine.runtime.cluster import cluster_state, connect, plan_pools, threads_for
+from engine.models.diffusion import load_pipeline
+from engine.runtime.cluster import (
+    cluster_state,
+    connect,
+    plan_pools,
+    threads_for,
+    user_error_in,
+)
 
 
 @dataclass
@@ -102,6 +109,7 @@ def generate(cfg: Config) -> Summary:
         synth, annot = plan_pools(resources, nodes, cfg.synthesis.num_actors, cfg.synthesis.gpus_per_actor,
                                   cfg.annotation.num_actors, cfg.annotation.gpus_per_actor,
                                   cfg.ray.allow_autoscale)
+        _probe_models(cfg, categories, synth)
         store.prepare(run_info)
         store.remove_temporaries()
         ctx = ray.data.DataContext.get_current()
@@ -117,12 +125,38 @@ def generate(cfg: Config) -> Summary:
             Annotator, fn_constructor_args=(cfg.annotation, categories, threads_for(annot.num_cpus)),
             batch_size=cfg.annotation.batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=annot.size), **annot.remote_args())
-        written = _write_shards(ds, store, sorted(todo), todo_rows, size)
+        try:
+            written = _write_shards(ds, store, sorted(todo), todo_rows, size)
+        except Exception as e:
+            store.discard_unclaimed()
+            user = user_error_in(e)
+            if user is None:
+                raise
+            raise type(user)(str(user).splitlines()[0]) from None
     entries = {**done, **written}
     return Summary(images=sum(e["samples"] for e in entries.values()),
                    boxes=sum(e["boxes"] for e in entries.values()), shards=len(entries),
                    shards_written=len(written), dropped=sum(len(e["dropped"]) for e in entries.values()),
                    wall_s=time.time() - start, output=cfg.output.path)
+
+
+def _load_models(cfg: Config, categories: list[str]) -> None:
+    load_pipeline(cfg.model)
+    build_labeller(cfg.annotation, categories)
+
+
+def _probe_models(cfg: Config, categories: list[str], synth) -> None:
+    """Load the generator and the labeller once, in one task with a synthesis actor's resources,
+    before anything is written: a model that cannot load (a damaged folder or checkpoint, a
+    checkpoint refused for its pickles) is then one line, not a pool of dying actors."""
+    import ray
+    try:
+        ray.get(ray.remote(_load_models).options(max_retries=0, **synth.remote_args()).remote(cfg, categories))
+    except Exception as e:
+        user = user_error_in(e)
+        if user is None:
+            raise
+        raise type(user)(str(user).splitlines()[0]) from None
 
 
 def _write_shards(ds, store, todo: list[int], rows: list[PromptSpec], size: int) -> dict[int, dict]:

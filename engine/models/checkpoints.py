@@ -55,7 +55,7 @@ def load_single_file(path: str, config_source: Optional[str]):
     single-file checkpoint `path`, configured by the local diffusers folder `config_source`."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
-    folder = _config_folder(path, config_source)
+    folder = config_folder(path, config_source)
     state = read_state_dict(path)
     _check_layout(state, path)
 
@@ -86,7 +86,8 @@ def load_single_file(path: str, config_source: Optional[str]):
                              f"{folder!r}: {e}") from e
 
 
-def _config_folder(path: str, config_source: Optional[str]) -> str:
+def config_folder(path: str, config_source: Optional[str]) -> str:
+    """The local diffusers folder giving a single-file checkpoint its configs and tokenizer."""
     need = ("a local diffusers folder of the same architecture (e.g. sd-v1-4 saved with "
             "`save_pretrained`, or downloaded with `huggingface-cli download "
             "CompVis/stable-diffusion-v1-4 --local-dir /models/sd-v1-4` where there is network); "

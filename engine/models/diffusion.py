@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from engine.config import ModelConfig, TinyModelConfig
-from engine.models.checkpoints import ModelLoadError, load_single_file
+from engine.models.checkpoints import ModelLoadError, config_folder, load_single_file
 
 SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".bin")
 
@@ -170,6 +170,7 @@ def check_source(cfg: ModelConfig) -> str:
                                  f"a diffusers pipeline folder (as written by `save_pretrained`)")
         return "folder"
     if os.path.isfile(source) and source.endswith(SINGLE_FILE_SUFFIXES):
+        config_folder(source, cfg.config_source)  # configs and tokenizer must be at hand, offline
         return "single_file"
     if os.path.isfile(source):
         raise ModelLoadError(f"model.source {cfg.source!r} is a file but not a checkpoint; a single-file "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 from engine.config import RayConfig
 from engine.errors import UserError
@@ -102,3 +103,20 @@ def threads_for(num_cpus: float) -> int:
     """Torch threads for an actor holding `num_cpus` Ray CPUs."""
     return max(1, int(round(num_cpus)))
 
+
+def user_error_in(error: BaseException) -> Optional[UserError]:
+    """The UserError that made a Ray task or actor fail, found through the exceptions Ray wraps
+    it in (RayTaskError and its cause, Ray Data's UserCodeException), or None: a model that
+    cannot load inside the actors is then one line, as on the driver."""
+    seen = set()
+    todo = [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)  # ray.exceptions.RayTaskError keeps the original here
+        if isinstance(e, UserError) and not isinstance(cause, BaseException):
+            return e
+        todo += [cause if isinstance(cause, BaseException) else None, e.__cause__, e.__context__]
+    return None
