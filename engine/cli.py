@@ -191,7 +191,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         args.func(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # One line whatever the message holds (a library's multi-line text included).
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     return 0
 

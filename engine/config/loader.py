@@ -66,7 +66,7 @@ def load_yaml(text: str, what: str) -> Any:
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{what} is not valid YAML: {e}") from None
+        raise ConfigError(f"{what} is not valid YAML: {_yaml_problem(e)}") from None
     if root is None:
         return None
     sizes: dict[int, int] = {}
@@ -93,7 +93,13 @@ def load_yaml(text: str, what: str) -> Any:
     try:
         return yaml.SafeLoader(text).get_single_data()
     except yaml.YAMLError as e:
-        raise ConfigError(f"{what} is not valid YAML: {e}") from None
+        raise ConfigError(f"{what} is not valid YAML: {_yaml_problem(e)}") from None
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+    return f"{getattr(e, 'problem', None) or e}{where}"
 
 
 def unshared(node: Any) -> Any:
