@@ -510,7 +510,7 @@ def check_template(key: str, template: str, allowed: tuple[str, ...]) -> None:
                          f"{':' + spec if spec else ''}}}")
     except ValueError as e:
         raise ConfigError(f"{key} {template!r} is not a valid template ({e}); write literal braces as {{{{ and }}}}") from None
-    _require(allowed[0] in fields, f"{key} {template!r} must name {{{allowed[0]}}}")
+    _require(allowed[0] in fields, f"{key} {template!r} must contain {{{allowed[0]}}}")
 
 
 def check_output_path(key: str, path: str) -> None:
