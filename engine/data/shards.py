@@ -60,6 +60,8 @@ class ShardStore:
     def __init__(self, url: str):
         self.url = url.rstrip("/")
         self.damaged: dict[str, str] = {}  # shard -> why, filled by finished()
+        self._claim: Optional[dict] = None  # run.json to write with the first shard (prepare)
+        self._created: list[str] = []  # folders prepare() made, removed again by discard_unclaimed
         try:
             self.fs, self.root = fsspec.core.url_to_fs(self.url)
         except (ImportError, ValueError) as e:
@@ -127,9 +129,9 @@ class ShardStore:
 
     def discard_unclaimed(self) -> None:
         """After a failed attempt that wrote no shard: remove the folders prepare() made."""
-        if getattr(self, "_claim", None) is None:
+        if self._claim is None:
             return
-        for path in reversed(getattr(self, "_created", [])):
+        for path in reversed(self._created):
             try:
                 if not self.fs.ls(path, detail=False):
                     self.fs.rmdir(path)
@@ -185,7 +187,7 @@ class ShardStore:
     def write_shard(self, index: int, samples: list[dict], dropped: list[int]) -> ShardEntry:
         """samples: dicts with "__key__" and the member payloads (bytes) by suffix."""
         data = pack_tar(samples)
-        if getattr(self, "_claim", None) is not None:  # the first shard of a new output claims it
+        if self._claim is not None:  # the first shard of a new output claims it
             write_atomic(self.fs, self._path("run.json"), json.dumps(self._claim, indent=2).encode())
             self._claim = None
         write_atomic(self.fs, self._path("shards", shard_name(index)), data)
