@@ -67,8 +67,9 @@ setup(
     extras_require={
         "gpu": ["xformers"],
         "cloud": ["s3fs", "gcsfs"],
-        # boto3: the tests validate cluster.yaml's node configs against the EC2 API model offline.
-        "dev": ["pytest>=7", "pytest-timeout", "boto3"],
+        # boto3: the tests validate cluster.yaml's node configs against the EC2 API model offline;
+        # s3fs and moto's S3 server: the tests write datasets to s3:// from Ray workers.
+        "dev": ["pytest>=7", "pytest-timeout", "boto3", "s3fs", "moto[server]"],
     },
     entry_points={"console_scripts": ["instagen=engine.cli:main"]},
     ext_modules=ext_modules,

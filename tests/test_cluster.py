@@ -304,28 +304,45 @@ def test_ray_job_submit_generate_on_a_real_head(ray_head, tmp_path):
     assert os.path.exists(os.path.join(out, "coco.json"))
 
 
-# -- object-store style output (fsspec memory://) ------------------------------------------------------
+# -- object-store output (s3:// on a local S3 server) ------------------------------------------------
 
 @pytest.fixture(scope="module")
-def memory_run(local_ray):
-    """Generate into memory:// with the local Ray. Ray workers cannot see this process's
-    memory filesystem, but they never need to: the driver is the only writer of shards."""
+def s3_run(tmp_path_factory):
+    """Generate into s3:// on moto's S3 server, with a Ray whose workers reach it as the driver
+    does (fsspec reads FSSPEC_S3_* settings from the environment): the workers write the shards,
+    so an object store that only the driver could see would not do."""
     import fsspec
+    from conftest import ray_with_env
+    from moto.server import ThreadedMotoServer
 
     from engine.config import load_config
     from engine.generation.pipeline import generate
 
-    url = f"memory://instagen-test-{uuid.uuid4().hex[:8]}/run"
+    server = ThreadedMotoServer(port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"FSSPEC_S3_ENDPOINT_URL": f"http://{host}:{port}", "FSSPEC_S3_KEY": "test", "FSSPEC_S3_SECRET": "test",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    fsspec.config.conf.setdefault("s3", {}).update(endpoint_url=env["FSSPEC_S3_ENDPOINT_URL"], key="test",
+                                                   secret="test")
+    fsspec.filesystem("s3").mkdir("instagen-test")
+    url = f"s3://instagen-test/run-{uuid.uuid4().hex[:8]}"
     cfg = load_config(os.path.join(ROOT, "configs/tiny.yaml"),
                       [f"output.path={url}", "prompts.images_per_category=1", "output.shard_size=3",
                        "synthesis.steps=3"])
-    summary = generate(cfg)
-    yield cfg, summary
-    fs, root = fsspec.core.url_to_fs(url)
-    fs.rm(root.rsplit("/", 1)[0], recursive=True)
+    try:
+        with ray_with_env(env):
+            yield cfg, generate(cfg)
+    finally:
+        fsspec.config.conf.pop("s3", None)
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        server.stop()
 
 
-def test_generate_writes_to_a_non_local_filesystem(memory_run):
+def test_generate_writes_to_a_non_local_filesystem(s3_run):
     import tarfile
 
     import fsspec
@@ -333,7 +350,7 @@ def test_generate_writes_to_a_non_local_filesystem(memory_run):
     from engine.generation.prompts import make_prompts
     from engine.data.shards import ShardStore
 
-    cfg, summary = memory_run
+    cfg, summary = s3_run
     expected = sorted(p.key for p in make_prompts(cfg.prompts))
     assert summary.images == len(expected) == 4 and summary.shards == 2
     store = ShardStore(cfg.output.path)
@@ -347,17 +364,22 @@ def test_generate_writes_to_a_non_local_filesystem(memory_run):
     assert keys == expected
 
 
-def test_export_reads_a_non_local_filesystem(memory_run):
+def test_export_reads_a_non_local_filesystem(s3_run):
     import fsspec
 
     from engine.generation.export import export
 
-    cfg, summary = memory_run
-    result = export(cfg.output.path, write_images=False)
+    cfg, summary = s3_run
+    from engine.data.shards import iter_samples, shard_urls
+    result = export(cfg.output.path)
     assert result["images"] == summary.images
     with fsspec.open(result["coco"], "r") as f:
         coco = json.load(f)
     assert len(coco["images"]) == summary.images
+    fs, root = fsspec.core.url_to_fs(cfg.output.path)
+    assert not fs.glob(f"{root}/.export-*"), "the staging folder is gone"
+    for sample in iter_samples(shard_urls(cfg.output.path), decode=False):  # copied byte for byte
+        assert fs.cat_file(f"{root}/images/{sample['__key__']}.jpg") == sample["jpg"]
 
 
 # -- the GPU benchmark, smoke-run on CPU -----------------------------------------------------------------

@@ -450,14 +450,15 @@ def test_init_head_must_match_the_model_and_head_sizes(head_folder, tmp_path):
 
 def test_annotation_stage_with_the_head_writes_boxes_tagged_as_the_head(pipe, head_folder):
     from engine.generation.annotation import Annotator
-    from engine.generation.synthesis import encode_npy
+    from engine.generation.synthesis import encode_jpeg, encode_npy
     folder, _ = head_folder
     rows = toy_rows(pipe, 2, seed=7)
     annotator = Annotator(AnnotationConfig(labeller="grounding_head", model=folder, beta=0.0), CATS)
-    batch = {"id": [0, 1], "status": ["ok", "ok"], "seed": [0, 1], "seed_used": [0, 1], "model_id": ["tiny"] * 2,
-             "text": [r["prompt"] for r in rows], "categories": [r["categories"] for r in rows],
-             "pixels": [np.zeros((32, 32, 3), np.uint8)] * 2, "latent": [encode_npy(r["latent"]) for r in rows]}
-    records = [json.loads(r) for r in annotator(batch)["json"]]
+    row = {"shard": 0, "id": [0, 1], "status": ["ok", "ok"], "seed": [0, 1], "seed_used": [0, 1], "model_id": "tiny",
+           "text": [r["prompt"] for r in rows], "categories": [r["categories"] for r in rows],
+           "jpg": [encode_jpeg(np.zeros((32, 32, 3), np.uint8), 95)] * 2,
+           "latent": [encode_npy(r["latent"]) for r in rows]}
+    records = [json.loads(r) for r in annotator(row)["json"]]
     assert all(rec["boxes"] for rec in records)
     assert all(who == "grounding_head" for rec in records for who in rec["labellers"])
 

@@ -1,5 +1,4 @@
 """Generation survives crashes, failing writes, NaNs and hostile shards with nothing lost or duplicated."""
-import errno
 import io
 import json
 import os
@@ -67,32 +66,13 @@ def test_nan_samples_dropped_and_counted(faulty_ray, tmp_path):
     assert generate(cfg).shards_written == 0, "a dropped sample is a decision, not missing work"
 
 
-def test_failing_shard_write_leaves_nothing_and_rerun_writes_it(faulty_ray, tmp_path, monkeypatch):
+def test_failing_shard_write_leaves_nothing_and_rerun_writes_it(faulty_ray, tmp_path):
     out = str(tmp_path / "run")
     cfg = config(out)
-    real_write = ShardStore.write_shard
-
-    def disk_full_on_shard_1(self, index, samples, dropped):
-        if index != 1:
-            return real_write(self, index, samples, dropped)
-        fs_open = self.fs.open
-
-        def failing_open(path, mode="rb", **kw):
-            handle = fs_open(path, mode, **kw)
-            if "w" in mode:  # half the bytes land, then the disk is full
-                handle.write(b"half a tar")
-                handle.close()
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return handle
-        self.fs.open = failing_open
-        try:
-            return real_write(self, index, samples, dropped)
-        finally:
-            del self.fs.open
-    monkeypatch.setattr(ShardStore, "write_shard", disk_full_on_shard_1)
-    with pytest.raises(OSError, match="No space"):
+    open(os.path.join(faulty_ray, "fail-write-1"), "w").close()  # armed: shard 1's worker finds the disk full
+    with pytest.raises(ShardError, match="writing shard 1 .* failed .*No space left on device.* rerun"):
         generate(cfg)
-    monkeypatch.undo()
+    assert not os.path.exists(os.path.join(faulty_ray, "fail-write-1")), "the write on the worker was not tried"
     shards = os.listdir(os.path.join(out, "shards"))
     assert "shard-000001.tar" not in shards and not [f for f in shards if ".tmp-" in f]
     assert 1 not in ShardStore(out).finished()
@@ -178,7 +158,7 @@ def test_non_utf8_file_names_and_annotation_bytes(tmp_path):
 def small_output(path, shards: int = 3) -> ShardStore:
     """An output of `shards` whole shards of two samples each, written as generate writes them."""
     store = ShardStore(str(path))
-    store.prepare({"fingerprint": "test", "categories": ["cat"], "novel": []})
+    claim = store.prepare({"fingerprint": "test", "categories": ["cat"], "novel": []})
     for i in range(shards):
         samples = []
         for k in range(2):
@@ -188,11 +168,11 @@ def small_output(path, shards: int = 3) -> ShardStore:
             record = {"id": 2 * i + k, "prompt": "a cat", "seed_used": 0, "width": 8, "height": 8,
                       "boxes": [[1, 1, 5, 5]], "labels": ["cat"], "scores": [0.9], "labellers": ["detector"]}
             samples.append({"__key__": key, "jpg": img.getvalue(), "json": json.dumps(record)})
-        store.write_shard(i, samples, [])
+        store.write_shard(i, samples, [], claim)
     return store
 
 
-def test_damaged_shards_and_entries_are_redone_and_refused_by_export(tmp_path):
+def test_damaged_shards_and_entries_are_redone_and_refused_by_export(local_ray, tmp_path):
     from engine.generation.export import export
     out = tmp_path / "run"
     store = small_output(out)
@@ -209,7 +189,7 @@ def test_damaged_shards_and_entries_are_redone_and_refused_by_export(tmp_path):
     assert not (out / "images").exists() and not (out / "coco.json").exists()
 
 
-def test_a_replaced_shard_of_the_same_size_fails_its_checksum(tmp_path):
+def test_a_replaced_shard_of_the_same_size_fails_its_checksum(local_ray, tmp_path):
     from engine.generation.export import export
     out = tmp_path / "run"
     small_output(out)
@@ -219,7 +199,7 @@ def test_a_replaced_shard_of_the_same_size_fails_its_checksum(tmp_path):
     tar0.write_bytes(bytes(data))
     with pytest.raises(ShardError, match="shard-000000.tar .* does not match its manifest"):
         export(str(out))
-    assert not (out / "images").exists() and not (out / "coco.json").exists()
+    assert sorted(os.listdir(out)) == ["manifest", "run.json", "shards"], "an export is of whole shards or none"
     tar0.unlink()
     (out / "manifest" / "shard-000000.json").unlink()
     assert sorted(ShardStore(str(out)).finished()) == [1, 2]

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import ModelConfig, SynthesisConfig
+from engine.config import ModelConfig, PromptConfig, SynthesisConfig
+from engine.generation.prompts import PromptPlan
 from engine.models.diffusion import load_pipeline
 from engine.generation.synthesis import Synthesizer, derived_seed, draw
 
@@ -54,15 +55,15 @@ def test_features_are_the_up_blocks_of_the_last_step(pipe):
 def test_synthesizer_regenerates_nonfinite_samples(monkeypatch):
     monkeypatch.setenv("INSTAGEN_FAULT_NAN", "7")
     cfg = SynthesisConfig(steps=2, height=64, width=64, keep_features=True)
-    actor = Synthesizer(ModelConfig(), cfg)
-    batch = {"id": np.array([6, 7]), "seed": np.array([100, 200]), "text": np.array(["a", "b"]),
-             "categories": np.array(['["a"]', '["b"]'])}
-    out = actor(batch)
-    assert out["status"] == ["ok", "ok"]
-    assert out["seed_used"] == [100, derived_seed(200, 1)]
-    assert np.isfinite(np.load(io.BytesIO(out["latent"][1]), allow_pickle=False)).all()
+    plan = PromptPlan(PromptConfig(base=["a", "b"], images_per_category=4))
+    actor = Synthesizer(ModelConfig(), cfg, plan, shard_size=4)
+    out = actor({"shard": 1})  # rows 4..7, made by the actor itself
+    assert out["id"] == [4, 5, 6, 7] and out["seed"] == [plan.row(i).seed for i in range(4, 8)]
+    assert out["status"] == ["ok"] * 4
+    assert out["seed_used"] == out["seed"][:3] + [derived_seed(out["seed"][3], 1)]
+    assert np.isfinite(np.load(io.BytesIO(out["latent"][3]), allow_pickle=False)).all()
     with np.load(io.BytesIO(out["features"][0]), allow_pickle=False) as z:
         assert len(z.files) == len(actor.pipe.unet.up_blocks)
     actor.cfg = SynthesisConfig(steps=2, height=64, width=64, on_nonfinite="drop")
-    out = actor(batch)
-    assert out["status"] == ["ok", "dropped"] and out["jpg"][1] == b""
+    out = actor({"shard": 1})
+    assert out["status"] == ["ok"] * 3 + ["dropped"] and out["jpg"][3] == b""

@@ -26,7 +26,8 @@ import fsspec
 import numpy as np
 
 from engine.errors import UserError
-from engine.runtime.storage import write_atomic
+from engine.runtime.faults import failing_fs
+from engine.runtime.storage import url_of, write_atomic
 
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 MEMBER_SUFFIXES = ("jpg", "latent.npy", "json", "features.npz")
@@ -60,7 +61,6 @@ class ShardStore:
     def __init__(self, url: str):
         self.url = url.rstrip("/")
         self.damaged: dict[str, str] = {}  # shard -> why, filled by finished()
-        self._claim: Optional[dict] = None  # run.json to write with the first shard (prepare)
         self._created: list[str] = []  # folders prepare() made, removed again by discard_unclaimed
         try:
             self.fs, self.root = fsspec.core.url_to_fs(self.url)
@@ -72,9 +72,7 @@ class ShardStore:
         return "/".join([self.root, *parts])
 
     def shard_url(self, index: int) -> str:
-        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
-        path = self._path("shards", shard_name(index))
-        return path if protocol in ("file", "local") else f"{protocol}://{path}"
+        return url_of(self.fs, self._path("shards", shard_name(index)))
 
     # -- run identity ---------------------------------------------------------------------------
     def run_info(self) -> Optional[dict]:
@@ -101,10 +99,12 @@ class ShardStore:
                     f"differ from this config's); resuming would mix two datasets. Use a new output.path, "
                     f"or delete the old output.")
 
-    def prepare(self, run_info: dict) -> None:
-        """Create the layout and check it is writable. The output is claimed for this run (run.json)
-        only with its first shard, so an attempt that fails before any work is done (a model that
-        cannot load in the actors) leaves nothing that would refuse the corrected rerun."""
+    def prepare(self, run_info: dict) -> Optional[dict]:
+        """Create the layout, check it is writable, and return the claim the shard writers must
+        pass to `write_shard`: run_info for a new output, None for one this run already owns. The
+        output is claimed (run.json) only with its first shard, so an attempt that fails before any
+        work is done (a model that cannot load in the actors) leaves nothing that would refuse
+        the corrected rerun."""
         self.check_same_run(run_info)
         fresh = self.run_info() is None
         if fresh and self.fs.isdir(self.root):
@@ -125,11 +125,12 @@ class ShardStore:
         except (OSError, PermissionError) as e:
             raise ShardError(f"output path {self.url!r} is not writable ({e}); choose a path you can "
                              f"write to with output.path=...") from None
-        self._claim = run_info if fresh else None
+        return run_info if fresh else None
 
     def discard_unclaimed(self) -> None:
-        """After a failed attempt that wrote no shard: remove the folders prepare() made."""
-        if self._claim is None:
+        """After a failed attempt that wrote no shard (so claimed nothing): remove the folders
+        prepare() made."""
+        if self.fs.exists(self._path("run.json")):
             return
         for path in reversed(self._created):
             try:
@@ -164,18 +165,18 @@ class ShardStore:
             entries[index] = entry
         return entries
 
-    def verify(self, entry: dict) -> None:
-        """The shard's bytes against its manifest's checksum; a damaged shard is a ShardError that
-        says how to redo it."""
-        digest = hashlib.sha256()
+    def read_shard(self, entry: dict) -> bytes:
+        """The shard's bytes, checked against its manifest entry's size and checksum; a damaged
+        shard is a ShardError that says how to redo it."""
         with self.fs.open(self._path("shards", entry["shard"]), "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        if "sha256" in entry and digest.hexdigest() != entry["sha256"]:
+            data = f.read()
+        digest = hashlib.sha256(data).hexdigest()
+        if len(data) != entry.get("size", len(data)) or digest != entry.get("sha256", digest):
             raise ShardError(f"shard {entry['shard']} under {self.url!r} does not match its manifest (checksum "
                              f"differs): it was changed after it was written. Delete "
                              f"manifest/{entry['shard'].replace('.tar', '.json')} and rerun `instagen generate` "
                              f"with the same config to redo it")
+        return data
 
     def remove_temporaries(self) -> int:
         stale = self.fs.glob(self._path("shards", ".*.tmp-*")) + self.fs.glob(self._path("manifest", ".*.tmp-*"))
@@ -184,17 +185,21 @@ class ShardStore:
         return len(stale)
 
     # -- writing ---------------------------------------------------------------------------------
-    def write_shard(self, index: int, samples: list[dict], dropped: list[int]) -> ShardEntry:
-        """samples: dicts with "__key__" and the member payloads (bytes) by suffix."""
+    def write_shard(self, index: int, samples: list[dict], dropped: list[int],
+                    claim: Optional[dict] = None) -> ShardEntry:
+        """samples: dicts with "__key__" and the member payloads (bytes) by suffix. Safe to call
+        from many workers at once, each with its own shard: every file is written whole under its
+        final name, the tar before its manifest entry. `claim` (from prepare) is written as
+        run.json first unless a sibling writer already did: the same bytes either way."""
         data = pack_tar(samples)
-        if self._claim is not None:  # the first shard of a new output claims it
-            write_atomic(self.fs, self._path("run.json"), json.dumps(self._claim, indent=2).encode())
-            self._claim = None
-        write_atomic(self.fs, self._path("shards", shard_name(index)), data)
+        fs = failing_fs(self.fs, index)
+        if claim is not None and not fs.exists(self._path("run.json")):
+            write_atomic(fs, self._path("run.json"), json.dumps(claim, indent=2).encode())
+        write_atomic(fs, self._path("shards", shard_name(index)), data)
         boxes = sum(len(json.loads(s["json"])["boxes"]) for s in samples)
         entry = ShardEntry(index, [s["__key__"] for s in samples], sorted(dropped), boxes, len(data),
                            hashlib.sha256(data).hexdigest())
-        write_atomic(self.fs, self._path("manifest", f"shard-{index:06d}.json"), json.dumps(entry.as_dict()).encode())
+        write_atomic(fs, self._path("manifest", f"shard-{index:06d}.json"), json.dumps(entry.as_dict()).encode())
         return entry
 
 
@@ -246,6 +251,25 @@ def decode_sample(sample: dict) -> dict:
             raise ShardError(f"shard member {key}.{name} has an unexpected type; "
                              f"only {', '.join(MEMBER_SUFFIXES)} are read")
     return out
+
+
+def samples_in_tar(data: bytes) -> Iterator[dict]:
+    """The raw samples of a shard held in memory, in order: {"__key__", suffix: bytes, ...}. Member
+    names are checked as decode_sample checks them, and payloads stay bytes (nothing decoded)."""
+    sample: dict = {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for member in tar:
+            key, _, suffix = member.name.partition(".")
+            if not member.isfile() or not KEY_RE.match(key) or suffix not in MEMBER_SUFFIXES:
+                raise ShardError(f"shard member {member.name!r} is not a sample file ({', '.join(MEMBER_SUFFIXES)} "
+                                 f"of a plain key); the shard is corrupt or hostile, regenerate it")
+            if sample and sample["__key__"] != key:
+                yield sample
+                sample = {}
+            sample["__key__"] = key
+            sample[suffix] = tar.extractfile(member).read()
+    if sample:
+        yield sample
 
 
 def _open_with_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw):

@@ -235,41 +235,59 @@ def _build_teacher_plus_head(cfg, categories: list[str]) -> TeacherPlusHeadLabel
 
 
 class Annotator:
-    """A Ray Data actor: labels each generated image and adds the sample's JSON record."""
+    """A Ray Data actor: labels the images of a shard row (see Synthesizer) and adds each sample's
+    JSON record. It labels the JPEG as stored, the image every later reader sees, a batch of
+    `annotation.batch_size` images at a time."""
 
     def __init__(self, cfg: AnnotationConfig, categories: list[str], threads: int = 0):
         if threads:
             torch.set_num_threads(threads)
         self.labeller = build_labeller(cfg, categories)
+        self.batch_size = cfg.batch_size
         self.batches = 0
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, row: dict) -> dict:
+        ok = [i for i, s in enumerate(row["status"]) if s == "ok"]
+        found: dict[int, list[dict]] = {}
+        for start in range(0, len(ok), self.batch_size):
+            chunk = ok[start:start + self.batch_size]
+            found.update(zip(chunk, self.label_batch(row, chunk)))
+        records = []  # "" for a dropped sample, which is never written
+        for i in range(len(row["id"])):
+            if i not in found:
+                records.append("")
+                continue
+            boxes, (h, w) = found[i]
+            records.append(json.dumps({
+                "id": int(row["id"][i]), "prompt": str(row["text"][i]), "categories": json.loads(row["categories"][i]),
+                "seed": int(row["seed"][i]), "seed_used": int(row["seed_used"][i]),
+                "model_id": str(row["model_id"]), "width": int(w), "height": int(h),
+                "box_format": BOX_FORMAT, **columns(boxes)}))
+        return {**row, "json": records}
+
+    def label_batch(self, row: dict, chunk: list[int]) -> list[tuple[list[dict], tuple[int, int]]]:
+        """Per sample of the chunk: its boxes, clipped to the image, and the image's (height, width)."""
         self.batches += 1
         maybe_crash("annotation", self.batches)
-        ok = [i for i, s in enumerate(batch["status"]) if s == "ok"]
-        cats = [json.loads(c) for c in batch["categories"]]
+        images = [np.asarray(Image.open(io.BytesIO(row["jpg"][i])).convert("RGB")) for i in chunk]
         extra = {}
         if getattr(self.labeller, "needs_latents", False):  # the grounding head reads UNet features
-            extra = {"latents": [np.load(io.BytesIO(batch["latent"][i]), allow_pickle=False) for i in ok],
-                     "prompts": [str(batch["text"][i]) for i in ok]}
-        found = self.labeller.label([batch["pixels"][i] for i in ok], [cats[i] for i in ok], **extra) if ok else []
-        boxes_of = dict(zip(ok, found))
-        records = []
-        for i in range(len(batch["id"])):
-            h, w = batch["pixels"][i].shape[:2]
-            boxes = []
-            for b in boxes_of.get(i, []):
+            extra = {"latents": [np.load(io.BytesIO(row["latent"][i]), allow_pickle=False) for i in chunk],
+                     "prompts": [str(row["text"][i]) for i in chunk]}
+        found = self.labeller.label(images, [json.loads(row["categories"][i]) for i in chunk], **extra)
+        out = []
+        for image, boxes in zip(images, found):
+            h, w = image.shape[:2]
+            kept = []
+            for b in boxes:
                 clipped = clip_box(b["bbox"], w, h)
                 if clipped:
-                    boxes.append({**b, "bbox": clipped, "labeller": b.get("labeller", self.labeller.name)})
-            records.append(json.dumps({
-                "id": int(batch["id"][i]), "prompt": str(batch["text"][i]), "categories": cats[i],
-                "seed": int(batch["seed"][i]), "seed_used": int(batch["seed_used"][i]),
-                "model_id": str(batch["model_id"][i]), "width": int(w), "height": int(h),
-                "box_format": BOX_FORMAT,
-                "boxes": [b["bbox"] for b in boxes], "labels": [b["category"] for b in boxes],
-                "scores": [b["score"] for b in boxes], "labellers": [b["labeller"] for b in boxes],
-            }))
-        out = {k: v for k, v in batch.items() if k != "pixels"}
-        out["json"] = records
+                    kept.append({**b, "bbox": clipped, "labeller": b.get("labeller", self.labeller.name)})
+            out.append((kept, (h, w)))
         return out
+
+
+def columns(boxes: list[dict]) -> dict[str, list]:
+    """A sample's boxes as the parallel lists its JSON record holds."""
+    return {"boxes": [b["bbox"] for b in boxes], "labels": [b["category"] for b in boxes],
+            "scores": [b["score"] for b in boxes], "labellers": [b["labeller"] for b in boxes]}

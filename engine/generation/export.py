@@ -2,22 +2,32 @@
 
 Boxes in shards are xyxy pixels; COCO wants [x, y, width, height]. Category ids follow the run's
 category order (base, then novel), starting at 1 as COCO does.
+
+Export is a Ray Data job so that no process holds the dataset: one task per shard checks the
+shard against its manifest's checksum, copies its JPEGs byte for byte (no decode, no second lossy
+compression) and writes the shard's image and annotation records as a small JSON part; the driver
+then streams the parts, in shard order, into coco.json and lvis.json. Annotation ids are fixed per
+shard from the manifest's box counts, so the parts are independent and the result is the same
+whatever order the tasks finish in. Everything is staged in a hidden folder under the destination
+and moved into place only when every shard is whole: an export is of whole shards or none.
 """
 from __future__ import annotations
 
-import io
 import json
-from typing import Optional
+import uuid
+from itertools import accumulate
+from typing import Iterator, Optional
 
 import fsspec
 from PIL import Image
 
-from engine.data.shards import ShardError, ShardStore, iter_samples
+from engine.config import RayConfig
+from engine.data.shards import ShardError, ShardStore, iter_samples, samples_in_tar
 from engine.data.sheet import BASE_COLOUR, NOVEL_COLOUR, Tile, contact_sheet
-from engine.runtime.storage import write_atomic
+from engine.runtime.cluster import connect, quiet_data_context, user_error_in
+from engine.runtime.storage import open_atomic, replace_folder, url_of, write_atomic
 
-PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
-           (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40), (128, 0, 0)]
+STAGING = ".export-"  # prefix of the hidden folder an export is staged in
 
 
 def lvis_frequency(image_count: int) -> str:
@@ -26,8 +36,10 @@ def lvis_frequency(image_count: int) -> str:
 
 
 def export(output: str, dest: Optional[str] = None, write_images: bool = True,
-           preview_images: int = 16) -> dict:
+           preview_images: int = 16, ray: Optional[RayConfig] = None) -> dict:
     """Write coco.json, lvis.json, images/ and preview.png for the shards under `output`."""
+    import ray as ray_lib
+
     store = ShardStore(output)
     dest = (dest or output).rstrip("/")
     run = store.run_info()
@@ -41,59 +53,118 @@ def export(output: str, dest: Optional[str] = None, write_images: bool = True,
                          f"`instagen generate` with the same config to redo them, then export")
     if not entries:
         raise ShardError(f"no finished shards under {output!r}; run `instagen generate` first")
-    for entry in entries.values():  # before a byte is written: an export is of whole shards or none
-        store.verify(entry)
-    cat_id = {name: i + 1 for i, name in enumerate(run["categories"])}
-    fs, root = fsspec.core.url_to_fs(dest)
-    if write_images:
-        fs.makedirs(f"{root}/images", exist_ok=True)
-    images, annotations, previews = [], [], []
-    for sample in iter_samples([store.shard_url(i) for i in sorted(entries)]):
-        meta = sample["json"]
-        image_id = int(meta["id"])
-        file_name = f"images/{sample['__key__']}.jpg"
-        if write_images:
-            buf = io.BytesIO()
-            sample["jpg"].save(buf, format="JPEG", quality=95)
-            with fs.open(f"{root}/{file_name}", "wb") as f:
-                f.write(buf.getvalue())
-        images.append({"id": image_id, "file_name": file_name, "width": meta["width"],
-                       "height": meta["height"], "prompt": meta["prompt"], "seed": meta["seed_used"]})
-        for box, label, score, who in zip(meta["boxes"], meta["labels"], meta["scores"], meta["labellers"]):
-            if label not in cat_id:
-                raise ShardError(f"sample {sample['__key__']} has a box of category {label!r}, which this "
-                                 f"run does not know; the shard does not belong to {output!r}")
-            x0, y0, x1, y1 = box
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": cat_id[label],
-                                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
-                                "iscrowd": 0, "score": score, "labeller": who})
-        if len(previews) < preview_images:
-            previews.append((sample["jpg"], meta))
+    categories = list(run["categories"])
     novel = set(run.get("novel", []))
-    categories = [{"id": i, "name": n, "split": "novel" if n in novel else "base"} for n, i in cat_id.items()]
-    coco = {"info": {"description": f"InstaGen synthetic dataset {run.get('name', '')}"},
-            "images": images, "annotations": annotations, "categories": categories}
-    write_atomic(fs, f"{root}/coco.json", json.dumps(coco).encode())
-    write_atomic(fs, f"{root}/lvis.json", json.dumps(_to_lvis(coco)).encode())
-    write_atomic(fs, f"{root}/preview.png", contact_sheet([preview_tile(img, meta, novel) for img, meta in previews]))
-    return {"images": len(images), "annotations": len(annotations), "coco": f"{dest}/coco.json",
+    order = sorted(entries)
+    first_ann = [0, *accumulate(entries[i]["boxes"] for i in order)]
+    fs, root = fsspec.core.url_to_fs(dest)
+    for stale in fs.glob(f"{root}/{STAGING}*"):  # left by an export that was killed
+        fs.rm(stale, recursive=True)
+    staging = f"{root}/{STAGING}{uuid.uuid4().hex}"
+    for folder in ("parts", "images") if write_images else ("parts",):
+        fs.makedirs(f"{staging}/{folder}", exist_ok=True)
+    try:
+        connect(ray or RayConfig())
+        quiet_data_context()
+        tasks = ray_lib.data.from_items(
+            [{"entry": json.dumps(entries[i]), "first_ann": first_ann[k]} for k, i in enumerate(order)],
+            override_num_blocks=len(order))
+        stats = tasks.map(export_shard, fn_kwargs={"output": output, "staging": url_of(fs, staging), "categories": categories,
+                                                   "write_images": write_images}, num_cpus=0.5)
+        images = annotations = 0
+        per_cat_images, per_cat_boxes = [0] * len(categories), [0] * len(categories)
+        for row in stats.iter_rows():
+            images += row["images"]
+            annotations += row["annotations"]
+            per_cat_images = [a + b for a, b in zip(per_cat_images, json.loads(row["per_cat_images"]))]
+            per_cat_boxes = [a + b for a, b in zip(per_cat_boxes, json.loads(row["per_cat_boxes"]))]
+        parts = [f"{staging}/parts/{i:06d}.json" for i in order]
+        cats = [{"id": k + 1, "name": n, "split": "novel" if n in novel else "base"} for k, n in enumerate(categories)]
+        info = {"description": f"InstaGen synthetic dataset {run.get('name', '')}"}
+        with open_atomic(fs, f"{staging}/coco.json") as f:
+            write_dataset_json(f, fs, parts, info, cats, lvis=False)
+        lvis_cats = [{**c, "synset": c["name"].replace(" ", "_"), "image_count": per_cat_images[k],
+                      "instance_count": per_cat_boxes[k], "frequency": lvis_frequency(per_cat_images[k])}
+                     for k, c in enumerate(cats)]
+        with open_atomic(fs, f"{staging}/lvis.json") as f:
+            write_dataset_json(f, fs, parts, info, lvis_cats, lvis=True)
+        previews = []
+        for sample in iter_samples([store.shard_url(i) for i in order]):  # stops after the first shards
+            if len(previews) >= preview_images:
+                break
+            previews.append(preview_tile(sample["jpg"], sample["json"], novel))
+        write_atomic(fs, f"{staging}/preview.png", contact_sheet(previews))
+        # Every shard was whole: move the export into place.
+        if write_images:
+            replace_folder(fs, f"{staging}/images", f"{root}/images")
+        for name in ("coco.json", "lvis.json", "preview.png"):
+            fs.mv(f"{staging}/{name}", f"{root}/{name}")
+    except Exception as e:
+        user = user_error_in(e)
+        if user is None:
+            raise
+        raise type(user)(str(user).splitlines()[0]) from None
+    finally:
+        fs.rm(staging, recursive=True)
+    return {"images": images, "annotations": annotations, "coco": f"{dest}/coco.json",
             "lvis": f"{dest}/lvis.json", "preview": f"{dest}/preview.png"}
 
 
-def _to_lvis(coco: dict) -> dict:
-    per_cat_images: dict[int, set] = {}
-    per_cat_boxes: dict[int, int] = {}
-    for a in coco["annotations"]:
-        per_cat_images.setdefault(a["category_id"], set()).add(a["image_id"])
-        per_cat_boxes[a["category_id"]] = per_cat_boxes.get(a["category_id"], 0) + 1
-    cats = [{**c, "synset": c["name"].replace(" ", "_"), "image_count": len(per_cat_images.get(c["id"], ())),
-             "instance_count": per_cat_boxes.get(c["id"], 0),
-             "frequency": lvis_frequency(len(per_cat_images.get(c["id"], ())))} for c in coco["categories"]]
-    # Generated images are labelled only for their prompt's categories: LVIS's federated protocol
-    # expresses exactly that with not_exhaustive / neg category lists, left empty here.
-    images = [{**im, "neg_category_ids": [], "not_exhaustive_category_ids": []} for im in coco["images"]]
-    anns = [{k: v for k, v in a.items() if k != "iscrowd"} for a in coco["annotations"]]
-    return {"info": coco["info"], "images": images, "annotations": anns, "categories": cats}
+def export_shard(row: dict, output: str, staging: str, categories: list[str], write_images: bool) -> dict:
+    """A Ray task: one shard's records into `staging`/parts/<index>.json and, if asked, its JPEGs
+    into `staging`/images/, after checking the shard against its manifest entry."""
+    entry = json.loads(row["entry"])
+    store = ShardStore(output)
+    data = store.read_shard(entry)  # raises if it differs from its manifest entry
+    cat_id = {name: k + 1 for k, name in enumerate(categories)}
+    fs, root = fsspec.core.url_to_fs(staging)
+    images, annotations = [], []
+    per_cat_images, per_cat_boxes = [0] * len(categories), [0] * len(categories)
+    for sample in samples_in_tar(data):
+        key, meta = sample["__key__"], json.loads(sample["json"])
+        file_name = f"images/{key}.jpg"
+        if write_images:
+            with fs.open(f"{root}/{file_name}", "wb") as f:  # inside the staging folder: no temporary needed
+                f.write(sample["jpg"])
+        images.append({"id": int(meta["id"]), "file_name": file_name, "width": meta["width"],
+                       "height": meta["height"], "prompt": meta["prompt"], "seed": meta["seed_used"]})
+        for box, label, score, who in zip(meta["boxes"], meta["labels"], meta["scores"], meta["labellers"]):
+            if label not in cat_id:
+                raise ShardError(f"sample {key} has a box of category {label!r}, which this run does not "
+                                 f"know; the shard does not belong to {output!r}")
+            x0, y0, x1, y1 = box
+            annotations.append({"id": row["first_ann"] + len(annotations) + 1, "image_id": int(meta["id"]),
+                                "category_id": cat_id[label], "bbox": [x0, y0, x1 - x0, y1 - y0],
+                                "area": (x1 - x0) * (y1 - y0), "iscrowd": 0, "score": score, "labeller": who})
+            per_cat_boxes[cat_id[label] - 1] += 1
+        for label in set(meta["labels"]):
+            per_cat_images[cat_id[label] - 1] += 1
+    fs.pipe_file(f"{root}/parts/{entry['index']:06d}.json",
+                 json.dumps({"images": images, "annotations": annotations}).encode())
+    return {"images": len(images), "annotations": len(annotations),
+            "per_cat_images": json.dumps(per_cat_images), "per_cat_boxes": json.dumps(per_cat_boxes)}
+
+
+def write_dataset_json(f, fs, parts: list[str], info: dict, categories: list[dict], lvis: bool) -> None:
+    """The dataset JSON streamed part by part: one shard's records in memory at a time. LVIS
+    images say which categories are known absent or not exhaustively labelled; generated images
+    are labelled only for their prompt's categories, left empty here. LVIS has no iscrowd."""
+    def records(kind: str) -> Iterator[dict]:
+        for part in parts:
+            for record in json.loads(fs.cat_file(part))[kind]:
+                if lvis and kind == "images":
+                    record = {**record, "neg_category_ids": [], "not_exhaustive_category_ids": []}
+                elif lvis:
+                    record.pop("iscrowd")
+                yield record
+
+    f.write(b'{"info": ' + json.dumps(info).encode())
+    for kind in ("images", "annotations"):
+        f.write(f', "{kind}": ['.encode())
+        for k, record in enumerate(records(kind)):
+            f.write((", " if k else "").encode() + json.dumps(record).encode())
+        f.write(b"]")
+    f.write(b', "categories": ' + json.dumps(categories).encode() + b"}")
 
 
 def preview_tile(image: Image.Image, meta: dict, novel: set) -> Tile:

@@ -1,28 +1,30 @@
-"""The main job: prompts -> synthesis actors -> annotation actors -> WebDataset shards.
+"""The main job: shards -> synthesis actors -> annotation actors -> shard writers.
 
 Work is planned in shards: shard i holds prompt rows [i*shard_size, (i+1)*shard_size). Only
 shards missing from the manifest are generated, so rerunning the same command after an
-interruption finishes the dataset without duplicating or losing a sample. Rows stream back to
-the driver in order (Ray Data `preserve_order`), so the driver holds at most a shard or two of
-samples whatever the dataset size, and writes each shard as soon as its last row arrives.
+interruption finishes the dataset without duplicating or losing a sample. The driver plans and
+counts; it never holds a prompt list, an image or a latent: each shard travels through the
+actor pools as one row (made from its index by the synthesis actor) and is written by a Ray task
+where it is finished, tar first, manifest entry after, in whatever order shards finish.
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass
 
 from engine.config import Config, fingerprint
-from engine.data.shards import ShardStore
+from engine.data.shards import ShardError, ShardStore
 from engine.generation.annotation import Annotator, build_labeller, check_labeller
-from engine.generation.prompts import PromptSpec, make_prompts
+from engine.generation.prompts import ROWS_VERSION, PromptPlan
 from engine.generation.synthesis import Synthesizer
 from engine.models.diffusion import load_pipeline
 from engine.runtime.cluster import (
     cluster_state,
     connect,
     plan_pools,
+    quiet_data_context,
     threads_for,
     user_error_in,
 )
@@ -55,7 +57,7 @@ def run_fingerprint(cfg: Config) -> str:
                                       if k not in ("batch_size", "num_actors", "gpus_per_actor")},
                         "annotation": {"labeller": cfg.annotation.labeller, "model": cfg.annotation.model,
                                        "alpha": cfg.annotation.alpha, "beta": cfg.annotation.beta},
-                        "shard_size": cfg.output.shard_size})
+                        "shard_size": cfg.output.shard_size, "rows": ROWS_VERSION})
 
 
 def all_categories(cfg: Config) -> list[str]:
@@ -85,23 +87,21 @@ class Progress:
 def generate(cfg: Config) -> Summary:
     import ray
 
-
     start = time.time()
-    rows = make_prompts(cfg.prompts)
+    plan = PromptPlan(cfg.prompts)
     categories = all_categories(cfg)
     size = cfg.output.shard_size
-    n_shards = (len(rows) + size - 1) // size
+    n_shards = (len(plan) + size - 1) // size
     run_info = {"fingerprint": run_fingerprint(cfg), "name": cfg.name, "categories": categories,
-                "base": cfg.prompts.base, "novel": cfg.prompts.novel, "prompts": len(rows), "shard_size": size}
+                "base": cfg.prompts.base, "novel": cfg.prompts.novel, "prompts": len(plan), "shard_size": size}
     store = ShardStore(cfg.output.path)
     store.check_same_run(run_info)
     done = store.finished()
     for shard, why in store.damaged.items():
         print(f"[generate] {shard} is damaged ({why}): it is redone", file=sys.stderr, flush=True)
-    todo = set(range(n_shards)) - set(done)
-    todo_rows = [r for r in rows if r.id // size in todo]
+    todo = sorted(set(range(n_shards)) - set(done))
     written: dict[int, dict] = {}
-    if todo_rows:
+    if todo:
         # Everything a user can get wrong is checked before the first byte is written.
         check_labeller(cfg.annotation)
         connect(cfg.ray)
@@ -110,34 +110,60 @@ def generate(cfg: Config) -> Summary:
                                   cfg.annotation.num_actors, cfg.annotation.gpus_per_actor,
                                   cfg.ray.allow_autoscale)
         _probe_models(cfg, categories, synth)
-        store.prepare(run_info)
+        claim = store.prepare(run_info)
         store.remove_temporaries()
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True
-        ctx.enable_progress_bars = False
-        ds = ray.data.from_items([r.to_row() for r in todo_rows],
-                                 override_num_blocks=max(1, len(todo_rows) // cfg.synthesis.batch_size))
-        ds = ds.map_batches(
-            Synthesizer, fn_constructor_args=(cfg.model, cfg.synthesis, threads_for(synth.num_cpus)),
-            batch_size=cfg.synthesis.batch_size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=synth.size), **synth.remote_args())
-        ds = ds.map_batches(
-            Annotator, fn_constructor_args=(cfg.annotation, categories, threads_for(annot.num_cpus)),
-            batch_size=cfg.annotation.batch_size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=annot.size), **annot.remote_args())
+        quiet_data_context()
+        ds = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
+        ds = ds.map(Synthesizer, fn_constructor_args=(cfg.model, cfg.synthesis, plan, size, threads_for(synth.num_cpus)),
+                    compute=ray.data.ActorPoolStrategy(size=synth.size), **synth.remote_args())
+        ds = ds.map(Annotator, fn_constructor_args=(cfg.annotation, categories, threads_for(annot.num_cpus)),
+                    compute=ray.data.ActorPoolStrategy(size=annot.size), **annot.remote_args())
+        ds = ds.map(write_shard, fn_kwargs={"url": cfg.output.path, "claim": claim}, num_cpus=0.25)
+        progress = Progress(sum(min(size, len(plan) - i * size) for i in todo), len(todo))
         try:
-            written = _write_shards(ds, store, sorted(todo), todo_rows, size)
+            for row in ds.iter_rows():
+                entry = json.loads(row["entry"])
+                written[entry["index"]] = entry
+                progress.update(images=entry["samples"] + len(entry["dropped"]), shards=1)
         except Exception as e:
             store.discard_unclaimed()
             user = user_error_in(e)
             if user is None:
                 raise
             raise type(user)(str(user).splitlines()[0]) from None
+        missing = sorted(set(todo) - set(written))
+        if missing:  # cannot happen unless Ray Data lost a row: never report such a run as whole
+            raise RuntimeError(f"generation ended with shards {missing[:5]} unwritten; rerun the same command "
+                               f"to finish them")
     entries = {**done, **written}
     return Summary(images=sum(e["samples"] for e in entries.values()),
                    boxes=sum(e["boxes"] for e in entries.values()), shards=len(entries),
                    shards_written=len(written), dropped=sum(len(e["dropped"]) for e in entries.values()),
                    wall_s=time.time() - start, output=cfg.output.path)
+
+
+def write_shard(row: dict, url: str, claim: dict | None) -> dict:
+    """A Ray task: one finished shard row (see Synthesizer, Annotator) into its tar and manifest
+    entry, where it was made. Returns only the entry, which is all the driver keeps."""
+    samples, dropped = [], []
+    for j, status in enumerate(row["status"]):
+        pid = int(row["id"][j])
+        if status != "ok":
+            dropped.append(pid)
+            continue
+        sample = {"__key__": f"{pid:09d}", "jpg": row["jpg"][j], "latent.npy": row["latent"][j],
+                  "json": row["json"][j]}
+        if "features" in row:
+            sample["features.npz"] = row["features"][j]
+        samples.append(sample)
+    store = ShardStore(url)
+    index = int(row["shard"])
+    try:
+        entry = store.write_shard(index, samples, dropped, claim)
+    except OSError as e:
+        raise ShardError(f"writing shard {index} under {url!r} failed ({e}); nothing of it was kept: "
+                         f"free the space or fix the permissions, then rerun the same command") from None
+    return {"entry": json.dumps(entry.as_dict())}
 
 
 def _load_models(cfg: Config, categories: list[str]) -> None:
@@ -157,33 +183,3 @@ def _probe_models(cfg: Config, categories: list[str], synth) -> None:
         if user is None:
             raise
         raise type(user)(str(user).splitlines()[0]) from None
-
-
-def _write_shards(ds, store, todo: list[int], rows: list[PromptSpec], size: int) -> dict[int, dict]:
-    expected = Counter(r.id // size for r in rows)
-    pending: dict[int, list[dict]] = {i: [] for i in todo}
-    dropped: dict[int, list[int]] = {i: [] for i in todo}
-    written = {}
-    progress = Progress(len(rows), len(todo))
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for j in range(len(batch["id"])):
-            pid = int(batch["id"][j])
-            index = pid // size
-            if batch["status"][j] == "ok":
-                sample = {"__key__": f"{pid:09d}", "jpg": batch["jpg"][j], "latent.npy": batch["latent"][j],
-                          "json": batch["json"][j]}
-                if "features" in batch:
-                    sample["features.npz"] = batch["features"][j]
-                pending[index].append(sample)
-            else:
-                dropped[index].append(pid)
-            if len(pending[index]) + len(dropped[index]) == expected[index]:
-                entry = store.write_shard(index, sorted(pending.pop(index), key=lambda s: s["__key__"]),
-                                          dropped.pop(index))
-                written[index] = entry.as_dict()
-                progress.update(images=len(entry.keys), shards=1)
-    if pending:
-        missing = sorted(pending)
-        raise RuntimeError(f"generation ended with shards {missing[:5]} incomplete; rerun the same command "
-                           f"to finish them")
-    return written

@@ -9,6 +9,7 @@ not depend on the batch it was drawn in, nor on the actor that drew it.
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass
 from typing import Optional
 
@@ -17,6 +18,7 @@ import torch
 from PIL import Image
 
 from engine.config import ModelConfig, SynthesisConfig
+from engine.generation.prompts import PromptPlan, PromptSpec
 from engine.models.diffusion import UNetFeatureTap, load_pipeline
 from engine.runtime.faults import maybe_crash, poison_nonfinite
 
@@ -99,28 +101,44 @@ def encode_npz(arrays: list[np.ndarray]) -> bytes:
 
 
 class Synthesizer:
-    """A Ray Data actor: loads the pipeline once, then turns batches of prompt rows into samples.
+    """A Ray Data actor: loads the pipeline once, then draws whole shards.
 
-    Every input row gives one output row: its prompt columns plus `status` ("ok", or "dropped"
-    when the sample stayed non-finite after the allowed regenerations), `seed_used`, `jpg` (bytes),
-    `latent` (npy bytes), `pixels` (uint8 HWC for the annotation stage, which drops the column)
-    and, if asked for, `features` (npz bytes). Dropped rows carry no image and are never written.
+    Its input row names a shard; it makes that shard's prompt rows itself (PromptPlan), so no
+    prompt list ever passes through the driver, and draws them `synthesis.batch_size` at a time.
+    The output row holds the shard's samples as parallel lists: the prompt columns plus `status`
+    ("ok", or "dropped" when the sample stayed non-finite after the allowed regenerations),
+    `seed_used`, `model_id`, `jpg` (bytes), `latent` (npy bytes) and, if asked for, `features`
+    (npz bytes). Dropped samples carry no image and are never written. A whole shard travels as
+    one row so that the stages after this one see it whole, in whatever order shards finish.
     """
 
-    def __init__(self, model_cfg: ModelConfig, synth_cfg: SynthesisConfig, threads: int = 0):
+    def __init__(self, model_cfg: ModelConfig, synth_cfg: SynthesisConfig, prompts: PromptPlan,
+                 shard_size: int, threads: int = 0):
         if threads:
             torch.set_num_threads(threads)
-        self.cfg = synth_cfg
+        self.cfg, self.prompts, self.shard_size = synth_cfg, prompts, shard_size
         self.pipe = load_pipeline(model_cfg)
         self.model_id = model_cfg.source
         self.batches = 0
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, row: dict) -> dict:
+        index = int(row["shard"])
+        specs = list(self.prompts.rows(index * self.shard_size, (index + 1) * self.shard_size))
+        out = {"shard": index, "id": [s.id for s in specs], "seed": [s.seed for s in specs],
+               "text": [s.text for s in specs], "categories": [json.dumps(list(s.categories)) for s in specs],
+               "model_id": self.model_id, "status": [], "seed_used": [], "jpg": [], "latent": []}
+        if self.cfg.keep_features:
+            out["features"] = []
+        for start in range(0, len(specs), self.cfg.batch_size):
+            for name, values in self.draw_rows(specs[start:start + self.cfg.batch_size]).items():
+                out[name] += values
+        return out
+
+    def draw_rows(self, specs: list[PromptSpec]) -> dict[str, list]:
+        """One batch: per row its status, seed used and encoded sample."""
         self.batches += 1
         maybe_crash("synthesis", self.batches)
-        ids = [int(i) for i in batch["id"]]
-        texts = [str(t) for t in batch["text"]]
-        seeds = [int(s) for s in batch["seed"]]
+        ids, texts, seeds = [s.id for s in specs], [s.text for s in specs], [s.seed for s in specs]
         attempts = self.cfg.max_regenerations if self.cfg.on_nonfinite == "regenerate" else 0
         done: dict[int, tuple[int, Drawn, int]] = {}  # row -> (seed used, the draw, index in it)
         todo = list(range(len(ids)))
@@ -135,16 +153,13 @@ class Synthesizer:
                     done[i] = (tried[j], drawn, j)
             todo = [i for i in todo if i not in done]
 
-        blank = np.zeros((self.cfg.height, self.cfg.width, 3), np.uint8)
-        out = {k: list(batch[k]) for k in ("id", "seed", "text", "categories")}
-        out.update(status=[], seed_used=[], model_id=[self.model_id] * len(ids), pixels=[], jpg=[], latent=[])
+        out: dict[str, list] = {"status": [], "seed_used": [], "jpg": [], "latent": []}
         if self.cfg.keep_features:
             out["features"] = []
         for i in range(len(ids)):
             seed, d, j = done.get(i, (seeds[i], None, 0))
             out["status"].append("ok" if d else "dropped")
             out["seed_used"].append(seed)
-            out["pixels"].append(d.images[j] if d else blank)
             out["jpg"].append(encode_jpeg(d.images[j], self.cfg.jpeg_quality) if d else b"")
             out["latent"].append(encode_npy(d.latents[j]) if d else b"")
             if self.cfg.keep_features:

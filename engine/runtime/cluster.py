@@ -30,6 +30,18 @@ def connect(cfg: RayConfig) -> None:
                  runtime_env={"worker_process_setup_hook": "engine.runtime.cluster.quiet_without_dashboard"})
 
 
+def quiet_data_context():
+    """Ray Data settings for the engine's jobs: progress lines of our own rather than Ray's bars
+    (they garble job logs), and a failing task's own exception rather than Ray Data's wrapper,
+    which loses the cause when it crosses processes, so a UserError raised on a worker reaches
+    the driver's one-line report."""
+    import ray
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.raise_original_map_exception = True
+    return ctx
+
+
 # Ray Train's placement-group cleaner asks the State API, which the dashboard serves, every second
 # whether the train controller still lives, and warns each time it cannot ask. An embedded Ray has
 # no dashboard (it costs a process and start-up time on a laptop) and dies with the driver, placement

@@ -5,9 +5,12 @@ INSTAGEN_FAULT_CRASH=<stage>:<k>   the process of that stage's actor exits on it
                                    actor does not crash again.
 INSTAGEN_FAULT_NAN=<id>,<id>...    those prompt ids come out of the model as NaN on their first
                                    attempt (a regeneration with a derived seed is clean).
+<INSTAGEN_FAULT_DIR>/fail-write-<k>  a file armed by a test: the next write of shard k stops half
+                                   way with "No space left on device" (once; the file is removed).
 """
 from __future__ import annotations
 
+import errno
 import os
 
 
@@ -34,3 +37,25 @@ def poison_nonfinite(ids: list[int], drawn, attempt: int) -> None:
         if i in bad:
             drawn.latents[j] = float("nan")
             drawn.finite[j] = False
+
+
+def failing_fs(fs, shard: int):
+    """`fs`, or, when a test armed it for this shard, a stand-in whose next file written lands
+    half its bytes and then fails as a full disk would."""
+    marker = os.path.join(os.environ.get("INSTAGEN_FAULT_DIR", "/tmp"), f"fail-write-{shard}")
+    if not os.environ.get("INSTAGEN_FAULT_DIR") or not os.path.exists(marker):
+        return fs
+    os.remove(marker)
+
+    class DiskFull:
+        def __getattr__(self, name):
+            return getattr(fs, name)
+
+        def open(self, path, mode="rb", **kw):
+            handle = fs.open(path, mode, **kw)
+            if "w" in mode:
+                handle.write(b"half a file")
+                handle.close()
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return handle
+    return DiskFull()

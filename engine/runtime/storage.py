@@ -15,20 +15,55 @@ import fsspec
 from engine.errors import UserError
 
 
-def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write `data` under a temporary sibling name, then rename it to `path`: on any filesystem
-    fsspec reaches (local, s3, gs, ...) a reader sees the whole file or none, and a failed write
-    leaves no temporary behind."""
+@contextmanager
+def open_atomic(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[Any]:
+    """A binary handle to write `path` through: the bytes go to a temporary sibling name, renamed
+    to `path` when the block ends. On any filesystem fsspec reaches (local, s3, gs, ...) a reader
+    sees the whole file or none, and a failed write leaves no temporary behind."""
     folder, name = path.rsplit("/", 1) if "/" in path else (".", path)
     tmp = f"{folder}/.{name}.tmp-{uuid.uuid4().hex}"
     try:
         with fs.open(tmp, "wb") as f:
-            f.write(data)
+            yield f
         fs.mv(tmp, path)
     except BaseException:
         if fs.exists(tmp):
             fs.rm(tmp)
         raise
+
+
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """`data` written whole under `path` (open_atomic)."""
+    with open_atomic(fs, path) as f:
+        f.write(data)
+
+
+def replace_folder(fs: fsspec.AbstractFileSystem, new: str, path: str) -> None:
+    """Move the finished folder `new` to `path`, replacing what was there: locally a rename, so
+    readers see the old folder or the new one; on object stores, which have no folders to
+    rename, a copy of each object."""
+    fs.invalidate_cache()  # other processes wrote `new`: a listing cached here may predate them
+    old = f"{path.rstrip('/')}.old-{uuid.uuid4().hex}" if fs.exists(path) else None
+    if old:
+        _move_tree(fs, path, old)
+    _move_tree(fs, new, path)
+    if old:
+        fs.rm(old, recursive=True)
+
+
+def _move_tree(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
+    if "file" in fs.protocol or "local" in fs.protocol:
+        fs.mv(src, dst)
+        return
+    files = fs.find(src)
+    fs.copy(files, [dst + f[len(src):] for f in files])
+    fs.rm(files)
+
+
+def url_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """The URL another process opens `path` of `fs` by: the path itself on the local disk."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return path if protocol in ("file", "local") else f"{protocol}://{path}"
 
 
 def write_file(path: str, data: bytes) -> None:

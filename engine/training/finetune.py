@@ -58,7 +58,7 @@ from engine.data.datasets import (
 )
 from engine.models.diffusion import FINETUNED_FROM, PromptEmbeddings, load_pipeline
 from engine.runtime.cache import ByteBudgetCache
-from engine.runtime.cluster import connect
+from engine.runtime.cluster import connect, quiet_data_context
 from engine.runtime.faults import maybe_crash
 from engine.runtime.storage import atomic_folder
 from engine.training.runner import (
@@ -565,8 +565,7 @@ def finetune(cfg: Any) -> TrainSummary:
     check_resources(fc.run, resources)
 
     _check_same_run(cfg, fc, base_of(cfg))
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+    quiet_data_context()
     data = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // max(fc.batch_size, 1), 64)))
     # Plain CPU tasks, not actors: decoding is stateless, and tasks scale with the CPUs there are.
     data = data.map_batches(decode_crops, fn_kwargs={"size": fc.crop_size}, batch_size=fc.batch_size,
