@@ -17,7 +17,7 @@ from engine.evaluation.detector import evaluate_detector, load_trained
 from engine.training.detection import REAL, SYNTHETIC, DetectionDataError, augment, prepare, to_target, train_detector
 from engine.config import DetectorConfig
 from engine.models.detectors import (DETECTORS, DetectorError, ProjectMSDeformAttn, build_detector, uses_project_attention)
-from engine.data.shards import ShardStore
+from engine.data.shards import ShardError, ShardStore
 from fixtures_coco import draw_image, make_coco_dataset
 
 CATS = ["red square", "blue disc"]
@@ -207,11 +207,12 @@ def test_disagreeing_categories_and_empty_shards_are_named(tmp_path):
     empty = tmp_path / "empty"
     ShardStore(str(empty)).prepare({"fingerprint": "x", "categories": CATS})
     cfg.synthetic = [str(empty)]
-    with pytest.raises(DetectionDataError, match="holds no finished shards"):
+    with pytest.raises(ShardError, match="detector.synthetic .* holds no output of `instagen generate`"):
         prepare(cfg)
     dropped = tmp_path / "dropped"
-    ShardStore(str(dropped)).prepare({"fingerprint": "x", "categories": CATS})
-    ShardStore(str(dropped)).write_shard(0, [], [0, 1])
+    store = ShardStore(str(dropped))
+    store.prepare({"fingerprint": "x", "categories": CATS})
+    store.write_shard(0, [], [0, 1])  # as generate writes it: the first shard claims the output
     cfg.synthetic = [str(dropped)]
     with pytest.raises(DetectionDataError, match="hold no usable samples .every prompt was dropped"):
         prepare(cfg)
