@@ -273,6 +273,19 @@ def test_evaluation_writes_results_report_and_png(trained, tmp_path):
     assert Image.open(out / "predictions.png").size[0] > 0
 
 
+def test_evaluation_inputs_are_checked_before_anything_is_written(tmp_path):
+    """Without Ray: a saved (untrained) detector evaluates whole; an image the ground truth lists
+    but the image root lacks is one error before a prediction is made or a file written."""
+    cfg = base_config(tmp_path)
+    build_detector(cfg.kind, cfg.model, CATS, cfg.image_size, "reference", cfg.tiny).save(cfg.output_dir)
+    metrics = evaluate_detector(cfg, out_dir=str(tmp_path / "eval"))
+    assert {"detections.json", "report.json", "report.md", "predictions.png"} <= set(os.listdir(tmp_path / "eval"))
+    assert metrics["num_images"] == 8
+    os.remove(os.path.join(cfg.eval_image_root, "000003.jpg"))
+    with pytest.raises(DetectionDataError, match="1 image.s. listed in detector.eval_annotations are missing"):
+        evaluate_detector(cfg, out_dir=str(tmp_path / "again"))
+    assert not (tmp_path / "again").exists()
+
 def test_trained_folder_is_the_generation_teacher(trained):
     from engine.generation.annotation import build_labeller
     from engine.config import AnnotationConfig

@@ -81,10 +81,10 @@ def evaluate_coco(gt: Union[PathLike, dict], detections: Union[PathLike, list[De
     Returns AP, AP50, AP75, APs, APm, APl, the split AP50s, ``per_category_AP50`` (by name),
     ``num_images`` and ``num_detections``.
     """
-    dataset = _prepare_gt(gt, lvis=False)
+    dataset = load_ground_truth(gt, lvis=False)
     dets = _prepare_detections(detections, dataset)
     names = {c["id"]: c["name"] for c in dataset["categories"]}
-    splits = _resolve_splits(dataset, base=base, novel=novel)
+    splits = resolve_splits(dataset, base=base, novel=novel)
 
     # pycocotools prints progress for every step; only the numbers are wanted. (redirect_stdout
     # swaps sys.stdout process-wide, so don't evaluate from two threads at once.)
@@ -135,7 +135,7 @@ def evaluate_lvis(gt: Union[PathLike, dict], detections: Union[PathLike, list[De
     Returns AP, AP50, AP75, APs, APm, APl, APr, APc, APf, ``per_category_AP50`` (by name),
     ``num_images`` and ``num_detections``.
     """
-    dataset = _prepare_gt(gt, lvis=True)
+    dataset = load_ground_truth(gt, lvis=True)
     dets = _prepare_detections(detections, dataset)
     names = {c["id"]: c["name"] for c in dataset["categories"]}
 
@@ -266,7 +266,7 @@ def _color(category_id: Any) -> tuple[int, int, int]:
 # Validation
 # --------------------------------------------------------------------------------------------
 
-def _prepare_gt(gt: Union[PathLike, dict], lvis: bool) -> dict[str, Any]:
+def load_ground_truth(gt: Union[PathLike, dict], lvis: bool = False) -> dict[str, Any]:
     """Load and validate ground truth; return a copy safe to hand to the evaluators.
 
     The copy matters: both libraries write flags ("ignore", "_ignore") into the annotation
@@ -428,8 +428,8 @@ def _check_bbox(bbox: Any, where: str) -> tuple[float, float, float, float]:
     return x, y, w, h
 
 
-def _resolve_splits(dataset: Mapping[str, Any], base: Optional[list[str]],
-                    novel: Optional[list[str]]) -> dict[str, list[Any]]:
+def resolve_splits(dataset: Mapping[str, Any], base: Optional[list[str]],
+                   novel: Optional[list[str]]) -> dict[str, list[Any]]:
     """Category names of each given split -> ids; unknown or doubly-assigned names are errors."""
     by_name = {cat["name"]: cat["id"] for cat in dataset["categories"]}
     splits: dict[str, list[Any]] = {}
