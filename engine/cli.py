@@ -21,7 +21,7 @@ from typing import Optional
 from engine.config import load_config
 from engine.config.sections import check_output_path
 from engine.errors import UserError
-from engine.evaluation.detector import evaluate_detector
+from engine.evaluation.detector import check_evaluation_inputs, evaluate_detector
 from engine.evaluation.metrics import (
     EvaluationError,
     evaluate_coco,
@@ -87,15 +87,19 @@ def cmd_train_grounding(args) -> None:
 def cmd_train_detector(args) -> None:
     cfg = load_config(args.config, args.overrides)
     det = cfg.detector
+    evaluate = not args.skip_eval and det.eval_annotations
     if not args.skip_train:
+        if evaluate:
+            check_evaluation_inputs(det)  # not only after training
         print(f"[train-detector] {train_detector(det, cfg.ray).line()}")
-    if not args.skip_eval and det.eval_annotations:
+    if evaluate:
         metrics = evaluate_detector(det)
         print(format_table(metrics), end="")
         print(f"[train-detector] report in {det.eval_dir or os.path.join(det.output_dir, 'eval')}")
 
 
 def cmd_evaluate(args) -> None:
+    check_output_path("evaluate --out", args.out)
     if args.format == "lvis":
         if args.base is not None or args.novel is not None:
             raise EvaluationError("--base/--novel apply to --format coco only; for LVIS the "

@@ -1,11 +1,14 @@
 """Every sub-command, given a bad input, says what is wrong in one line and exits 2, with no
 traceback and nothing written."""
+import json
 import os
 
 import pytest
 
 from engine.cli import main
+from engine.data.shards import ShardStore
 from engine.errors import UserError
+from fixtures_coco import make_coco_dataset
 
 BAD = {
     "generate": ["--config", "configs/tiny.yaml", "synthesis.stepz=3"],
@@ -51,14 +54,69 @@ def test_every_user_error_class_derives_from_user_error():
 
 
 # The corpus of bad input, by class (docs/reliability.md counts them): each case is a sub-command,
-# its arguments (OUT = a path under the test's folder, FILE = the file the case writes there), and
-# the words the one-line message must hold.
+# its arguments (OUT = a path under the test's folder, FILE = the file the case writes there: a
+# (name, content) pair, or a function that makes it in OUT and returns its path), and the words
+# the one-line message must hold.
+def _coco(out, drop_image: bool = False) -> str:
+    """A real COCO file (OUT/instances.json, category "dog") and its images (OUT/images)."""
+    ann, root = make_coco_dataset(out, n_images=2, categories=["dog"])
+    if drop_image:
+        os.remove(os.path.join(root, "000001.jpg"))
+    return ann
+
+
+def _output(folder, damage: str = "") -> str:
+    """A generation output of two whole shards, as generate writes them; then `damage`: shard 1
+    cut short ("cut"), its manifest entry not JSON ("entry"), or no shard left ("none")."""
+    store = ShardStore(str(folder))
+    store.prepare({"fingerprint": "corpus", "categories": ["cat"]})
+    record = json.dumps({"boxes": [], "labels": [], "categories": ["cat"]})
+    for i in range(2):
+        store.write_shard(i, [{"__key__": f"{i:09d}", "json": record}], [])
+    tar, entry = folder / "shards" / "shard-000001.tar", folder / "manifest" / "shard-000001.json"
+    if damage == "cut":
+        tar.write_bytes(tar.read_bytes()[:512])
+    elif damage == "entry":
+        entry.write_text("{not json")
+    elif damage == "none":
+        for i in range(2):
+            (folder / "manifest" / f"shard-00000{i}.json").unlink()
+    return str(folder)
+
+
+def _whole_base_damaged_novel(out) -> str:
+    """OUT/base whole, OUT/novel with a shard cut short; returns the novel one."""
+    _output(out / "base")
+    return _output(out / "novel", "cut")
+
+
+def _evaluation(out) -> str:
+    """Ground truth of one box (OUT/gt.json) and no detections (OUT/dets.json): a valid evaluation."""
+    (out / "dets.json").write_text("[]")
+    gt = out / "gt.json"
+    gt.write_text(json.dumps({"images": [{"id": 1, "width": 8, "height": 8}], "categories": [{"id": 1, "name": "dog"}],
+                              "annotations": [{"image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4]}]}))
+    return str(gt)
+
+
 def _alias_bomb() -> str:
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
     return "\n".join(lines + [f"a{i}: &a{i} [{', '.join(['*a' + str(i - 1)] * 10)}]" for i in range(1, 9)])
 
 
 GEN = ["generate", "--dry-run", "--config", "configs/tiny.yaml", "output.path=OUT"]
+# Each trainer writes under OUT if it gets past its checks.
+DET = ["train-detector", "--config", "configs/tiny.yaml", "--skip-eval", "detector.run.storage_path=OUT/runs",
+       "detector.output_dir=OUT/detector"]
+SYN = DET + ["detector.mix_ratio=1", "detector.categories=[cat]", "detector.batch_size=1"]
+EVAL = ["train-detector", "--config", "configs/tiny.yaml", "detector.run.storage_path=OUT/runs",
+        "detector.output_dir=OUT/detector", "detector.mix_ratio=1", "detector.categories=[cat]",
+        "detector.synthetic=[OUT/none]", "detector.eval_annotations=FILE"]
+FT = ["finetune", "--config", "configs/tiny.yaml", "finetune.base=[dog]", "finetune.crop_size=64",
+      "finetune.run.storage_path=OUT/runs", "finetune.output_dir=OUT/pipe"]
+GRD = ["train-grounding", "grounding.base=[cat]", "grounding.run.storage_path=OUT/runs", "grounding.output=OUT/head"]
+EMPTY_GT = '{"images": [], "annotations": [], "categories": []}'
+
 CORPUS = {
     # config values
     "nan float": (GEN + ["synthesis.guidance=.nan"], None, "synthesis.guidance"),
@@ -78,6 +136,10 @@ CORPUS = {
     "unknown protocol": (["generate", "--dry-run", "--config", "configs/tiny.yaml", "output.path=foo://b/r"], None,
                          "protocol 'foo'"),
     "export to unknown protocol": (["export", "--output", "bar://b/r"], None, "protocol 'bar'"),
+    "evaluate out is a file": (["evaluate", "--gt", "FILE", "--detections", "OUT/dets.json", "--out", "FILE"],
+                               _evaluation, "is a file"),
+    "evaluate out unknown protocol": (["evaluate", "--gt", "FILE", "--detections", "OUT/dets.json", "--out",
+                                       "foo://b/r"], _evaluation, "protocol 'foo'"),
     # config files
     "missing config": (["generate", "--config", "OUT/none.yaml"], None, "does not exist"),
     "alias bomb": (["generate", "--dry-run", "--config", "FILE"], ("bomb.yaml", _alias_bomb()), "expands to more"),
@@ -96,7 +158,11 @@ CORPUS = {
                           ("gt.json", '{"images": [{"id": 1}, {"id": 1}], "annotations": [], "categories": []}'),
                           "repeats image id"),
     "detections not a list": (["evaluate", "--gt", "FILE", "--detections", "FILE", "--out", "OUT/eval"],
-                              ("gt.json", '{"images": [], "annotations": [], "categories": []}'), "detections"),
+                              ("gt.json", EMPTY_GT), "detections"),
+    "evaluate gt are detections": (["evaluate", "--gt", "FILE", "--detections", "FILE", "--out", "OUT/eval"],
+                                   ("gt.json", "[]"), "looks like detections"),
+    "evaluate detections missing": (["evaluate", "--gt", "FILE", "--detections", "OUT/none.json", "--out",
+                                     "OUT/eval"], ("gt.json", EMPTY_GT), "does not exist"),
     # trainers
     "no workers": (["train-detector", "--config", "configs/tiny.yaml", "detector.run.num_workers=0",
                     "detector.mix_ratio=1", "detector.synthetic=[x]", "detector.categories=[a]"], None,
@@ -108,7 +174,61 @@ CORPUS = {
                            "finetune.annotations=x.json"], None, "finetune.template"),
     "equal seeds": (["toy-world", "--config", "configs/toy_world.yaml", "detector_seeds=[0, 0]"], None,
                     "detector_seeds"),
+    # training inputs: real datasets
+    "detector annotations missing": (DET + ["detector.mix_ratio=0", "detector.real_annotations=OUT/none.json",
+                                            "detector.real_image_root=OUT"], None,
+                                     "detector.real_annotations"),
+    "detector annotations not JSON": (DET + ["detector.mix_ratio=0", "detector.real_annotations=FILE",
+                                             "detector.real_image_root=OUT"], ("instances.json", "{oops"),
+                                      "not valid JSON"),
+    "detector annotations are detections": (DET + ["detector.mix_ratio=0", "detector.real_annotations=FILE",
+                                                   "detector.real_image_root=OUT"],
+                                            ("dets.json", '[{"image_id": 1, "bbox": [0, 0, 1, 1]}]'),
+                                            "not the COCO/LVIS object"),
+    "detector image root missing": (DET + ["detector.mix_ratio=0", "detector.real_annotations=FILE",
+                                           "detector.real_image_root=OUT/nope"], _coco, "detector.real_image_root"),
+    "finetune annotations missing": (FT + ["finetune.annotations=OUT/none.json"], None, "finetune.annotations"),
+    "finetune image root missing": (FT + ["finetune.annotations=FILE", "finetune.image_root=OUT/nope"], _coco,
+                                    "finetune.image_root"),
+    "finetune replay image root missing": (FT + ["finetune.annotations=FILE", "finetune.image_root=OUT/images",
+                                                 "finetune.replay=0.2", "finetune.replay_captions=FILE",
+                                                 "finetune.replay_image_root=OUT/nope"], _coco,
+                                           "finetune.replay_image_root"),
+    "finetune captions not captions": (FT + ["finetune.captions=FILE"], ("captions.json", '{"images": []}'),
+                                       "COCO captions format"),
+    # training inputs: generation outputs
+    "synthetic folder not an output": (SYN + ["detector.synthetic=[OUT]"], ("notes.txt", "x"), "no run.json"),
+    "synthetic output without shards": (SYN + ["detector.synthetic=[FILE]"], lambda out: _output(out / "run", "none"),
+                                        "no finished shards"),
+    "synthetic shard cut short": (SYN + ["detector.synthetic=[FILE]"], lambda out: _output(out / "run", "cut"),
+                                  "shard-000001.tar: the shard holds"),
+    "synthetic manifest entry damaged": (SYN + ["detector.synthetic=[FILE]"],
+                                         lambda out: _output(out / "run", "entry"), "manifest entry"),
+    "grounding base not an output": (GRD + ["grounding.base_shards=OUT"], ("notes.txt", "x"),
+                                     "grounding.base_shards"),
+    "grounding novel shard damaged": (GRD + ["grounding.base_shards=OUT/base", "grounding.novel_shards=FILE",
+                                             "grounding.novel=[dog]"],
+                                      _whole_base_damaged_novel,
+                                      "grounding.novel_shards"),
+    # the detector's evaluation inputs, which train-detector checks before it trains (the training
+    # input of these cases is bad too: a check after training would name that instead)
+    "eval image root missing": (EVAL + ["detector.eval_image_root=OUT/nope"], _coco, "detector.eval_image_root"),
+    "eval image missing": (EVAL + ["detector.eval_image_root=OUT/images"], lambda out: _coco(out, drop_image=True),
+                           "missing under detector.eval_image_root"),
+    "eval ground truth not LVIS": (EVAL + ["detector.eval_image_root=OUT/images", "detector.eval_format=lvis"], _coco,
+                                   "not_exhaustive_category_ids"),
+    "eval split unknown": (EVAL + ["detector.eval_image_root=OUT/images", "detector.novel=[unicorn]"], _coco,
+                           "unicorn"),
+    "no trained detector": (["train-detector", "--config", "configs/tiny.yaml", "--skip-train",
+                             "detector.output_dir=OUT/none", "detector.eval_annotations=FILE",
+                             "detector.eval_image_root=OUT/images"], _coco, "no trained detector"),
 }
+
+
+def test_reliability_doc_counts_the_corpus():
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "reliability.md")) as f:
+        doc = f.read()
+    assert f"{len(CORPUS)} cases run through" in doc
 
 
 @pytest.mark.parametrize("case", sorted(CORPUS))
@@ -116,7 +236,10 @@ def test_bad_input_corpus(case, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     argv, file, words = CORPUS[case]
     out = tmp_path / "out"
-    if file:
+    if callable(file):
+        out.mkdir()
+        path = file(out)
+    elif file:
         name, content = file
         out.mkdir()
         path = out / name

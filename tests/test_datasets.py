@@ -6,7 +6,7 @@ import os
 import pytest
 from fixtures_coco import load_json, make_coco_dataset, write_json
 
-from engine.data.datasets import (BAD_BOX, CORRUPT_IMAGE, CROWD, DUPLICATE_IMAGE, MISSING_IMAGE, UNKNOWN_CATEGORY, DatasetError, load_detection_dataset, open_image, split_records)
+from engine.data.datasets import (BAD_BOX, CORRUPT_IMAGE, CROWD, DUPLICATE_IMAGE, MISSING_IMAGE, UNKNOWN_CATEGORY, DatasetError, check_dataset, load_detection_dataset, open_image, split_records)
 
 
 @pytest.fixture
@@ -121,3 +121,11 @@ def test_lvis_format_and_fsspec_urls(coco):
     assert open_image(ds.records[0].file).size == (64, 64)
     with pytest.raises(DatasetError, match="format 'voc' is unknown"):
         load_detection_dataset(ann, root, fmt="voc")
+    # The up-front check of the same paths, by URL: the keys named, a file for a folder refused.
+    check_dataset("memory://lvis/ann.json", "memory://lvis/images", ("a", "r"))
+    with pytest.raises(DatasetError, match="r 'memory://lvis/imgs' does not exist"):
+        check_dataset("memory://lvis/ann.json", "memory://lvis/imgs", ("a", "r"))
+    with pytest.raises(DatasetError, match="a 'memory://lvis/images' is a folder"):
+        check_dataset("memory://lvis/images", "", ("a", "r"))
+    with pytest.raises(DatasetError, match="r 'memory://lvis/ann.json' is a file"):
+        check_dataset("memory://lvis/ann.json", "memory://lvis/ann.json", ("a", "r"))

@@ -17,7 +17,7 @@ from engine.evaluation.detector import evaluate_detector, load_trained
 from engine.training.detection import REAL, SYNTHETIC, DetectionDataError, augment, prepare, to_target, train_detector
 from engine.config import DetectorConfig
 from engine.models.detectors import (DETECTORS, DetectorError, ProjectMSDeformAttn, build_detector, uses_project_attention)
-from engine.data.shards import ShardStore
+from engine.data.shards import ShardError, ShardStore
 from fixtures_coco import draw_image, make_coco_dataset
 
 CATS = ["red square", "blue disc"]
@@ -207,11 +207,12 @@ def test_disagreeing_categories_and_empty_shards_are_named(tmp_path):
     empty = tmp_path / "empty"
     ShardStore(str(empty)).prepare({"fingerprint": "x", "categories": CATS})
     cfg.synthetic = [str(empty)]
-    with pytest.raises(DetectionDataError, match="holds no finished shards"):
+    with pytest.raises(ShardError, match="detector.synthetic .* holds no output of `instagen generate`"):
         prepare(cfg)
     dropped = tmp_path / "dropped"
-    ShardStore(str(dropped)).prepare({"fingerprint": "x", "categories": CATS})
-    ShardStore(str(dropped)).write_shard(0, [], [0, 1])
+    store = ShardStore(str(dropped))
+    store.prepare({"fingerprint": "x", "categories": CATS})
+    store.write_shard(0, [], [0, 1])  # as generate writes it: the first shard claims the output
     cfg.synthetic = [str(dropped)]
     with pytest.raises(DetectionDataError, match="hold no usable samples .every prompt was dropped"):
         prepare(cfg)
@@ -271,6 +272,19 @@ def test_evaluation_writes_results_report_and_png(trained, tmp_path):
     assert json.loads((out / "report.json").read_text())["num_detections"] == len(dets)
     assert Image.open(out / "predictions.png").size[0] > 0
 
+
+def test_evaluation_inputs_are_checked_before_anything_is_written(tmp_path):
+    """Without Ray: a saved (untrained) detector evaluates whole; an image the ground truth lists
+    but the image root lacks is one error before a prediction is made or a file written."""
+    cfg = base_config(tmp_path)
+    build_detector(cfg.kind, cfg.model, CATS, cfg.image_size, "reference", cfg.tiny).save(cfg.output_dir)
+    metrics = evaluate_detector(cfg, out_dir=str(tmp_path / "eval"))
+    assert {"detections.json", "report.json", "report.md", "predictions.png"} <= set(os.listdir(tmp_path / "eval"))
+    assert metrics["num_images"] == 8
+    os.remove(os.path.join(cfg.eval_image_root, "000003.jpg"))
+    with pytest.raises(DetectionDataError, match="1 image.s. listed in detector.eval_annotations are missing"):
+        evaluate_detector(cfg, out_dir=str(tmp_path / "again"))
+    assert not (tmp_path / "again").exists()
 
 def test_trained_folder_is_the_generation_teacher(trained):
     from engine.generation.annotation import build_labeller

@@ -416,6 +416,32 @@ def test_lvis_caps_detections_per_image():
     assert evaluate_lvis(gt, dets)["per_category_AP50"]["dog"] == pytest.approx(1.0)
 
 
+def test_lvis_numbers_are_lvis_apis_own_from_files(tmp_path, monkeypatch):
+    """evaluate_lvis gives exactly what lvis-api gives when it reads the same ground truth and
+    detections from files itself (its documented use), on a case with misses, false positives,
+    partial overlaps and a not-exhaustive category."""
+    from lvis import LVIS, LVISEval, LVISResults
+    gt = lvis_gt()
+    gt["images"][2]["not_exhaustive_category_ids"] = [2]
+    rng = np.random.default_rng(0)
+    dets = [det(a["image_id"], a["category_id"], [v + float(rng.uniform(-6, 6)) for v in a["bbox"][:2]]
+                + a["bbox"][2:], float(rng.uniform(0.2, 1))) for a in gt["annotations"]]
+    dets += [det(int(rng.integers(1, 4)), int(rng.integers(1, 4)), [float(v) for v in rng.uniform(0, 60, 4)],
+                 float(rng.uniform(0, 1))) for _ in range(12)]
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "dets.json").write_text(json.dumps(dets))
+    monkeypatch.setattr(np, "float", float, raising=False)  # lvis-api 0.5.3 still calls np.float
+    reference = LVISEval(LVIS(str(tmp_path / "gt.json")), LVISResults(str(tmp_path / "gt.json"),
+                                                                     str(tmp_path / "dets.json")), "bbox")
+    reference.run()
+    want = reference.get_results()
+    monkeypatch.delattr(np, "float")
+    metrics = evaluate_lvis(gt, dets)
+    assert 0 < metrics["AP"] < 1
+    for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf"):
+        assert metrics[key] == (None if want[key] < 0 else want[key]), key
+    assert evaluate_lvis(str(tmp_path / "gt.json"), str(tmp_path / "dets.json")) == metrics
+
 def test_lvis_gt_needs_lvis_fields():
     gt = lvis_gt()
     del gt["images"][1]["neg_category_ids"]

@@ -249,7 +249,7 @@ def test_job_driver_dry_run_and_one_line_errors(coco, capsys):
     assert ok == 0 and "6 base-category images" in capsys.readouterr().out
     bad = main(["--config", "configs/tiny.yaml", "--dry-run", f"finetune.annotations={tmp / 'nope.json'}"])
     err = capsys.readouterr().err.strip()
-    assert bad == 2 and err.startswith("error: annotation file") and "\n" not in err
+    assert bad == 2 and err.startswith("error: finetune.annotations") and "\n" not in err
     assert main(["--config", "configs/tiny.yaml", "--dry-run", "finetune.crop_sise=32"]) == 2
     assert "unknown config key 'finetune.crop_sise'" in capsys.readouterr().err
 

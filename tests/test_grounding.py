@@ -467,4 +467,4 @@ def test_job_exits_2_with_one_message_for_missing_shards(capsys):
     import runpy
     main = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "jobs", "train_grounding.py"))["main"]
     assert main(["grounding.base_shards=/no/such/run", "grounding.base=[cat]"]) == 2
-    assert "no finished shards under '/no/such/run'" in capsys.readouterr().err
+    assert "grounding.base_shards '/no/such/run' holds no output of `instagen generate`" in capsys.readouterr().err

@@ -515,7 +515,7 @@ def check_template(key: str, template: str, allowed: tuple[str, ...]) -> None:
 
 def check_output_path(key: str, path: str) -> None:
     """A path or URL that storage can reach, and a folder of its own: never a filesystem root or a
-    home folder, which a dataset would spill into."""
+    home folder, which a dataset would spill into, nor a file."""
     _require(bool(path.strip()), f"{key} is empty; name a folder for the output, e.g. outputs/run1")
     protocol, rest = fsspec.core.split_protocol(path)
     if protocol not in (None, "file", "local"):
@@ -529,4 +529,5 @@ def check_output_path(key: str, path: str) -> None:
     local = os.path.abspath(os.path.expanduser(rest))
     _require(os.path.dirname(local) != local and local != os.path.abspath(os.path.expanduser("~")),
              f"{key} {path!r} is a filesystem root or a home folder; name a folder of its own, e.g. outputs/run1")
+    _require(not os.path.isfile(local), f"{key} {path!r} is a file; name a folder, e.g. outputs/run1")
 

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
 
+import fsspec
 from PIL import Image
 from pycocotools.coco import COCO
 
@@ -132,7 +133,6 @@ def resolve_file(image_root: str, file_name: str) -> str:
 
 def _exists(path: str) -> bool:
     if _is_url(path):
-        import fsspec
         fs, p = fsspec.core.url_to_fs(path)
         return fs.exists(p)
     return os.path.isfile(path)
@@ -148,6 +148,45 @@ def decode_image(data: bytes) -> Image.Image:
 def open_image(file: str) -> Image.Image:
     """An RGB PIL image from a local path or fsspec URL, fully decoded."""
     return decode_image(read_bytes(file))
+
+
+def image_file(image_root: str, img: dict, fmt: str) -> Optional[str]:
+    """Where the image of an `images` entry lies, under image_root; None when it names no file."""
+    name = _file_name(img, fmt)
+    return None if name is None else resolve_file(image_root, name)
+
+
+def missing_files(files: list[str], threads: int = 8) -> list[str]:
+    """Those of `files` (local paths or fsspec URLs) that are not there, looked up in threads."""
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        return [f for f, there in zip(files, pool.map(_exists, files)) if not there]
+
+
+def check_dataset(annotations: str, image_root: str, keys: tuple[str, str]) -> None:
+    """The up-front check of a dataset a command reads, before Ray starts or anything is written:
+    the annotation file is a file and the image root (when set) a folder. `keys` are the two
+    settings, so that the message names what to change. Whether the file is COCO/LVIS is checked
+    as it is read (load_detection_dataset, load_captions), also before Ray starts."""
+    ann_key, root_key = keys
+    kind = _kind(annotations, ann_key)
+    if kind != "file":
+        raise DatasetError(f"{ann_key} {annotations!r} {'is a folder' if kind else 'does not exist'}; set it to "
+                           f"a COCO/LVIS JSON file")
+    kind = _kind(image_root, root_key) if image_root else "directory"
+    if kind != "directory":
+        raise DatasetError(f"{root_key} {image_root!r} {'is a file' if kind else 'does not exist'}; set it to the "
+                           f"folder that holds the images {ann_key} lists")
+
+
+def _kind(path: str, key: str) -> Optional[str]:
+    """"file", "directory", or None when nothing is there: a local path or fsspec URL."""
+    try:
+        fs, p = fsspec.core.url_to_fs(path)
+        return fs.info(p)["type"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ImportError, ValueError) as e:  # no permission; an unknown protocol or its package missing
+        raise DatasetError(f"{key} {path!r} cannot be reached ({e})") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -294,8 +294,26 @@ def iter_samples(urls: list[str], decode: bool = True) -> Iterator[dict]:
 
 
 def shard_urls(url: str, indices: Optional[list[int]] = None) -> list[str]:
-    store = ShardStore(url)
-    entries = store.finished()
-    if not entries:
-        raise ShardError(f"no finished shards under {url!r}; run `instagen generate` first")
+    """The finished shards of the output at `url` (checked by finished_shards), in order."""
+    store, entries = finished_shards(url)
     return [store.shard_url(i) for i in sorted(entries) if indices is None or i in indices]
+
+
+def finished_shards(url: str, key: str = "") -> tuple[ShardStore, dict[int, dict]]:
+    """The store and finished manifest entries of a generation output that a command reads,
+    checked before Ray starts: an output `instagen generate` wrote (its run.json), with at least
+    one finished shard and no damaged one (the sizes its manifest records; a trainer that skipped
+    it would quietly train on less). `key` is the setting that names `url`, for the message."""
+    where = f"{key} {url!r}" if key else repr(url)
+    store = ShardStore(url)
+    if store.run_info() is None:
+        raise ShardError(f"{where} holds no output of `instagen generate` (no run.json); run it with "
+                         f"output.path={url} first, or point {key or 'the command'} at the output.path of one")
+    entries = store.finished()
+    if store.damaged:
+        shard, why = sorted(store.damaged.items())[0]
+        raise ShardError(f"{where}: {len(store.damaged)} shard(s) damaged ({shard}: {why}); rerun "
+                         f"`instagen generate` with the config that wrote it to redo them")
+    if not entries:
+        raise ShardError(f"{where} holds no finished shards; rerun `instagen generate` with output.path={url}")
+    return store, entries

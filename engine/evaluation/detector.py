@@ -11,16 +11,17 @@ import time
 from typing import Optional
 
 from engine.config import ConfigError, DetectorConfig
-from engine.data.datasets import open_image, resolve_file
+from engine.data.datasets import check_dataset, image_file, missing_files, open_image
 from engine.evaluation.metrics import (
     draw_predictions,
     evaluate_coco,
     evaluate_lvis,
+    load_ground_truth,
+    resolve_splits,
     save_detections,
     write_report,
 )
 from engine.models.detectors import Detector, load_detector
-from engine.runtime.storage import read_json
 from engine.training.detection import DetectionDataError
 
 
@@ -33,17 +34,16 @@ def load_trained(cfg: DetectorConfig, folder: Optional[str] = None, attention: O
     return load_detector(folder, attention or cfg.attention, cfg.image_size)
 
 
-def predict_coco(det: Detector, gt: dict, image_root: str, batch_size: int = 8,
+def predict_coco(det: Detector, gt: dict, files: dict, batch_size: int = 8,
                  threshold: float = 0.0) -> tuple[list[dict], dict[int, list[dict]]]:
-    """COCO results entries for every image of the ground truth `gt`. Detections of a category
-    the ground truth does not list cannot be scored and are left out."""
+    """COCO results entries for every image of the ground truth `gt` (`files`: each image's file by
+    id). Detections of a category the ground truth does not list cannot be scored and are left out."""
     by_name = {c["name"]: c["id"] for c in gt["categories"]}
     results, per_image = [], {}
     images = gt["images"]
     for s in range(0, len(images), batch_size):
         chunk = images[s:s + batch_size]
-        pics = [open_image(resolve_file(image_root, im.get("file_name") or
-                                        "/".join(im["coco_url"].split("/")[-2:]))) for im in chunk]
+        pics = [open_image(files[im["id"]]) for im in chunk]
         for im, found in zip(chunk, det.predict(pics, threshold=threshold)):
             entries = [{"image_id": im["id"], "category_id": by_name[f["category"]],
                         "bbox": [f["bbox"][0], f["bbox"][1], f["bbox"][2] - f["bbox"][0], f["bbox"][3] - f["bbox"][1]],
@@ -53,16 +53,39 @@ def predict_coco(det: Detector, gt: dict, image_root: str, batch_size: int = 8,
     return results, per_image
 
 
+def check_evaluation_inputs(cfg: DetectorConfig) -> tuple[dict, dict]:
+    """What evaluate_detector reads, checked before it predicts or writes anything (train-detector
+    checks it before training too: a bad path should not wait for the end of training): the ground
+    truth as the metrics read it, the base / novel split, and every image listed. Returns the
+    ground truth and each image's file by id."""
+    if not (cfg.eval_annotations and cfg.eval_image_root):
+        raise ConfigError("set detector.eval_annotations and detector.eval_image_root to evaluate")
+    check_dataset(cfg.eval_annotations, cfg.eval_image_root, ("detector.eval_annotations", "detector.eval_image_root"))
+    gt = load_ground_truth(cfg.eval_annotations, lvis=cfg.eval_format == "lvis")
+    if cfg.eval_format == "coco":
+        resolve_splits(gt, cfg.base or None, cfg.novel or None)
+    files = {im["id"]: image_file(cfg.eval_image_root, im, cfg.eval_format) for im in gt["images"]}
+    unnamed = [i for i, f in files.items() if f is None]
+    if unnamed:
+        raise DetectionDataError(f"image {unnamed[0]!r} of detector.eval_annotations names no file (file_name"
+                                 f"{', or coco_url for LVIS' if cfg.eval_format == 'lvis' else ''}); add it")
+    # Every image counts: one left out would take its ground-truth boxes out of the scores.
+    missing = missing_files(list(files.values()))
+    if missing:
+        raise DetectionDataError(f"{len(missing)} image(s) listed in detector.eval_annotations are missing under "
+                                 f"detector.eval_image_root (e.g. {missing[0]!r}); point eval_image_root at the "
+                                 f"folder that holds them")
+    return gt, files
+
+
 def evaluate_detector(cfg: DetectorConfig, folder: Optional[str] = None, out_dir: Optional[str] = None) -> dict:
     """Predict on cfg.eval_annotations, then write OUT/detections.json (COCO results), OUT/report.json
     and .md (engine.evaluation.metrics), and OUT/predictions.png. Returns the metrics."""
-    if not (cfg.eval_annotations and cfg.eval_image_root):
-        raise ConfigError("set detector.eval_annotations and detector.eval_image_root to evaluate")
+    gt, files = check_evaluation_inputs(cfg)
     out_dir = out_dir or cfg.eval_dir or os.path.join(cfg.output_dir, "eval")
     det = load_trained(cfg, folder)
-    gt = read_json(cfg.eval_annotations, "ground truth", DetectionDataError, "set detector.eval_annotations")
     start = time.time()
-    detections, per_image = predict_coco(det, gt, cfg.eval_image_root, cfg.eval_batch_size, cfg.eval_threshold)
+    detections, per_image = predict_coco(det, gt, files, cfg.eval_batch_size, cfg.eval_threshold)
     predict_s = time.time() - start
     save_detections(os.path.join(out_dir, "detections.json"), detections)
     if cfg.eval_format == "lvis":
@@ -74,9 +97,7 @@ def evaluate_detector(cfg: DetectorConfig, folder: Optional[str] = None, out_dir
     write_report(metrics, out_dir)
     shown = gt["images"][:cfg.draw_images]
     if shown:
-        pairs = [(open_image(resolve_file(cfg.eval_image_root, im.get("file_name") or
-                                          "/".join(im["coco_url"].split("/")[-2:]))), per_image[im["id"]])
-                 for im in shown]
+        pairs = [(open_image(files[im["id"]]), per_image[im["id"]]) for im in shown]
         draw_predictions(pairs, {c["id"]: c["name"] for c in gt["categories"]},
                          os.path.join(out_dir, "predictions.png"), score_threshold=cfg.draw_threshold)
     return metrics

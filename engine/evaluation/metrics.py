@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import warnings
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -80,10 +81,10 @@ def evaluate_coco(gt: Union[PathLike, dict], detections: Union[PathLike, list[De
     Returns AP, AP50, AP75, APs, APm, APl, the split AP50s, ``per_category_AP50`` (by name),
     ``num_images`` and ``num_detections``.
     """
-    dataset = _prepare_gt(gt, lvis=False)
+    dataset = load_ground_truth(gt, lvis=False)
     dets = _prepare_detections(detections, dataset)
     names = {c["id"]: c["name"] for c in dataset["categories"]}
-    splits = _resolve_splits(dataset, base=base, novel=novel)
+    splits = resolve_splits(dataset, base=base, novel=novel)
 
     # pycocotools prints progress for every step; only the numbers are wanted. (redirect_stdout
     # swaps sys.stdout process-wide, so don't evaluate from two threads at once.)
@@ -134,7 +135,7 @@ def evaluate_lvis(gt: Union[PathLike, dict], detections: Union[PathLike, list[De
     Returns AP, AP50, AP75, APs, APm, APl, APr, APc, APf, ``per_category_AP50`` (by name),
     ``num_images`` and ``num_detections``.
     """
-    dataset = _prepare_gt(gt, lvis=True)
+    dataset = load_ground_truth(gt, lvis=True)
     dets = _prepare_detections(detections, dataset)
     names = {c["id"]: c["name"] for c in dataset["categories"]}
 
@@ -142,21 +143,22 @@ def evaluate_lvis(gt: Union[PathLike, dict], detections: Union[PathLike, list[De
     # logger, which should not happen to every program that imports this module.
     from lvis import LVIS, LVISEval, LVISResults
 
-    with _quiet_lvis_logging(), _numpy_float_alias():
-        # LVIS() only accepts a path; build it from the validated dict instead of re-reading.
-        lvis_gt = LVIS.__new__(LVIS)
-        lvis_gt.logger = logging.getLogger("lvis.lvis")
-        lvis_gt.dataset = dataset
-        lvis_gt._create_index()
+    class NoResults(LVISResults):
+        """No detections: LVISResults reads results[0] and fails on an empty list. The ground
+        truth's images and categories without a box, through LVIS's own constructor, score every
+        category that has ground truth 0, as any miss does."""
+
+        def __init__(self, path: str):
+            LVIS.__init__(self, path)
+
+    with _quiet_lvis_logging(), _numpy_float_alias(), tempfile.TemporaryDirectory() as tmp:
+        # lvis-api builds its objects from a file only (LVIS(path)): the validated dict goes
+        # through one, so the evaluator reads exactly what was checked.
+        lvis_gt = LVIS(_dump_json(dataset, os.path.join(tmp, "gt.json")))
         if dets:
             lvis_dt = LVISResults(lvis_gt, dets, max_dets=max_dets_per_image)
         else:
-            # LVISResults indexes results[0] and crashes on an empty list; an empty result
-            # set built by hand scores every category with ground truth as 0, like any miss.
-            lvis_dt = LVISResults.__new__(LVISResults)
-            lvis_dt.logger = logging.getLogger("lvis.results")
-            lvis_dt.dataset = {**dataset, "annotations": []}
-            lvis_dt._create_index()
+            lvis_dt = NoResults(_dump_json({**dataset, "annotations": []}, os.path.join(tmp, "none.json")))
         lvis_eval = LVISEval(lvis_gt, lvis_dt, iou_type="bbox")
         lvis_eval.run()
 
@@ -264,7 +266,7 @@ def _color(category_id: Any) -> tuple[int, int, int]:
 # Validation
 # --------------------------------------------------------------------------------------------
 
-def _prepare_gt(gt: Union[PathLike, dict], lvis: bool) -> dict[str, Any]:
+def load_ground_truth(gt: Union[PathLike, dict], lvis: bool = False) -> dict[str, Any]:
     """Load and validate ground truth; return a copy safe to hand to the evaluators.
 
     The copy matters: both libraries write flags ("ignore", "_ignore") into the annotation
@@ -426,8 +428,8 @@ def _check_bbox(bbox: Any, where: str) -> tuple[float, float, float, float]:
     return x, y, w, h
 
 
-def _resolve_splits(dataset: Mapping[str, Any], base: Optional[list[str]],
-                    novel: Optional[list[str]]) -> dict[str, list[Any]]:
+def resolve_splits(dataset: Mapping[str, Any], base: Optional[list[str]],
+                   novel: Optional[list[str]]) -> dict[str, list[Any]]:
     """Category names of each given split -> ids; unknown or doubly-assigned names are errors."""
     by_name = {cat["name"]: cat["id"] for cat in dataset["categories"]}
     splits: dict[str, list[Any]] = {}
@@ -463,6 +465,17 @@ def _coco_results(coco_gt: COCO, dets: list[Detection]) -> COCO:
                        "categories": list(coco_gt.dataset["categories"]), "annotations": []}
     results.createIndex()
     return results
+
+
+def _dump_json(data: Any, path: str) -> str:
+    """`data` as JSON at `path` (NumPy scalars and arrays as plain values); returns the path."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, (np.generic, np.ndarray)):
+            return value.tolist()
+        raise TypeError(f"{type(value).__name__} is not JSON data")
+    with open(path, "w") as f:
+        json.dump(data, f, default=plain)
+    return path
 
 
 @contextlib.contextmanager

@@ -45,11 +45,12 @@ from engine.config import (
     from_dict,
 )
 from engine.data.datasets import (
+    check_dataset,
     decode_image,
     load_detection_dataset,
     open_image,
 )
-from engine.data.shards import ShardError, ShardStore, iter_samples
+from engine.data.shards import ShardError, finished_shards, iter_samples
 from engine.errors import UserError
 from engine.models.detectors import DETECTORS, build_detector
 from engine.runtime.cluster import connect
@@ -88,22 +89,18 @@ class SyntheticPool:
 
 def synthetic_pool(paths: list[str], detector_categories: list[str], complete_only: bool = False) -> SyntheticPool:
     """Finished shards under each path, checked against the detector's categories up front
-    (from the run's run.json, or every sample's labels where it has none), so a disagreeing
+    (from the run's run.json, or every sample's labels where it lists none), so a disagreeing
     category fails here with its name instead of deep inside a Ray worker. `complete_only` keeps
     the samples whose every prompted category has a box."""
     samples: list[tuple[str, str]] = []
     labels: set[str] = set()
     incomplete = 0
     for path in paths:
-        store = ShardStore(path)
-        entries = store.finished()
-        if not entries:
-            raise DetectionDataError(f"synthetic path {path!r} holds no finished shards; run `instagen generate` "
-                                     f"with output.path={path} first, or remove it from detector.synthetic")
+        store, entries = finished_shards(path, "detector.synthetic")
         urls = {i: store.shard_url(i) for i in sorted(entries)}
-        run = store.run_info()
-        if run is not None:
-            labels |= set(run.get("categories") or [])
+        run_categories = store.run_info().get("categories")
+        if run_categories:
+            labels |= set(run_categories)
             if not complete_only:
                 samples += [(url, key) for i, url in urls.items() for key in entries[i]["keys"]]
                 continue
@@ -411,10 +408,17 @@ def _finite(loss: float) -> float:
 
 
 def check_config(cfg: DetectorConfig) -> None:
-    """The detector section's own checks, and that its kind is one the detector registry builds."""
+    """The detector section's own checks, that its kind is one the detector registry builds, and
+    that the datasets and shard outputs it names are there and whole."""
     if cfg.kind not in DETECTORS:
         raise ConfigError(f"detector.kind {cfg.kind!r} is unknown; choose one of {', '.join(sorted(DETECTORS))}")
     cfg.validate()
+    # The paths it reads, before the real images are decoded (minutes on a large set) or Ray starts.
+    if cfg.mix_ratio < 1.0:
+        check_dataset(cfg.real_annotations, cfg.real_image_root,
+                      ("detector.real_annotations", "detector.real_image_root"))
+    for path in cfg.synthetic if cfg.mix_ratio > 0 else []:
+        finished_shards(path, "detector.synthetic")
 
 
 def prepare(cfg: DetectorConfig) -> tuple[list[str], EpochPlan]:

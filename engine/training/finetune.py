@@ -50,6 +50,7 @@ from engine.data.datasets import (
     DatasetError,
     ImageRecord,
     SkipReport,
+    check_dataset,
     decode_image,
     load_captions,
     load_detection_dataset,
@@ -520,6 +521,14 @@ def prepare(cfg: Any) -> tuple[FinetuneConfig, list[dict], SkipReport, int]:
     fc: FinetuneConfig = cfg.finetune
     base = base_of(cfg)
     _check_config(fc, base)
+    # The files it reads are there before any is parsed or an image decoded.
+    if fc.captions:
+        check_dataset(fc.captions, fc.image_root, ("finetune.captions", "finetune.image_root"))
+    else:
+        check_dataset(fc.annotations, fc.image_root, ("finetune.annotations", "finetune.image_root"))
+    if fc.replay:
+        check_dataset(fc.replay_captions, fc.replay_image_root,
+                      ("finetune.replay_captions", "finetune.replay_image_root"))
     need = fc.max_steps * fc.batch_size * fc.grad_accum * fc.run.num_workers
     if fc.captions:
         records, skipped = load_captions(fc.captions, fc.image_root, check_images=fc.check_images)

@@ -36,7 +36,7 @@ from engine.config import (
     RayConfig,
     from_dict,
 )
-from engine.data.shards import decode_sample, shard_urls
+from engine.data.shards import decode_sample, finished_shards, shard_urls
 from engine.models.diffusion import check_source, finetuned_from, load_pipeline
 from engine.models.grounding.features import Featurizer
 from engine.models.grounding.head import (
@@ -363,9 +363,9 @@ def check_inputs(cfg: GroundingTrainConfig, model: ModelConfig) -> None:
     """Every user error that can be found on the driver, before Ray or any worker starts."""
     cfg.validate()
     check_source(model)
-    shard_urls(cfg.base_shards)
+    finished_shards(cfg.base_shards, "grounding.base_shards")
     if cfg.novel_shards:
-        shard_urls(cfg.novel_shards)
+        finished_shards(cfg.novel_shards, "grounding.novel_shards")
     if cfg.init_head:
         _, meta = load_grounding_head(cfg.init_head)
         sizes = ("d_model", "enhancer_layers", "decoder_layers", "num_queries", "n_levels", "n_heads", "n_points",
