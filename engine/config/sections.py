@@ -19,6 +19,12 @@ from engine.errors import ConfigError
 # the project's fused op (engine.ops.ms_deform_attn).
 DETECTOR_ATTENTION = ("reference", "project_op")
 
+# Categories read from a dataset (engine.data.categories): how base and novel are chosen, and how
+# many images each category gets.
+SPLIT_RULES = ("lvis_frequency", "list", "ovr_cnn_coco", "all_base")
+BUDGET_RULES = ("uniform", "per_group", "inverse_frequency")
+FREQUENCY_GROUPS = ("r", "c", "f")  # LVIS: rare, common, frequent
+
 
 def _require(cond: bool, message: str) -> None:
     if not cond:
@@ -72,6 +78,24 @@ class PromptConfig:
     template: str = "a photograph of {c1} and {c2}"
     template_single: str = "a photograph of {c1}"
     seed: int = 0
+    # Categories read from a dataset's annotation file (a COCO, LVIS or Objects365 JSON, path or
+    # URL) instead of typed in base / novel; "" keeps the typed lists. engine.data.categories.
+    categories_from: str = ""
+    # Which of them are base and which novel: lvis_frequency (base = frequent + common, novel =
+    # rare), list (novel = the names in novel_list), ovr_cnn_coco (OVR-CNN's 48 / 17; COCO's other
+    # 15 are in neither), all_base.
+    split: str = ""
+    # split=list: a text file of the novel categories' names as the dataset spells them, one a line.
+    novel_list: str = ""
+    # Images per category: uniform (images_per_category each), per_group (budget_per_group's count
+    # for each category of LVIS group r, c or f), inverse_frequency (proportional to 1 / the
+    # category's image count in the dataset, each within [budget_floor, budget_ceiling], summing
+    # to budget_total over the categories of both splits).
+    budget: str = "uniform"
+    budget_per_group: dict[str, int] = field(default_factory=dict)
+    budget_total: int = 0
+    budget_floor: int = 0
+    budget_ceiling: int = 0  # 0 = no ceiling
 
 
 @dataclass
@@ -473,12 +497,56 @@ def _validate(cfg: Config) -> None:
     _require(o.preview_images >= 0, f"output.preview_images must be >= 0, got {o.preview_images}")
     _require(cfg.ray.num_cpus is None or cfg.ray.num_cpus >= 1, f"ray.num_cpus must be >= 1, got {cfg.ray.num_cpus}")
     check_names("prompts", {"base": p.base, "novel": p.novel, "categories": p.categories})
+    check_category_source(p)
     check_template("prompts.template", p.template, ("c1", "c2"))
     check_template("prompts.template_single", p.template_single, ("c1",))
     check_output_path("output.path", o.path)
 
 
 SCHEDULERS = ("ddim", "pndm", "euler", "dpm")
+
+
+def check_category_source(p: PromptConfig) -> None:
+    """The settings of categories read from a dataset: each rule known, each value in range, and
+    none set where it would be ignored (a budget without categories_from would silently do nothing)."""
+    if not p.categories_from:
+        defaults = PromptConfig()
+        for key in ("split", "novel_list", "budget", "budget_per_group", "budget_total", "budget_floor",
+                    "budget_ceiling"):
+            _require(getattr(p, key) == getattr(defaults, key),
+                     f"prompts.{key} applies to categories read from a dataset; set prompts.categories_from "
+                     f"to an annotation JSON, or remove prompts.{key}")
+        return
+    _require(not p.base and not p.novel,
+             "prompts.base / prompts.novel are typed lists and prompts.categories_from reads them from a dataset; "
+             "keep one: remove prompts.base and prompts.novel, or prompts.categories_from")
+    _require(p.split in SPLIT_RULES, f"prompts.split must be one of {', '.join(SPLIT_RULES)} with "
+                                     f"prompts.categories_from, got {p.split!r}")
+    _require((p.split == "list") == bool(p.novel_list),
+             "prompts.split=list reads the novel categories from prompts.novel_list: set both, or neither")
+    _require(p.budget in BUDGET_RULES, f"prompts.budget must be one of {', '.join(BUDGET_RULES)}, got {p.budget!r}")
+    per_group = p.budget == "per_group"
+    _require(per_group == bool(p.budget_per_group),
+             "prompts.budget=per_group takes its counts from prompts.budget_per_group (e.g. {r: 1000, c: 500, "
+             "f: 200}): set both, or neither")
+    for group, n in p.budget_per_group.items():
+        _require(group in FREQUENCY_GROUPS, f"prompts.budget_per_group has group {group!r}; LVIS's groups are "
+                                            f"r (rare), c (common) and f (frequent)")
+        _require(n >= 0, f"prompts.budget_per_group.{group} must be >= 0 images per category, got {n}")
+    _require(not per_group or any(p.budget_per_group.values()),
+             "prompts.budget_per_group gives every group 0 images; give at least one group a positive count")
+    inverse = p.budget == "inverse_frequency"
+    for key in ("budget_total", "budget_floor", "budget_ceiling"):
+        _require(inverse or getattr(p, key) == 0, f"prompts.{key} applies to prompts.budget=inverse_frequency; "
+                                                  f"remove it, or set prompts.budget=inverse_frequency")
+    _require(not inverse or p.budget_total >= 1,
+             f"prompts.budget=inverse_frequency shares prompts.budget_total images among the categories; set it "
+             f"to a positive count, got {p.budget_total}")
+    _require(p.budget_floor >= 0 and p.budget_ceiling >= 0,
+             "prompts.budget_floor and prompts.budget_ceiling must be >= 0 (ceiling 0 = none)")
+    _require(p.budget_ceiling == 0 or p.budget_floor <= p.budget_ceiling,
+             f"prompts.budget_floor ({p.budget_floor}) is above prompts.budget_ceiling ({p.budget_ceiling}); "
+             f"lower the floor or raise the ceiling")
 
 
 def check_names(section: str, lists: dict[str, list[str]]) -> None:
