@@ -69,10 +69,10 @@ def _output(folder, damage: str = "") -> str:
     """A generation output of two whole shards, as generate writes them; then `damage`: shard 1
     cut short ("cut"), its manifest entry not JSON ("entry"), or no shard left ("none")."""
     store = ShardStore(str(folder))
-    store.prepare({"fingerprint": "corpus", "categories": ["cat"]})
+    claim = store.prepare({"fingerprint": "corpus", "categories": ["cat"]})
     record = json.dumps({"boxes": [], "labels": [], "categories": ["cat"]})
     for i in range(2):
-        store.write_shard(i, [{"__key__": f"{i:09d}", "json": record}], [])
+        store.write_shard(i, [{"__key__": f"{i:09d}", "json": record}], [], claim)
     tar, entry = folder / "shards" / "shard-000001.tar", folder / "manifest" / "shard-000001.json"
     if damage == "cut":
         tar.write_bytes(tar.read_bytes()[:512])

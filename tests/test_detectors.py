@@ -32,7 +32,7 @@ def make_shards(path, n_shards: int, per_shard: int, labels=("red square", "blue
     """Synthetic shards as the generate job writes them: jpg, step T-1 latent, JSON record. The
     samples numbered in `unboxed` carry no box: the labeller missed their prompted object."""
     store = ShardStore(str(path))
-    store.prepare({"fingerprint": "test", "categories": list(labels)})
+    claim = store.prepare({"fingerprint": "test", "categories": list(labels)})
     side = size // 3
     for s in range(n_shards):
         samples = []
@@ -52,7 +52,7 @@ def make_shards(path, n_shards: int, per_shard: int, labels=("red square", "blue
             samples.append({"__key__": f"{pid:09d}", "jpg": open(tmp, "rb").read(),
                             "latent.npy": latent.getvalue(), "json": json.dumps(record)})
             os.remove(tmp)
-        store.write_shard(s, samples, [])
+        store.write_shard(s, samples, [], claim)
     return str(path)
 
 
@@ -211,8 +211,8 @@ def test_disagreeing_categories_and_empty_shards_are_named(tmp_path):
         prepare(cfg)
     dropped = tmp_path / "dropped"
     store = ShardStore(str(dropped))
-    store.prepare({"fingerprint": "x", "categories": CATS})
-    store.write_shard(0, [], [0, 1])  # as generate writes it: the first shard claims the output
+    claim = store.prepare({"fingerprint": "x", "categories": CATS})
+    store.write_shard(0, [], [0, 1], claim)  # as generate writes it: the first shard claims the output
     cfg.synthetic = [str(dropped)]
     with pytest.raises(DetectionDataError, match="hold no usable samples .every prompt was dropped"):
         prepare(cfg)

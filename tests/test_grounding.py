@@ -369,7 +369,7 @@ def write_shards(pipe, url: str, rows: list[dict], novel: bool) -> None:
     from engine.data.shards import ShardStore
     from engine.generation.synthesis import encode_jpeg, encode_npy
     store = ShardStore(url)
-    store.prepare({"fingerprint": "test"})
+    claim = store.prepare({"fingerprint": "test"})
     samples = []
     for i, r in enumerate(rows):
         boxes = [[v * 32 for v in b] for b in json.loads(r["boxes"])]
@@ -380,7 +380,7 @@ def write_shards(pipe, url: str, rows: list[dict], novel: bool) -> None:
                             "height": 32, "boxes": [] if novel else boxes, "labels": [] if novel else labels,
                             "scores": [] if novel else [0.9] * len(labels),
                             "labellers": [] if novel else ["detector"] * len(labels)})})
-    store.write_shard(0, samples, [])
+    store.write_shard(0, samples, [], claim)
 
 
 def test_ray_train_deepspeed_writes_head_and_resumes(pipe, local_ray, tmp_path):
@@ -420,8 +420,8 @@ def test_init_head_must_match_the_model_and_head_sizes(head_folder, tmp_path):
     folder, _ = head_folder
     for name in ("base", "novel"):
         store = ShardStore(str(tmp_path / name))
-        store.prepare({"fingerprint": "test"})
-        store.write_shard(0, [], [])
+        claim = store.prepare({"fingerprint": "test"})
+        store.write_shard(0, [], [], claim)
     cfg = train_config(base_shards=str(tmp_path / "base"), novel_shards=str(tmp_path / "novel"), novel=["x"],
                        init_head=folder)
     check_inputs(cfg, ModelConfig(source="tiny"))  # the head was saved with these sizes and model

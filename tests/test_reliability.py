@@ -184,7 +184,7 @@ def test_damaged_shards_and_entries_are_redone_and_refused_by_export(local_ray, 
     (out / "manifest" / "shard-000002.json").write_text("{not json")
     assert sorted(store.finished()) == [0]  # a rerun of generate redoes shards 1 and 2
     assert set(store.damaged) == {"shard-000001.tar", "shard-000002.tar"}
-    with pytest.raises(ShardError, match="2 shard\\(s\\) .* are damaged .* rerun `instagen generate`"):
+    with pytest.raises(ShardError, match="2 shard\\(s\\) damaged .* rerun `instagen generate`"):
         export(str(out))
     assert not (out / "images").exists() and not (out / "coco.json").exists()
 

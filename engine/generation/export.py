@@ -22,7 +22,7 @@ import fsspec
 from PIL import Image
 
 from engine.config import RayConfig
-from engine.data.shards import ShardError, ShardStore, iter_samples, samples_in_tar
+from engine.data.shards import ShardError, ShardStore, finished_shards, iter_samples, samples_in_tar
 from engine.data.sheet import BASE_COLOUR, NOVEL_COLOUR, Tile, contact_sheet
 from engine.runtime.cluster import connect, quiet_data_context, user_error_in
 from engine.runtime.storage import open_atomic, replace_folder, url_of, write_atomic
@@ -40,19 +40,9 @@ def export(output: str, dest: Optional[str] = None, write_images: bool = True,
     """Write coco.json, lvis.json, images/ and preview.png for the shards under `output`."""
     import ray as ray_lib
 
-    store = ShardStore(output)
-    dest = (dest or output).rstrip("/")
+    store, entries = finished_shards(output)  # a whole output, or one line saying what is wrong
     run = store.run_info()
-    if run is None:
-        raise ShardError(f"{output!r} holds no generated dataset (no run.json); run `instagen generate` "
-                         f"with output.path={output} first")
-    entries = store.finished()
-    if store.damaged:
-        shard, why = next(iter(store.damaged.items()))
-        raise ShardError(f"{len(store.damaged)} shard(s) under {output!r} are damaged ({shard}: {why}); rerun "
-                         f"`instagen generate` with the same config to redo them, then export")
-    if not entries:
-        raise ShardError(f"no finished shards under {output!r}; run `instagen generate` first")
+    dest = (dest or output).rstrip("/")
     categories = list(run["categories"])
     novel = set(run.get("novel", []))
     order = sorted(entries)
