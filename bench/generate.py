@@ -55,7 +55,7 @@ def bare(images: int, steps: int, batch: int) -> dict:
 
 
 def engine_run(images: int, steps: int, batch: int, actors: int) -> dict:
-    from engine import generate as gen
+    from engine.generation import pipeline as gen
     from engine.config import load_config
     stamps = []
     original = gen.Progress.update

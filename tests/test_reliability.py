@@ -11,7 +11,7 @@ from PIL import Image
 from engine.config import load_config
 from engine.generation.pipeline import generate
 from engine.generation.prompts import make_prompts
-from engine.data.shards import ShardError, ShardStore, decode_sample, iter_samples, shard_urls
+from engine.data.shards import ShardError, ShardStore, decode_sample, iter_samples, samples_in_tar, shard_urls
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["prompts.images_per_category=2", "synthesis.steps=2", "synthesis.batch_size=2",
@@ -96,6 +96,15 @@ def test_tar_member_escaping_the_folder_is_refused(tmp_path, member):
     path.write_bytes(tar_with(member))
     with pytest.raises(ShardError, match="not a plain sample key"):
         list(iter_samples([str(path)]))
+
+
+@pytest.mark.parametrize("member", ["../../etc/evil.json", "/abs/path.json", "000000001.pyd", "000000001"])
+def test_export_reader_refuses_members_that_are_not_sample_files(member):
+    """samples_in_tar, export's zero-copy reader, checks what webdataset's path checks."""
+    with pytest.raises(ShardError, match="not a sample file"):
+        list(samples_in_tar(tar_with(member)))
+    sample, = samples_in_tar(tar_with("000000001.json", b'{"a": 1}'))
+    assert sample["__key__"] == "000000001" and bytes(sample["json"]) == b'{"a": 1}'
 
 
 def test_pickled_member_is_never_unpickled(tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import mmap
 import re
 import tarfile
 import uuid
@@ -27,7 +28,7 @@ import numpy as np
 
 from engine.errors import UserError
 from engine.runtime.faults import failing_fs
-from engine.runtime.storage import url_of, write_atomic
+from engine.runtime.storage import is_local, url_of, write_atomic
 
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 MEMBER_SUFFIXES = ("jpg", "latent.npy", "json", "features.npz")
@@ -165,11 +166,17 @@ class ShardStore:
             entries[index] = entry
         return entries
 
-    def read_shard(self, entry: dict) -> bytes:
+    def read_shard(self, entry: dict) -> bytes | mmap.mmap:
         """The shard's bytes, checked against its manifest entry's size and checksum; a damaged
-        shard is a ShardError that says how to redo it."""
-        with self.fs.open(self._path("shards", entry["shard"]), "rb") as f:
-            data = f.read()
+        shard is a ShardError that says how to redo it. A local shard is mapped rather than read:
+        hashing the page cache in place costs half of copying it out first."""
+        path = self._path("shards", entry["shard"])
+        if is_local(self.fs) and self.fs.size(path):
+            with open(path, "rb") as f:
+                data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        else:
+            with self.fs.open(path, "rb") as f:
+                data = f.read()
         digest = hashlib.sha256(data).hexdigest()
         if len(data) != entry.get("size", len(data)) or digest != entry.get("sha256", digest):
             raise ShardError(f"shard {entry['shard']} under {self.url!r} does not match its manifest (checksum "
@@ -254,20 +261,30 @@ def decode_sample(sample: dict) -> dict:
 
 
 def samples_in_tar(data: bytes) -> Iterator[dict]:
-    """The raw samples of a shard held in memory, in order: {"__key__", suffix: bytes, ...}. Member
-    names are checked as decode_sample checks them, and payloads stay bytes (nothing decoded)."""
-    sample: dict = {}
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        for member in tar:
-            key, _, suffix = member.name.partition(".")
-            if not member.isfile() or not KEY_RE.match(key) or suffix not in MEMBER_SUFFIXES:
-                raise ShardError(f"shard member {member.name!r} is not a sample file ({', '.join(MEMBER_SUFFIXES)} "
-                                 f"of a plain key); the shard is corrupt or hostile, regenerate it")
-            if sample and sample["__key__"] != key:
-                yield sample
-                sample = {}
-            sample["__key__"] = key
-            sample[suffix] = tar.extractfile(member).read()
+    """The raw samples of a shard held in memory, in order: {"__key__", suffix: payload, ...}, each
+    payload a zero-copy view into `data`. Reads the plain USTAR layout pack_tar writes (a 512-byte
+    header, the payload padded to 512) rather than going through tarfile, which copies every
+    member and costs more than the checksum; anything else in a shard is refused, as are member
+    names that are not plain sample files."""
+    view, offset, sample = memoryview(data), 0, {}
+    while offset + 512 <= len(data) and any(view[offset:offset + 512]):
+        header = bytes(view[offset:offset + 512])
+        name = header[:100].rstrip(b"\0").decode("utf-8", "replace")
+        key, _, suffix = name.partition(".")
+        try:
+            size = int(header[124:136].rstrip(b"\0 ") or b"0", 8)
+        except ValueError:
+            size = -1
+        if (header[156:157] not in (b"0", b"\0") or header[345:500].strip(b"\0") or size < 0
+                or not KEY_RE.match(key) or suffix not in MEMBER_SUFFIXES or offset + 512 + size > len(data)):
+            raise ShardError(f"shard member {name!r} is not a sample file ({', '.join(MEMBER_SUFFIXES)} of a plain "
+                             f"key); the shard is corrupt or hostile, regenerate it")
+        if sample and sample["__key__"] != key:
+            yield sample
+            sample = {}
+        sample["__key__"] = key
+        sample[suffix] = view[offset + 512:offset + 512 + size]
+        offset += 512 + (size + 511) // 512 * 512
     if sample:
         yield sample
 

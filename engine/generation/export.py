@@ -5,24 +5,25 @@ category order (base, then novel), starting at 1 as COCO does.
 
 Export is a Ray Data job so that no process holds the dataset: one task per shard checks the
 shard against its manifest's checksum, copies its JPEGs byte for byte (no decode, no second lossy
-compression) and writes the shard's image and annotation records as a small JSON part; the driver
-then streams the parts, in shard order, into coco.json and lvis.json. Annotation ids are fixed per
+compression) and writes the shard's image and annotation records as small JSON parts; the driver
+then copies the parts, in shard order, into coco.json and lvis.json, never holding more than one. Annotation ids are fixed per
 shard from the manifest's box counts, so the parts are independent and the result is the same
 whatever order the tasks finish in. Everything is staged in a hidden folder under the destination
 and moved into place only when every shard is whole: an export is of whole shards or none.
 """
 from __future__ import annotations
 
+import io
 import json
 import uuid
 from itertools import accumulate
-from typing import Iterator, Optional
+from typing import Optional
 
 import fsspec
 from PIL import Image
 
 from engine.config import RayConfig
-from engine.data.shards import ShardError, ShardStore, finished_shards, iter_samples, samples_in_tar
+from engine.data.shards import ShardError, ShardStore, finished_shards, samples_in_tar
 from engine.data.sheet import BASE_COLOUR, NOVEL_COLOUR, Tile, contact_sheet
 from engine.runtime.cluster import connect, quiet_data_context, user_error_in
 from engine.runtime.storage import open_atomic, replace_folder, url_of, write_atomic
@@ -68,22 +69,25 @@ def export(output: str, dest: Optional[str] = None, write_images: bool = True,
             annotations += row["annotations"]
             per_cat_images = [a + b for a, b in zip(per_cat_images, json.loads(row["per_cat_images"]))]
             per_cat_boxes = [a + b for a, b in zip(per_cat_boxes, json.loads(row["per_cat_boxes"]))]
-        parts = [f"{staging}/parts/{i:06d}.json" for i in order]
         cats = [{"id": k + 1, "name": n, "split": "novel" if n in novel else "base"} for k, n in enumerate(categories)]
         info = {"description": f"InstaGen synthetic dataset {run.get('name', '')}"}
-        with open_atomic(fs, f"{staging}/coco.json") as f:
-            write_dataset_json(f, fs, parts, info, cats, lvis=False)
         lvis_cats = [{**c, "synset": c["name"].replace(" ", "_"), "image_count": per_cat_images[k],
                       "instance_count": per_cat_boxes[k], "frequency": lvis_frequency(per_cat_images[k])}
                      for k, c in enumerate(cats)]
-        with open_atomic(fs, f"{staging}/lvis.json") as f:
-            write_dataset_json(f, fs, parts, info, lvis_cats, lvis=True)
-        previews = []
-        for sample in iter_samples([store.shard_url(i) for i in order]):  # stops after the first shards
-            if len(previews) >= preview_images:
-                break
-            previews.append(preview_tile(sample["jpg"], sample["json"], novel))
-        write_atomic(fs, f"{staging}/preview.png", contact_sheet(previews))
+        for name, categories_json in (("coco", cats), ("lvis", lvis_cats)):
+            with open_atomic(fs, f"{staging}/{name}.json") as f:
+                f.write(b'{"info": ' + json.dumps(info).encode())
+                for kind in ("images", "annotations"):
+                    f.write(f', "{kind}": ['.encode())
+                    first = True
+                    for i in order:  # each part is its records, comma-separated: copied, not parsed
+                        part = fs.cat_file(f"{staging}/parts/{i:06d}.{name}-{kind}")
+                        if part:
+                            f.write(part if first else b", " + part)
+                            first = False
+                    f.write(b"]")
+                f.write(b', "categories": ' + json.dumps(categories_json).encode() + b"}")
+        write_atomic(fs, f"{staging}/preview.png", contact_sheet(preview_tiles(store, entries, preview_images, novel)))
         # Every shard was whole: move the export into place.
         if write_images:
             replace_folder(fs, f"{staging}/images", f"{root}/images")
@@ -111,7 +115,7 @@ def export_shard(row: dict, output: str, staging: str, categories: list[str], wr
     images, annotations = [], []
     per_cat_images, per_cat_boxes = [0] * len(categories), [0] * len(categories)
     for sample in samples_in_tar(data):
-        key, meta = sample["__key__"], json.loads(sample["json"])
+        key, meta = sample["__key__"], json.loads(bytes(sample["json"]))
         file_name = f"images/{key}.jpg"
         if write_images:
             with fs.open(f"{root}/{file_name}", "wb") as f:  # inside the staging folder: no temporary needed
@@ -129,32 +133,27 @@ def export_shard(row: dict, output: str, staging: str, categories: list[str], wr
             per_cat_boxes[cat_id[label] - 1] += 1
         for label in set(meta["labels"]):
             per_cat_images[cat_id[label] - 1] += 1
-    fs.pipe_file(f"{root}/parts/{entry['index']:06d}.json",
-                 json.dumps({"images": images, "annotations": annotations}).encode())
+    # LVIS images say which categories are known absent or not exhaustively labelled; generated
+    # images are labelled only for their prompt's categories, left empty here. LVIS has no iscrowd.
+    lvis_images = [{**im, "neg_category_ids": [], "not_exhaustive_category_ids": []} for im in images]
+    lvis_annotations = [{k: v for k, v in a.items() if k != "iscrowd"} for a in annotations]
+    for name, records in (("coco-images", images), ("coco-annotations", annotations),
+                          ("lvis-images", lvis_images), ("lvis-annotations", lvis_annotations)):
+        fs.pipe_file(f"{root}/parts/{entry['index']:06d}.{name}", ", ".join(map(json.dumps, records)).encode())
     return {"images": len(images), "annotations": len(annotations),
             "per_cat_images": json.dumps(per_cat_images), "per_cat_boxes": json.dumps(per_cat_boxes)}
 
 
-def write_dataset_json(f, fs, parts: list[str], info: dict, categories: list[dict], lvis: bool) -> None:
-    """The dataset JSON streamed part by part: one shard's records in memory at a time. LVIS
-    images say which categories are known absent or not exhaustively labelled; generated images
-    are labelled only for their prompt's categories, left empty here. LVIS has no iscrowd."""
-    def records(kind: str) -> Iterator[dict]:
-        for part in parts:
-            for record in json.loads(fs.cat_file(part))[kind]:
-                if lvis and kind == "images":
-                    record = {**record, "neg_category_ids": [], "not_exhaustive_category_ids": []}
-                elif lvis:
-                    record.pop("iscrowd")
-                yield record
-
-    f.write(b'{"info": ' + json.dumps(info).encode())
-    for kind in ("images", "annotations"):
-        f.write(f', "{kind}": ['.encode())
-        for k, record in enumerate(records(kind)):
-            f.write((", " if k else "").encode() + json.dumps(record).encode())
-        f.write(b"]")
-    f.write(b', "categories": ' + json.dumps(categories).encode() + b"}")
+def preview_tiles(store: ShardStore, entries: dict[int, dict], n: int, novel: set) -> list[Tile]:
+    """The first `n` samples' tiles, read from the first shards only."""
+    tiles = []
+    for index in sorted(entries):
+        for sample in samples_in_tar(store.read_shard(entries[index])):
+            if len(tiles) == n:
+                return tiles
+            image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+            tiles.append(preview_tile(image, json.loads(bytes(sample["json"])), novel))
+    return tiles
 
 
 def preview_tile(image: Image.Image, meta: dict, novel: set) -> Tile:

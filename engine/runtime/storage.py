@@ -51,8 +51,12 @@ def replace_folder(fs: fsspec.AbstractFileSystem, new: str, path: str) -> None:
         fs.rm(old, recursive=True)
 
 
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return bool({"file", "local"} & set([fs.protocol] if isinstance(fs.protocol, str) else fs.protocol))
+
+
 def _move_tree(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
-    if "file" in fs.protocol or "local" in fs.protocol:
+    if is_local(fs):
         fs.mv(src, dst)
         return
     files = fs.find(src)
@@ -63,7 +67,7 @@ def _move_tree(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
 def url_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """The URL another process opens `path` of `fs` by: the path itself on the local disk."""
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return path if protocol in ("file", "local") else f"{protocol}://{path}"
+    return path if is_local(fs) else f"{protocol}://{path}"
 
 
 def write_file(path: str, data: bytes) -> None:
