@@ -37,14 +37,13 @@ def bare(images: int, steps: int, batch: int) -> dict:
 
     from engine.generation.annotation import build_labeller
     from engine.config import load_config
-    from engine.generation.pipeline import all_categories
     from engine.models.diffusion import load_pipeline
-    from engine.generation.prompts import make_prompts
+    from engine.generation.prompts import PromptPlan, make_prompts
     from engine.generation.synthesis import draw
     torch.set_num_threads(1)
     cfg = load_config(os.path.join(ROOT, "configs/tiny.yaml"), overrides(images, steps, batch, "/tmp/unused"))
     pipe = load_pipeline(cfg.model)
-    labeller = build_labeller(cfg.annotation, all_categories(cfg))
+    labeller = build_labeller(cfg.annotation, PromptPlan(cfg.prompts).all_categories)
     rows = make_prompts(cfg.prompts)
     start = time.perf_counter()
     for i in range(0, len(rows), batch):

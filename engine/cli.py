@@ -31,7 +31,7 @@ from engine.evaluation.metrics import (
 )
 from engine.generation.export import export
 from engine.generation.pipeline import generate
-from engine.generation.prompts import make_prompts
+from engine.generation.prompts import PromptPlan
 from engine.models.diffusion import check_source
 from engine.toyworld.loop import load_ablation_config, run_loop
 from engine.toyworld.world import draw_world
@@ -44,9 +44,13 @@ def cmd_generate(args) -> None:
     cfg = load_config(args.config, args.overrides)
     check_source(cfg.model)
     if args.dry_run:
-        rows = make_prompts(cfg.prompts)
-        print(f"config {args.config} is valid: {len(rows)} prompts in "
-              f"{(len(rows) + cfg.output.shard_size - 1) // cfg.output.shard_size} shards -> {cfg.output.path}")
+        plan = PromptPlan(cfg.prompts)
+        print(f"config {args.config} is valid: {len(plan)} prompts of {len(plan.categories)} categories in "
+              f"{(len(plan) + cfg.output.shard_size - 1) // cfg.output.shard_size} shards -> {cfg.output.path}")
+        for group, kinds in (plan.summary or {}).items():
+            if isinstance(kinds, dict):
+                print(f"  {group}: " + ", ".join(f"{k} {v['categories']} categories / {v['images']} images"
+                                                  for k, v in kinds.items()))
         return
     summary = generate(cfg)
     print(f"[generate] done: {summary.line()}", file=sys.stderr)

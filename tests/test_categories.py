@@ -222,6 +222,27 @@ def test_plan_from_config_and_summary(lvis_file):
                          "r": {"categories": 10, "images": 500}}}
 
 
+def test_prompt_rows_follow_the_dataset_plan(lvis_file, capsys):
+    """Generation's rows from a dataset's categories: each category as many rows as its budget,
+    the prompt in plain words with the definition that tells the two bats apart, the label the
+    dataset's own name; and `generate --dry-run` prints the plan."""
+    from engine.cli import main
+    from engine.generation.prompts import PromptPlan
+    overrides = ["prompts.base=[]", "prompts.novel=[]", f"prompts.categories_from={lvis_file}",
+                 "prompts.split=lvis_frequency", "prompts.generate=all",
+                 "prompts.budget=per_group", "prompts.budget_per_group={r: 6, c: 2, f: 1}", "prompts.max_categories=1",
+                 "prompts.template_single=a photograph of a {c1}, {d1}"]
+    plan = PromptPlan(load_config("configs/tiny.yaml", overrides).prompts)
+    assert len(plan) == 10 * 6 + 12 * 2 + 14 * 1 and len(plan.novel) == 10 and "bat_(animal)" in plan.novel
+    rows = list(plan.rows())
+    bats = [r for r in rows if r.categories == ("bat_(animal)",)]
+    assert len(bats) == 6 and bats[0].text == "a photograph of a bat, a definition of bat_(animal)"
+    assert [r.seed for r in rows[10:20]] == [r.seed for r in plan.rows(10, 20)], "any range, same rows"
+    assert main(["generate", "--dry-run", "--config", "configs/tiny.yaml", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "98 prompts of 36 categories" in out and "novel 10 categories / 60 images" in out
+
+
 def test_coco_summary_counts_categories_in_neither_split(coco_file):
     cfg = PromptConfig(categories_from=coco_file, split="ovr_cnn_coco", images_per_category=3)
     summary = plan_summary(plan_categories(cfg))

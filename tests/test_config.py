@@ -2,7 +2,7 @@
 import pytest
 
 from engine.config import Config, ConfigError, load_config
-from engine.generation.prompts import make_prompts, target_categories
+from engine.generation.prompts import PromptPlan, make_prompts
 
 
 def test_tiny_and_coco_ovd_load():
@@ -86,12 +86,12 @@ def test_prompts_are_deterministic_and_shaped():
 
 def test_category_errors():
     with pytest.raises(ConfigError, match="unknown category 'zebra'"):
-        target_categories(load_config("configs/tiny.yaml", ["prompts.generate=list",
+        PromptPlan(load_config("configs/tiny.yaml", ["prompts.generate=list",
                                                             "prompts.categories=[cat, zebra]"]).prompts)
     with pytest.raises(ConfigError, match="no categories"):
-        target_categories(load_config("configs/tiny.yaml", ["prompts.base=[]"]).prompts)
+        PromptPlan(load_config("configs/tiny.yaml", ["prompts.base=[]"]).prompts)
     with pytest.raises(ConfigError, match="listed twice"):
-        target_categories(load_config("configs/tiny.yaml", ["prompts.base=[cat, cat]"]).prompts)
+        PromptPlan(load_config("configs/tiny.yaml", ["prompts.base=[cat, cat]"]).prompts)
     with pytest.raises(ConfigError, match="characters"):
         make_prompts(load_config("configs/tiny.yaml", [f"prompts.base=[{'x' * 100_000}]"]).prompts)
 

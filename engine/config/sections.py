@@ -498,8 +498,9 @@ def _validate(cfg: Config) -> None:
     _require(cfg.ray.num_cpus is None or cfg.ray.num_cpus >= 1, f"ray.num_cpus must be >= 1, got {cfg.ray.num_cpus}")
     check_names("prompts", {"base": p.base, "novel": p.novel, "categories": p.categories})
     check_category_source(p)
-    check_template("prompts.template", p.template, ("c1", "c2"))
-    check_template("prompts.template_single", p.template_single, ("c1",))
+    # {d1}/{d2}: the categories' definitions (LVIS `def`), which tell apart senses of one name.
+    check_template("prompts.template", p.template, ("c1", "c2", "d1", "d2"))
+    check_template("prompts.template_single", p.template_single, ("c1", "d1"))
     check_output_path("output.path", o.path)
 
 

@@ -50,19 +50,16 @@ class Summary:
                 f"{self.wall_s:.1f} s, {self.images_per_s:.2f} images/s -> {self.output}")
 
 
-def run_fingerprint(cfg: Config) -> str:
-    """What decides the samples: a resumed run must agree on all of it."""
+def run_fingerprint(cfg: Config, plan: PromptPlan) -> str:
+    """What decides the samples: a resumed run must agree on all of it, down to the categories and
+    budgets a dataset file gave (the file may change under the same path)."""
     return fingerprint({"model": asdict(cfg.model), "prompts": asdict(cfg.prompts),
+                        "categories": [plan.categories, plan.counts, plan.words],
                         "synthesis": {k: v for k, v in asdict(cfg.synthesis).items()
                                       if k not in ("batch_size", "num_actors", "gpus_per_actor")},
                         "annotation": {"labeller": cfg.annotation.labeller, "model": cfg.annotation.model,
                                        "alpha": cfg.annotation.alpha, "beta": cfg.annotation.beta},
                         "shard_size": cfg.output.shard_size, "rows": ROWS_VERSION})
-
-
-def all_categories(cfg: Config) -> list[str]:
-    p = cfg.prompts
-    return list(dict.fromkeys(list(p.base) + list(p.novel) + list(p.categories)))
 
 
 class Progress:
@@ -89,11 +86,13 @@ def generate(cfg: Config) -> Summary:
 
     start = time.time()
     plan = PromptPlan(cfg.prompts)
-    categories = all_categories(cfg)
+    categories = plan.all_categories
     size = cfg.output.shard_size
     n_shards = (len(plan) + size - 1) // size
-    run_info = {"fingerprint": run_fingerprint(cfg), "name": cfg.name, "categories": categories,
-                "base": cfg.prompts.base, "novel": cfg.prompts.novel, "prompts": len(plan), "shard_size": size}
+    run_info = {"fingerprint": run_fingerprint(cfg, plan), "name": cfg.name, "categories": categories,
+                "base": plan.base, "novel": plan.novel, "prompts": len(plan), "shard_size": size}
+    if plan.summary:
+        run_info["plan"] = plan.summary
     store = ShardStore(cfg.output.path)
     store.check_same_run(run_info)
     done = store.finished()
