@@ -113,6 +113,10 @@ def test_export_is_the_shards_records_in_order_and_their_jpeg_bytes(dataset, tmp
     assert sorted(os.listdir(dest)) == ["coco.json", "images", "lvis.json", "preview.png"]
     lvis = json.load(open(dest / "lvis.json"))
     assert [a["id"] for a in lvis["annotations"]] == [a["id"] for a in annotations]
+    for image, sample in zip(lvis["images"], iter_samples(shard_urls(out), decode=False)):
+        meta = json.loads(sample["json"])  # prompted but never boxed: drawn, probably, and missed
+        assert image["not_exhaustive_category_ids"] == sorted(
+            cat_id[c] for c in set(meta["categories"]) - set(meta["labels"])) and image["neg_category_ids"] == []
     assert sum(c["instance_count"] for c in lvis["categories"]) == len(annotations)
 
 

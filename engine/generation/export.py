@@ -26,7 +26,7 @@ from engine.config import RayConfig
 from engine.data.shards import ShardError, ShardStore, finished_shards, samples_in_tar
 from engine.data.sheet import BASE_COLOUR, NOVEL_COLOUR, Tile, contact_sheet
 from engine.runtime.cluster import connect, quiet_data_context, user_error_in
-from engine.runtime.storage import open_atomic, replace_folder, url_of, write_atomic
+from engine.runtime.storage import replace_folder, url_of
 
 STAGING = ".export-"  # prefix of the hidden folder an export is staged in
 
@@ -60,8 +60,8 @@ def export(output: str, dest: Optional[str] = None, write_images: bool = True,
         tasks = ray_lib.data.from_items(
             [{"entry": json.dumps(entries[i]), "first_ann": first_ann[k]} for k, i in enumerate(order)],
             override_num_blocks=len(order))
-        stats = tasks.map(export_shard, fn_kwargs={"output": output, "staging": url_of(fs, staging), "categories": categories,
-                                                   "write_images": write_images}, num_cpus=0.5)
+        stats = tasks.map(export_shard, num_cpus=0.5, fn_kwargs={
+            "output": output, "staging": url_of(fs, staging), "categories": categories, "write_images": write_images})
         images = annotations = 0
         per_cat_images, per_cat_boxes = [0] * len(categories), [0] * len(categories)
         for row in stats.iter_rows():
@@ -75,19 +75,9 @@ def export(output: str, dest: Optional[str] = None, write_images: bool = True,
                       "instance_count": per_cat_boxes[k], "frequency": lvis_frequency(per_cat_images[k])}
                      for k, c in enumerate(cats)]
         for name, categories_json in (("coco", cats), ("lvis", lvis_cats)):
-            with open_atomic(fs, f"{staging}/{name}.json") as f:
-                f.write(b'{"info": ' + json.dumps(info).encode())
-                for kind in ("images", "annotations"):
-                    f.write(f', "{kind}": ['.encode())
-                    first = True
-                    for i in order:  # each part is its records, comma-separated: copied, not parsed
-                        part = fs.cat_file(f"{staging}/parts/{i:06d}.{name}-{kind}")
-                        if part:
-                            f.write(part if first else b", " + part)
-                            first = False
-                    f.write(b"]")
-                f.write(b', "categories": ' + json.dumps(categories_json).encode() + b"}")
-        write_atomic(fs, f"{staging}/preview.png", contact_sheet(preview_tiles(store, entries, preview_images, novel)))
+            with fs.open(f"{staging}/{name}.json", "wb") as f:  # the staging folder is the temporary
+                join_parts(f, fs, [f"{staging}/parts/{i:06d}.{name}" for i in order], info, categories_json)
+        fs.pipe_file(f"{staging}/preview.png", contact_sheet(preview_tiles(store, entries, preview_images, novel)))
         # Every shard was whole: move the export into place.
         if write_images:
             replace_folder(fs, f"{staging}/images", f"{root}/images")
@@ -105,14 +95,15 @@ def export(output: str, dest: Optional[str] = None, write_images: bool = True,
 
 
 def export_shard(row: dict, output: str, staging: str, categories: list[str], write_images: bool) -> dict:
-    """A Ray task: one shard's records into `staging`/parts/<index>.json and, if asked, its JPEGs
-    into `staging`/images/, after checking the shard against its manifest entry."""
+    """A Ray task: one shard's records into `staging`/parts/<index>.<coco|lvis>-<images|annotations>
+    and, if asked, its JPEGs into `staging`/images/, after checking the shard against its manifest
+    entry."""
     entry = json.loads(row["entry"])
     store = ShardStore(output)
     data = store.read_shard(entry)  # raises if it differs from its manifest entry
     cat_id = {name: k + 1 for k, name in enumerate(categories)}
     fs, root = fsspec.core.url_to_fs(staging)
-    images, annotations = [], []
+    images, annotations, unboxed = [], [], []
     per_cat_images, per_cat_boxes = [0] * len(categories), [0] * len(categories)
     for sample in samples_in_tar(data):
         key, meta = sample["__key__"], json.loads(bytes(sample["json"]))
@@ -133,15 +124,36 @@ def export_shard(row: dict, output: str, staging: str, categories: list[str], wr
             per_cat_boxes[cat_id[label] - 1] += 1
         for label in set(meta["labels"]):
             per_cat_images[cat_id[label] - 1] += 1
-    # LVIS images say which categories are known absent or not exhaustively labelled; generated
-    # images are labelled only for their prompt's categories, left empty here. LVIS has no iscrowd.
-    lvis_images = [{**im, "neg_category_ids": [], "not_exhaustive_category_ids": []} for im in images]
+        unboxed.append(sorted(cat_id[c] for c in set(meta["categories"]) - set(meta["labels"]) if c in cat_id))
+    # LVIS's federated labels say per image which categories are known absent (neg) and which are
+    # present but not all boxed (not exhaustive). A generated image was labelled for its prompt's
+    # categories only: a prompted category without a box was drawn, most likely, and missed by the
+    # labeller, so it is not exhaustive; nothing is known absent (an unprompted object may appear
+    # in the background), so neg stays empty. LVIS has no iscrowd.
+    lvis_images = [{**im, "neg_category_ids": [], "not_exhaustive_category_ids": missed}
+                   for im, missed in zip(images, unboxed)]
     lvis_annotations = [{k: v for k, v in a.items() if k != "iscrowd"} for a in annotations]
     for name, records in (("coco-images", images), ("coco-annotations", annotations),
                           ("lvis-images", lvis_images), ("lvis-annotations", lvis_annotations)):
         fs.pipe_file(f"{root}/parts/{entry['index']:06d}.{name}", ", ".join(map(json.dumps, records)).encode())
     return {"images": len(images), "annotations": len(annotations),
             "per_cat_images": json.dumps(per_cat_images), "per_cat_boxes": json.dumps(per_cat_boxes)}
+
+
+def join_parts(f, fs, parts: list[str], info: dict, categories: list[dict]) -> None:
+    """A dataset JSON from its shards' parts, in order. A part holds its records serialised and
+    comma-separated, so the parts are copied, not parsed: one in memory at a time."""
+    f.write(b'{"info": ' + json.dumps(info).encode())
+    for kind in ("images", "annotations"):
+        f.write(f', "{kind}": ['.encode())
+        first = True
+        for part in parts:
+            records = fs.cat_file(f"{part}-{kind}")
+            if records:
+                f.write(records if first else b", " + records)
+                first = False
+        f.write(b"]")
+    f.write(b', "categories": ' + json.dumps(categories).encode() + b"}")
 
 
 def preview_tiles(store: ShardStore, entries: dict[int, dict], n: int, novel: set) -> list[Tile]:

@@ -15,27 +15,20 @@ import fsspec
 from engine.errors import UserError
 
 
-@contextmanager
-def open_atomic(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[Any]:
-    """A binary handle to write `path` through: the bytes go to a temporary sibling name, renamed
-    to `path` when the block ends. On any filesystem fsspec reaches (local, s3, gs, ...) a reader
-    sees the whole file or none, and a failed write leaves no temporary behind."""
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write `data` under a temporary sibling name, then rename it to `path`: on any filesystem
+    fsspec reaches (local, s3, gs, ...) a reader sees the whole file or none, and a failed write
+    leaves no temporary behind."""
     folder, name = path.rsplit("/", 1) if "/" in path else (".", path)
     tmp = f"{folder}/.{name}.tmp-{uuid.uuid4().hex}"
     try:
         with fs.open(tmp, "wb") as f:
-            yield f
+            f.write(data)
         fs.mv(tmp, path)
     except BaseException:
         if fs.exists(tmp):
             fs.rm(tmp)
         raise
-
-
-def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """`data` written whole under `path` (open_atomic)."""
-    with open_atomic(fs, path) as f:
-        f.write(data)
 
 
 def replace_folder(fs: fsspec.AbstractFileSystem, new: str, path: str) -> None:
