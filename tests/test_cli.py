@@ -136,6 +136,8 @@ CORPUS = {
     "unknown protocol": (["generate", "--dry-run", "--config", "configs/tiny.yaml", "output.path=foo://b/r"], None,
                          "protocol 'foo'"),
     "export to unknown protocol": (["export", "--output", "bar://b/r"], None, "protocol 'bar'"),
+    "output in one process's memory": (["generate", "--dry-run", "--config", "configs/tiny.yaml",
+                                        "output.path=memory://b/r"], None, "workers that write outputs cannot see it"),
     "evaluate out is a file": (["evaluate", "--gt", "FILE", "--detections", "OUT/dets.json", "--out", "FILE"],
                                _evaluation, "is a file"),
     "evaluate out unknown protocol": (["evaluate", "--gt", "FILE", "--detections", "OUT/dets.json", "--out",

@@ -129,3 +129,12 @@ def test_lvis_format_and_fsspec_urls(coco):
         check_dataset("memory://lvis/images", "", ("a", "r"))
     with pytest.raises(DatasetError, match="r 'memory://lvis/ann.json' is a file"):
         check_dataset("memory://lvis/ann.json", "memory://lvis/ann.json", ("a", "r"))
+
+
+def test_an_image_that_is_not_one_is_named(tmp_path):
+    bad = tmp_path / "000001.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    with pytest.raises(DatasetError, match="000001.jpg' cannot be read as an image .* replace it"):
+        open_image(str(bad))
+    with pytest.raises(DatasetError, match="gone.jpg' cannot be read"):
+        open_image(str(tmp_path / "gone.jpg"))

@@ -594,6 +594,8 @@ def check_output_path(key: str, path: str) -> None:
                  f"{key} {path!r}: storage protocol {protocol!r} is unknown; use a local path or a URL such "
                  f"as s3://bucket/run1 or gs://bucket/run1")
         _require(bool(rest.strip("/")), f"{key} {path!r} names no folder; add one, e.g. {protocol}://bucket/run1")
+        _require(protocol != "memory", f"{key} {path!r}: memory:// lives inside one process, and the Ray workers "
+                                       f"that write outputs cannot see it; use a local folder or s3:// / gs://")
         return
     local = os.path.abspath(os.path.expanduser(rest))
     _require(os.path.dirname(local) != local and local != os.path.abspath(os.path.expanduser("~")),

@@ -146,8 +146,13 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 def open_image(file: str) -> Image.Image:
-    """An RGB PIL image from a local path or fsspec URL, fully decoded."""
-    return decode_image(read_bytes(file))
+    """An RGB PIL image from a local path or fsspec URL, fully decoded; a file that is gone or not
+    an image is a DatasetError naming it."""
+    try:
+        return decode_image(read_bytes(file))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DatasetError(f"image {file!r} cannot be read as an image ({e}); replace it, or remove it "
+                           f"from the annotations") from None
 
 
 def image_file(image_root: str, img: dict, fmt: str) -> Optional[str]:
