@@ -210,6 +210,31 @@ class ShardStore:
         return entry
 
 
+def write_shard_row(row: dict, url: str, claim: Optional[dict]) -> dict:
+    """A Ray task: one finished shard row of the generate pipeline (parallel lists: id, status,
+    jpg, latent, json [, features]) into its tar and manifest entry, on the worker where it was
+    made. Returns only the entry, which is all the driver keeps. It lives here, beside the format
+    it writes, so that the worker it runs on imports no model library."""
+    samples, dropped = [], []
+    for j, status in enumerate(row["status"]):
+        pid = int(row["id"][j])
+        if status != "ok":
+            dropped.append(pid)
+            continue
+        sample = {"__key__": f"{pid:09d}", "jpg": row["jpg"][j], "latent.npy": row["latent"][j],
+                  "json": row["json"][j]}
+        if "features" in row:
+            sample["features.npz"] = row["features"][j]
+        samples.append(sample)
+    index = int(row["shard"])
+    try:
+        entry = ShardStore(url).write_shard(index, samples, dropped, claim)
+    except OSError as e:
+        raise ShardError(f"writing shard {index} under {url!r} failed ({e}); nothing of it was kept: "
+                         f"free the space or fix the permissions, then rerun the same command") from None
+    return {"entry": json.dumps(entry.as_dict())}
+
+
 def pack_tar(samples: list[dict]) -> bytes:
     """A tar in memory, members sorted by key then suffix, with fixed metadata so that the same
     samples always give the same bytes."""

@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from engine.config import Config, fingerprint
-from engine.data.shards import ShardError, ShardStore
+from engine.data.shards import ShardStore, write_shard_row
 from engine.generation.annotation import Annotator, build_labeller, check_labeller
 from engine.generation.prompts import ROWS_VERSION, PromptPlan
 from engine.generation.synthesis import Synthesizer
@@ -117,7 +117,7 @@ def generate(cfg: Config) -> Summary:
                     compute=ray.data.ActorPoolStrategy(size=synth.size), **synth.remote_args())
         ds = ds.map(Annotator, fn_constructor_args=(cfg.annotation, categories, threads_for(annot.num_cpus)),
                     compute=ray.data.ActorPoolStrategy(size=annot.size), **annot.remote_args())
-        ds = ds.map(write_shard, fn_kwargs={"url": cfg.output.path, "claim": claim}, num_cpus=0.25)
+        ds = ds.map(write_shard_row, fn_kwargs={"url": cfg.output.path, "claim": claim}, num_cpus=0.25)
         progress = Progress(sum(min(size, len(plan) - i * size) for i in todo), len(todo))
         try:
             for row in ds.iter_rows():
@@ -139,30 +139,6 @@ def generate(cfg: Config) -> Summary:
                    boxes=sum(e["boxes"] for e in entries.values()), shards=len(entries),
                    shards_written=len(written), dropped=sum(len(e["dropped"]) for e in entries.values()),
                    wall_s=time.time() - start, output=cfg.output.path)
-
-
-def write_shard(row: dict, url: str, claim: dict | None) -> dict:
-    """A Ray task: one finished shard row (see Synthesizer, Annotator) into its tar and manifest
-    entry, where it was made. Returns only the entry, which is all the driver keeps."""
-    samples, dropped = [], []
-    for j, status in enumerate(row["status"]):
-        pid = int(row["id"][j])
-        if status != "ok":
-            dropped.append(pid)
-            continue
-        sample = {"__key__": f"{pid:09d}", "jpg": row["jpg"][j], "latent.npy": row["latent"][j],
-                  "json": row["json"][j]}
-        if "features" in row:
-            sample["features.npz"] = row["features"][j]
-        samples.append(sample)
-    store = ShardStore(url)
-    index = int(row["shard"])
-    try:
-        entry = store.write_shard(index, samples, dropped, claim)
-    except OSError as e:
-        raise ShardError(f"writing shard {index} under {url!r} failed ({e}); nothing of it was kept: "
-                         f"free the space or fix the permissions, then rerun the same command") from None
-    return {"entry": json.dumps(entry.as_dict())}
 
 
 def _load_models(cfg: Config, categories: list[str]) -> None:
