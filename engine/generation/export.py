@@ -124,7 +124,7 @@ def export_shard(row: dict, output: str, staging: str, categories: list[str], wr
             per_cat_boxes[cat_id[label] - 1] += 1
         for label in set(meta["labels"]):
             per_cat_images[cat_id[label] - 1] += 1
-        unboxed.append(sorted(cat_id[c] for c in set(meta["categories"]) - set(meta["labels"]) if c in cat_id))
+        unboxed.append(sorted(cat_id[c] for c in set(meta.get("categories", ())) - set(meta["labels"]) if c in cat_id))
     # LVIS's federated labels say per image which categories are known absent (neg) and which are
     # present but not all boxed (not exhaustive). A generated image was labelled for its prompt's
     # categories only: a prompted category without a box was drawn, most likely, and missed by the
