@@ -157,10 +157,10 @@ def join_parts(f, fs, parts: list[str], info: dict, categories: list[dict]) -> N
 
 
 def preview_tiles(store: ShardStore, entries: dict[int, dict], n: int, novel: set) -> list[Tile]:
-    """The first `n` samples' tiles, read from the first shards only."""
+    """The first `n` samples' tiles, read from the first shards only (their tasks checked them)."""
     tiles = []
     for index in sorted(entries):
-        for sample in samples_in_tar(store.read_shard(entries[index])):
+        for sample in samples_in_tar(store.read_shard(entries[index], check=False)):
             if len(tiles) == n:
                 return tiles
             image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
