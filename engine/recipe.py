@@ -86,12 +86,15 @@ class Recipe:
                               "finetune.train and finetune.captions out")
         check_output_path("recipe.workdir", cfg.recipe.workdir)
         self.ws = os.path.abspath(os.path.expanduser(cfg.recipe.workdir))
-        self.plans = {stage: PromptPlan(self.generation_config(stage, "").prompts) for stage in GENERATION_STAGES}
-        everything = self.plans["final"]
+        everything = PromptPlan(dataclasses.replace(cfg.prompts, generate="all"))
         self.base, self.novel = everything.base, everything.novel
-        if not self.base or not self.novel:
-            raise ConfigError(f"the recipe needs base and novel categories; prompts give {len(self.base)} base and "
-                              f"{len(self.novel)} novel (set prompts.base / prompts.novel, or prompts.split)")
+        if not self.base:
+            raise ConfigError("the recipe needs base categories (the teacher labels them) and prompts give none; set "
+                              "prompts.base, or a prompts.split that makes some")
+        # Without novel categories (the data-sparse setting) the teacher labels everything: no base
+        # or novel_raw images, no grounding head.
+        self.plans = {"final": everything} | ({stage: PromptPlan(self.generation_config(stage, "").prompts)
+                                               for stage in ("base", "novel_raw")} if self.novel else {})
         self.frequency = ({c.name: c.frequency for c in plan_categories(cfg.prompts)}
                           if cfg.prompts.categories_from else {})
         self.check()
@@ -122,7 +125,8 @@ class Recipe:
 
     def generation_config(self, stage: str, head: str) -> Config:
         c = self.cfg
-        labeller = {"base": "detector", "novel_raw": "none", "final": "teacher+head"}[stage]
+        labeller = {"base": "detector", "novel_raw": "none",
+                    "final": "teacher+head" if self.novel else "detector"}[stage]
         cfg = Config(name=f"{c.name}-{stage}", model=dataclasses.replace(c.model, source=self.generator),
                      prompts=dataclasses.replace(c.prompts, generate=GENERATION_STAGES[stage]),
                      synthesis=c.synthesis,
@@ -149,7 +153,9 @@ class Recipe:
             section, real_annotations=ann, real_image_root=root, real_format=self.cfg.recipe.real.format,
             synthetic=synthetic, mix_ratio=section.mix_ratio if synthetic else 0.0,
             categories=self.base if teacher else (section.categories or self.base + self.novel),
-            base=self.base if coco_eval else [], novel=[] if teacher or not coco_eval else self.novel,
+            # COCO-OVD's AP50 base / novel; without novel categories, plain COCO AP.
+            base=self.base if coco_eval and self.novel else [],
+            novel=self.novel if coco_eval and self.novel and not teacher else [],
             run=self.run_settings(section.run, name), output_dir=self.path("models", name),
             eval_dir=self.path("eval", name))
         dc.validate()
@@ -201,7 +207,7 @@ class Recipe:
             self.detector_config("teacher", c.recipe.teacher, [])
         for i, path in enumerate(c.recipe.have.synthetic):
             finished_shards(path, f"recipe.have.synthetic[{i}]")
-        if not c.recipe.have.synthetic:
+        if not c.recipe.have.synthetic and self.novel:
             self.grounding_config("head_sup", "", "").validate()
             self.grounding_config("head_st", self.path("synthetic", "novel_raw"), self.path("models", "head_sup")).validate()
         dc = self.detector_config("detector", c.detector, self.synthetic)
@@ -231,6 +237,8 @@ class Recipe:
             return f"recipe.have.teacher {h.teacher}"
         if stage in ("base", "novel_raw", "head_sup", "head_st", "final") and h.synthetic:
             return "recipe.have.synthetic " + ", ".join(h.synthetic)
+        if stage in ("base", "novel_raw", "head_sup", "head_st") and not self.novel:
+            return "no novel categories: the teacher labels the final set"
         return ""
 
     def plan(self) -> list[dict]:
@@ -239,7 +247,7 @@ class Recipe:
         out = []
         for stage in STAGES:
             row: dict = {"stage": stage, "skipped": self.skipped(stage)}
-            if stage in GENERATION_STAGES:
+            if stage in GENERATION_STAGES and not row["skipped"]:
                 p = self.plans[stage]
                 groups: dict[str, int] = {}
                 for cat, n in zip(p.categories, p.counts):
@@ -271,6 +279,8 @@ class Recipe:
     # -- the stages ----------------------------------------------------------------------------
 
     def run(self, rerun_from: Optional[str] = None, only: Optional[str] = None) -> dict:
+        if rerun_from and only:
+            raise ConfigError("--from runs a stage and those after it, --only one stage; choose one")
         for flag, stage in (("--from", rerun_from), ("--only", only)):
             if stage is not None and stage not in STAGES:
                 raise ConfigError(f"{flag} {stage}: no such stage; the stages are {', '.join(STAGES)}")
@@ -279,8 +289,8 @@ class Recipe:
                 raise ConfigError(f"{flag} {stage}: the config skips it ({self.skipped(stage)})")
         started = time.time()
         previous = Stages(self.ws, lambda m: None).finished()
-        # --from: that stage runs again, and with it every stage after it (their inputs hold its key).
-        rerun = [rerun_from] if rerun_from in previous and only is None else []
+        # --from: that stage runs again, and with it every finished stage after it.
+        rerun = [s for s in STAGES[STAGES.index(rerun_from):] if s in previous] if rerun_from else []
         stages = Stages(self.ws, self.log, rerun=rerun, only=only)
         c = self.cfg
         run = {}
@@ -302,13 +312,15 @@ class Recipe:
                   [fcfg.finetune.output_dir, self.path("ray", "finetune")], ["real"])
         if not c.recipe.have.teacher:
             stage(*self._detector_stage("teacher", c.recipe.teacher, [], ["real"]))
-        if not c.recipe.have.synthetic:
+        if not c.recipe.have.synthetic and self.novel:
             stage(*self._generate_stage("base", "", ["finetune", "teacher"]))
             stage(*self._generate_stage("novel_raw", "", ["finetune"]))
             stage(*self._grounding_stage("head_sup", "", "", ["base"]))
             stage(*self._grounding_stage("head_st", self.path("synthetic", "novel_raw"),
                                          self.path("models", "head_sup"), ["head_sup", "novel_raw"]))
-            stage(*self._generate_stage("final", self.path("models", "head_st"), ["head_st", "teacher"]))
+        if not c.recipe.have.synthetic:
+            head = self.path("models", "head_st") if self.novel else ""
+            stage(*self._generate_stage("final", head, ["finetune", "head_st", "teacher"]))
         dc = self.detector_config("detector", c.detector, self.synthetic)
         synthetic_keys = {"have_synthetic": list(c.recipe.have.synthetic)}
         stage("detector", {"detector": to_dict(dc), **synthetic_keys},

@@ -20,16 +20,17 @@ WORDS = ["ball", "box", "cup", "kite", "lamp", "mug", "pen", "ring", "sock", "va
 
 
 def lvis_categories(n: int) -> list[dict]:
-    """`n` categories, the first third frequent, the next common, the rest rare; two share a word in
-    two senses, as LVIS's bat_(animal) and bat_(sports_equipment) do."""
+    """`n` categories in LVIS v1's proportions (405 frequent, 461 common, 337 rare of 1,203), in that
+    order; two share a word in two senses, as LVIS's bat_(animal) and bat_(sports_equipment) do."""
     cats = []
+    n_f, n_fc = round(n * 405 / 1203), round(n * 866 / 1203)
     for i in range(n):
         name = WORDS[i % len(WORDS)] + ("" if i < len(WORDS) else f"_{i // len(WORDS)}")
         if i == 1:
             name = "bat_(animal)"
         if i == n - 1:
             name = "bat_(sports_equipment)"
-        frequency = "f" if i < n // 3 else "c" if i < 2 * n // 3 else "r"
+        frequency = "f" if i < n_f else "c" if i < n_fc else "r"
         cats.append({"id": 1 + 2 * i, "name": name, "frequency": frequency, "synset": f"{name}.n.01",
                      "synonyms": [name, f"{name.split('_(')[0]} thing"],
                      "def": f"an object called {name.split('_(')[0]} used in tests"})
@@ -69,8 +70,10 @@ def _split(tmp_path: Path, root: Path, cats: list[dict], n_images: int, first_id
 
 
 def make_lvis_dataset(tmp_path, n_categories: int = 12, train_images: int = 12, val_images: int = 12,
-                      size: int = 64) -> tuple[str, str, str]:
-    """Write train and val LVIS JSONs and their JPEGs; returns (train JSON, val JSON, image root)."""
+                      size: int = 64, declared_counts: bool = False) -> tuple[str, str, str]:
+    """Write train and val LVIS JSONs and their JPEGs; returns (train JSON, val JSON, image root).
+    `declared_counts`: each category's image_count as the full LVIS train set would give it (rare 1-10
+    images, common 11-100, frequent more) rather than counted from these few images."""
     tmp_path = Path(tmp_path)
     root = tmp_path / "lvis_images"
     (root / "train2017").mkdir(parents=True, exist_ok=True)
@@ -78,6 +81,10 @@ def make_lvis_dataset(tmp_path, n_categories: int = 12, train_images: int = 12, 
     paths = []
     for split, n, first, all_cats in (("train", train_images, 1, False), ("val", val_images, 10_001, True)):
         data = _split(tmp_path, root, cats, n, first, seed=len(split), size=size, all_categories=all_cats)
+        if declared_counts:
+            for i, c in enumerate(data["categories"]):
+                c["image_count"] = {"r": 1 + i % 10, "c": 11 + i % 90, "f": 101 + 7 * i}[c["frequency"]]
+                c["instance_count"] = 2 * c["image_count"]
         path = tmp_path / f"lvis_v1_{split}.json"
         path.write_text(json.dumps(data))
         paths.append(str(path))
