@@ -200,3 +200,21 @@ def test_recipe_end_to_end_resumes_after_a_failed_stage(lvis_small, local_ray, t
     messages.clear()
     Recipe(cfg, log=messages.append).run(rerun_from="evaluate")
     assert [m.split(":")[0] for m in messages if m.endswith("running")] == ["evaluate"]
+
+
+def test_only_runs_one_stage_after_finished_ones(tmp_path):
+    from engine.config import ConfigError
+    from engine.runtime.stages import Stages
+    calls = []
+
+    def stage(s, name, n, after):
+        return s.run(name, {"n": n}, lambda: calls.append(name) or {"n": n}, [], after)
+    s = Stages(str(tmp_path), print)
+    stage(s, "a", 1, []), stage(s, "b", 1, ["a"])
+    calls.clear()
+    s = Stages(str(tmp_path), print, only="b", rerun=["b"])
+    assert stage(s, "a", 1, []) == {"n": 1} and stage(s, "b", 1, ["a"]) == {"n": 1} and calls == ["b"]
+    # A stage before the one asked for that has not finished with these settings is an error, not a run.
+    with pytest.raises(ConfigError, match="--only b: stage a, which comes before it, has not finished"):
+        stage(Stages(str(tmp_path), print, only="b"), "a", 2, [])
+    assert calls == ["b"]
