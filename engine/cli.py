@@ -7,6 +7,7 @@
     instagen train-detector --config ...
     instagen evaluate --gt ... --detections ... --out ...
     instagen toy-world --config configs/toy_world.yaml
+    instagen recipe --config configs/coco_ovd.yaml [--dry-run] [--from STAGE] [--only STAGE]
 
 Each `jobs/<step>.py` is the same sub-command as a script for `ray job submit`. Every error a
 user can cause (engine.errors.UserError) ends as one line on stderr and exit status 2.
@@ -33,6 +34,7 @@ from engine.generation.export import export
 from engine.generation.pipeline import generate
 from engine.generation.prompts import PromptPlan
 from engine.models.diffusion import check_source
+from engine.recipe import STAGES, Recipe
 from engine.toyworld.loop import load_ablation_config, run_loop
 from engine.toyworld.world import draw_world
 from engine.training.detection import train_detector
@@ -129,6 +131,21 @@ def cmd_toy_world(args) -> None:
           + (f", samples {results['samples_png']}" if results.get("samples_png") else ""))
 
 
+def cmd_recipe(args) -> None:
+    recipe = Recipe(load_config(args.config, args.overrides))  # checks every input and path; writes nothing
+    if args.dry_run:
+        print(f"config {args.config} is valid: {len(recipe.base)} base and {len(recipe.novel)} novel categories, "
+              f"work folder {recipe.ws}")
+        print("\n".join(recipe.plan_lines()))
+        return
+    results = recipe.run(rerun_from=args.rerun_from, only=args.only)
+    if "table" in results:
+        print(results["table"])
+        print(f"[recipe] {results['wall_s'] / 60:.1f} min; results {os.path.join(recipe.ws, 'results.json')}")
+    else:
+        print(f"[recipe] stage {results['ran']} done")
+
+
 def _names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
@@ -190,6 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="count this finished stage as done under changed settings (a change that cannot touch it, "
                         "e.g. a new config key at its default); repeatable")
     t.add_argument("overrides", nargs="*", help="key=value or section.key=value, e.g. world.train_images=200")
+
+    r = command("recipe", cmd_recipe, "the InstaGen recipe on a real dataset, stage by stage, resumable: "
+                                      f"{' -> '.join(STAGES)}", config="configs/coco_ovd.yaml")
+    r.add_argument("--dry-run", action="store_true",
+                   help="check every input and print the stages, their images and GPU-hours; run nothing")
+    r.add_argument("--from", dest="rerun_from", default=None, metavar="STAGE",
+                   help="run this stage again, and every stage after it")
+    r.add_argument("--only", default=None, metavar="STAGE",
+                   help="run only this stage (those before it must have finished)")
+    r.add_argument("overrides", nargs="*", help="key=value or section.key=value, e.g. real.fraction=0.1")
     return parser
 
 

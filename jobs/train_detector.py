@@ -1,7 +1,12 @@
 """Train a detector on real + synthetic data, save it, and evaluate it.
 
-On a laptop (embedded local Ray, tiny random detector):
-    python jobs/train_detector.py --config configs/coco_ovd.yaml
+On a laptop (embedded local Ray, tiny random detector, the small default config):
+    python jobs/train_detector.py --config configs/tiny.yaml detector.real_annotations=... \
+        detector.real_image_root=... detector.mix_ratio=0
+
+On one machine with GPUs, the paper's COCO setting (configs/coco_ovd.yaml asks for 8 GPU workers;
+set detector.run.num_workers to the GPUs you have):
+    python jobs/train_detector.py --config configs/coco_ovd.yaml detector.run.num_workers=1
 
 On a cluster:
     ray job submit --address http://HEAD:8265 --working-dir . \\

@@ -18,10 +18,12 @@ BAD = {
     "train-detector": ["--config", "configs/tiny.yaml", "detector.kind=yolo"],
     "evaluate": ["--gt", "/no/such/gt.json", "--detections", "/no/such/dets.json", "--out", "OUT"],
     "toy-world": ["--config", "configs/toy_world.yaml", "world.image_size=-1"],
+    "recipe": ["--config", "configs/coco_ovd.yaml", "--dry-run", "recipe.workdir=OUT",
+               "recipe.real.annotations=/no/such/train.json"],
 }
 WORDS = {"generate": "synthesis.stepz", "export": "/no/such/run", "finetune": "/no/such/instances.json",
          "train-grounding": "/no/such/run", "train-detector": "yolo", "evaluate": "/no/such/gt.json",
-         "toy-world": "image_size"}
+         "toy-world": "image_size", "recipe": "/no/such/train.json"}
 
 
 def test_every_sub_command_is_covered():

@@ -449,6 +449,71 @@ class GroundingTrainConfig:
 
 
 @dataclass
+class RealDataConfig:
+    """The recipe's real detection training set (COCO, LVIS or Objects365 JSON and its images)."""
+    annotations: str = ""
+    image_root: str = ""
+    format: str = "coco"  # coco (also Objects365) | lvis
+    # The data-sparse setting (paper table 2): this fraction of the images, drawn with `seed`; the
+    # chosen image ids are written into the recipe's real/instances.json, so the subset is on record.
+    fraction: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class HaveConfig:
+    """Recipe stages the user already has: each path set skips the stages that would make it."""
+    generator: str = ""  # a fine-tuned Stable Diffusion (diffusers folder): skips finetune
+    teacher: str = ""  # a detector folder (train-detector's output_dir), or "tiny": skips teacher
+    # Finished outputs of `instagen generate` (the final set): skips base ... final
+    synthetic: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EvalSetConfig:
+    """One more dataset the recipe's detector is scored on (cross-dataset: Objects365, LVIS)."""
+    name: str = ""
+    annotations: str = ""
+    image_root: str = ""
+    format: str = "coco"  # coco (also Objects365) | lvis
+
+
+@dataclass
+class RecipeSection:
+    """What `instagen recipe` (engine/recipe.py) adds to the other sections: where its stages write,
+    the real data, stages the user already has, the teacher, more evaluation sets, and the figures
+    --dry-run turns into GPU-hours. The single-stage commands ignore it."""
+    workdir: str = "outputs/recipe"
+    real: RealDataConfig = field(default_factory=RealDataConfig)
+    have: HaveConfig = field(default_factory=HaveConfig)
+    teacher: DetectorConfig = field(default_factory=lambda: DetectorConfig(run=TrainRunConfig(name="teacher")))
+    evaluate: list[EvalSetConfig] = field(default_factory=list)
+    # docs/scale.md, section 5: images/s of one GPU (bench/generate_gpu.py; the published anchor
+    # for SD 1.x on an A100 is 0.6-1.5) and the share of GPU time spent drawing.
+    images_per_s: float = 1.0
+    utilisation: float = 0.9
+
+    def validate(self) -> None:
+        r = self.real
+        _require(0.0 < r.fraction <= 1.0, f"recipe.real.fraction must lie in (0, 1] (the share of real images "
+                                          f"kept), got {r.fraction}")
+        for key, fmt in [("recipe.real.format", r.format)] + [(f"recipe.evaluate[{i}].format", e.format)
+                                                              for i, e in enumerate(self.evaluate)]:
+            _require(fmt in ("coco", "lvis"), f"{key} must be coco (also Objects365) or lvis, got {fmt!r}")
+        names = [e.name for e in self.evaluate]
+        for i, e in enumerate(self.evaluate):
+            _require(bool(e.name and e.annotations and e.image_root),
+                     f"recipe.evaluate[{i}] needs name, annotations and image_root")
+            _require(e.name != "detector" and names.count(e.name) == 1,
+                     f"recipe.evaluate[{i}].name {e.name!r} is taken; give each dataset its own name")
+        _require(self.images_per_s > 0 and 0 < self.utilisation <= 1,
+                 "recipe.images_per_s must be > 0 and recipe.utilisation in (0, 1]")
+        _require(not (self.have.synthetic and self.have.generator),
+                 "recipe.have.synthetic skips every generation stage, so recipe.have.generator would be unused; "
+                 "keep one")
+
+
+@dataclass
 class Config:
     name: str = "tiny"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -461,6 +526,7 @@ class Config:
     # Each job validates its own trainer section; Config.validate checks what every job shares.
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     grounding: GroundingTrainConfig = field(default_factory=GroundingTrainConfig)
+    recipe: RecipeSection = field(default_factory=RecipeSection)  # instagen recipe only
 
     def validate(self) -> None:
         _validate(self)

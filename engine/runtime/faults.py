@@ -7,6 +7,8 @@ INSTAGEN_FAULT_NAN=<id>,<id>...    those prompt ids come out of the model as NaN
                                    attempt (a regeneration with a derived seed is clean).
 <INSTAGEN_FAULT_DIR>/fail-write-<k>  a file armed by a test: the next write of shard k stops half
                                    way with "No space left on device" (once; the file is removed).
+INSTAGEN_FAULT_STAGE=<stage>       a staged run (engine.runtime.stages) fails once after that
+                                   stage's work, before it is recorded as finished.
 """
 from __future__ import annotations
 
@@ -59,3 +61,20 @@ def failing_fs(fs, shard: int):
                 raise OSError(errno.ENOSPC, "No space left on device")
             return handle
     return DiskFull()
+
+
+class InjectedStageFailure(RuntimeError):
+    pass
+
+
+def maybe_fail_stage(stage: str) -> None:
+    """INSTAGEN_FAULT_STAGE=<stage>: the driver fails once (per marker file in INSTAGEN_FAULT_DIR)
+    after that stage's work is done and before it is recorded as finished, the worst moment for a
+    crash: a rerun must resume the stage through its own outputs without redoing the ones before."""
+    if os.environ.get("INSTAGEN_FAULT_STAGE") != stage:
+        return
+    marker = os.path.join(os.environ.get("INSTAGEN_FAULT_DIR", "/tmp"), f"instagen-failed-stage-{stage}")
+    if os.path.exists(marker):
+        return
+    open(marker, "w").close()
+    raise InjectedStageFailure(f"injected failure after stage {stage} (INSTAGEN_FAULT_STAGE)")

@@ -34,7 +34,6 @@ import dataclasses
 import json
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -53,7 +52,6 @@ from engine.config import (
     RayConfig,
     SynthesisConfig,
     TrainRunConfig,
-    fingerprint,
     load_config,
     to_dict,
 )
@@ -63,7 +61,8 @@ from engine.evaluation.detector import evaluate_detector
 from engine.evaluation.metrics import evaluate_coco
 from engine.generation.pipeline import generate
 from engine.runtime.cluster import connect
-from engine.runtime.storage import write_atomic, write_file
+from engine.runtime.stages import Stages
+from engine.runtime.storage import write_file
 from engine.toyworld.world import WorldConfig, draw_world
 from engine.training.detection import train_detector
 from engine.training.finetune import finetune
@@ -123,68 +122,6 @@ class AblationConfig:
             raise ConfigError(f"grounding.transfer_epoch ({self.grounding.transfer_epoch}) must be below "
                               f"grounding.epochs ({self.grounding.epochs}): the self-trained head needs epochs "
                               f"after the transfer")
-
-
-class Stages:
-    """Runs each named stage once per set of inputs, recording results in `stages.json`. A stage's
-    key is its config, not its code: after a code change, `rerun` names the stages to run again
-    (the stages that read their outputs then rerun too). The other way round, `keep` names
-    finished stages to count as done under changed settings, when the change cannot touch them
-    (e.g. a new config key at a default that leaves them as they were)."""
-
-    def __init__(self, workdir: str, log: Callable[[str], None], rerun: Iterable[str] = (),
-                 keep: Iterable[str] = ()):
-        os.makedirs(workdir, exist_ok=True)
-        self.path = os.path.join(workdir, "stages.json")
-        self.log = log
-        self.record: dict[str, dict] = {}
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                self.record = json.load(f)
-        self.rerun, self.keep = set(rerun), set(keep)
-        finished = [n for n, r in self.record.items() if "result" in r]
-        for verb, unknown in (("rerun", sorted(self.rerun - set(self.record))),
-                              ("keep", sorted(self.keep - set(finished)))):
-            if unknown:
-                raise ConfigError(f"cannot {verb} {', '.join(unknown)}: {workdir} has no such finished stage "
-                                  f"(finished: {', '.join(finished) or 'none yet'})")
-        if self.rerun & self.keep:
-            raise ConfigError(f"{', '.join(sorted(self.rerun & self.keep))}: both rerun and kept; choose one")
-
-    def _save(self) -> None:
-        import fsspec
-        write_atomic(fsspec.filesystem("file"), self.path, json.dumps(self.record, indent=2).encode())
-
-    def run(self, name: str, inputs: Any, fn: Callable[[], dict], outputs: list[str], after: list[str]) -> dict:
-        """`inputs`: the stage's configs; `after`: the stages whose outputs it reads (their
-        fingerprints join its own); `outputs`: the paths it writes, cleared when the stage
-        restarts with other inputs."""
-        # A stage that was run again (`rerun`) counts as new input for the stages after it.
-        inputs = {"inputs": inputs, "after": [self.record[a]["key"] + "+" * self.record[a].get("reruns", 0)
-                                              for a in after]}
-        key = fingerprint(json.loads(json.dumps(inputs, default=str)))
-        seen = self.record.get(name, {})
-        reruns = seen.get("reruns", 0) + (name in self.rerun)
-        if name in self.keep and seen.get("key") != key:
-            seen["key"] = key
-            self._save()
-            self.log(f"{name}: kept under the new settings")
-        if seen.get("key") == key and "result" in seen and name not in self.rerun:
-            self.log(f"{name}: done earlier ({seen['seconds']:.0f} s), skipped")
-            return seen["result"]
-        if seen.get("key") not in (None, key) or name in self.rerun:  # stale or half-finished output
-            for p in outputs:
-                shutil.rmtree(p, ignore_errors=True)
-        self.rerun.discard(name)
-        self.record[name] = {"key": key, "reruns": reruns}
-        self._save()
-        self.log(f"{name}: running")
-        start = time.time()
-        result = fn()
-        self.record[name] = {"key": key, "reruns": reruns, "result": result, "seconds": round(time.time() - start, 1)}
-        self._save()
-        self.log(f"{name}: done in {time.time() - start:.0f} s")
-        return result
 
 
 class Loop:

@@ -1,0 +1,98 @@
+"""Named stages that run once per set of inputs: what the toy world (engine.toyworld.loop) and the
+recipe (engine.recipe) are made of.
+
+    stages = Stages(workdir, log)
+    out = stages.run("finetune", inputs={...}, fn=lambda: finetune(cfg), outputs=[folder], after=["real"])
+
+Each stage records a fingerprint of its inputs (its configs, and the fingerprints of the stages
+whose outputs it reads) in WORKDIR/stages.json. A rerun skips a stage that finished with the same
+inputs; a stage whose inputs changed starts over with its outputs cleared, and the stages after it
+with it (their fingerprints hold its own). A stage that was interrupted (recorded as started, not
+finished, same inputs) runs again with its outputs left in place, so it resumes through its own
+resume: trainer checkpoints, finished shards.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Any, Callable, Iterable, Optional
+
+import fsspec
+
+from engine.config import ConfigError, fingerprint
+from engine.runtime.faults import maybe_fail_stage
+from engine.runtime.storage import write_atomic
+
+
+class Stages:
+    """Runs each named stage once per set of inputs, recording results in `stages.json`. A stage's
+    key is its config, not its code: after a code change, `rerun` names the stages to run again
+    (the stages that read their outputs then rerun too). The other way round, `keep` names
+    finished stages to count as done under changed settings, when the change cannot touch them
+    (e.g. a new config key at a default that leaves them as they were). `only` names the one
+    stage to run: every stage before it must have finished with the same inputs."""
+
+    def __init__(self, workdir: str, log: Callable[[str], None], rerun: Iterable[str] = (),
+                 keep: Iterable[str] = (), only: Optional[str] = None):
+        os.makedirs(workdir, exist_ok=True)
+        self.path = os.path.join(workdir, "stages.json")
+        self.log = log
+        self.record: dict[str, dict] = {}
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                self.record = json.load(f)
+        self.rerun, self.keep, self.only = set(rerun), set(keep), only
+        finished = self.finished()
+        for verb, unknown in (("rerun", sorted(self.rerun - set(self.record))),
+                              ("keep", sorted(self.keep - set(finished)))):
+            if unknown:
+                raise ConfigError(f"cannot {verb} {', '.join(unknown)}: {workdir} has no such finished stage "
+                                  f"(finished: {', '.join(finished) or 'none yet'})")
+        if self.rerun & self.keep:
+            raise ConfigError(f"{', '.join(sorted(self.rerun & self.keep))}: both rerun and kept; choose one")
+
+    def finished(self) -> list[str]:
+        return [n for n, r in self.record.items() if "result" in r]
+
+    def _save(self) -> None:
+        write_atomic(fsspec.filesystem("file"), self.path, json.dumps(self.record, indent=2).encode())
+
+    def run(self, name: str, inputs: Any, fn: Callable[[], dict], outputs: list[str], after: list[str]) -> dict:
+        """`inputs`: the stage's configs; `after`: the stages whose outputs it reads (their
+        fingerprints join its own); `outputs`: the paths it writes, cleared when the stage
+        restarts with other inputs."""
+        # A stage that was run again (`rerun`) counts as new input for the stages after it.
+        inputs = {"inputs": inputs, "after": [self.record[a]["key"] + "+" * self.record[a].get("reruns", 0)
+                                              for a in after]}
+        key = fingerprint(json.loads(json.dumps(inputs, default=str)))
+        seen = self.record.get(name, {})
+        reruns = seen.get("reruns", 0) + (name in self.rerun)
+        if name in self.keep and seen.get("key") != key:
+            seen["key"] = key
+            self._save()
+            self.log(f"{name}: kept under the new settings")
+        done = seen.get("key") == key and "result" in seen and name not in self.rerun
+        if self.only is not None and name != self.only:
+            if not done:
+                raise ConfigError(f"--only {self.only}: stage {name}, which comes before it, has not finished "
+                                  f"with these settings; run without --only first (or --from {name})")
+            return seen["result"]
+        if done:
+            self.log(f"{name}: done earlier ({seen['seconds']:.0f} s), skipped")
+            return seen["result"]
+        if seen.get("key") not in (None, key) or name in self.rerun:  # stale or half-finished output
+            for p in outputs:
+                shutil.rmtree(p, ignore_errors=True)
+        self.rerun.discard(name)
+        self.record[name] = {"key": key, "reruns": reruns}
+        self._save()
+        self.log(f"{name}: running")
+        start = time.time()
+        result = fn()
+        maybe_fail_stage(name)  # the reliability tests' crash between a stage's work and its record
+        self.record[name] = {"key": key, "reruns": reruns, "result": result, "seconds": round(time.time() - start, 1)}
+        self._save()
+        self.log(f"{name}: done in {time.time() - start:.0f} s")
+        return result

@@ -1,0 +1,220 @@
+"""`instagen recipe`: every config's --dry-run against fixtures of the real file formats, the
+errors a user can cause (one line, exit 2, nothing written), and the recipe end to end at CI size
+on an LVIS-shaped dataset, interrupted in a middle stage and finished by a rerun that redoes
+none of the finished stages."""
+import json
+import os
+
+import pytest
+import yaml
+
+from engine.cli import main
+from engine.config import load_config
+from engine.recipe import STAGES, Recipe
+from engine.runtime.faults import InjectedStageFailure
+from tests.fixtures_coco import make_coco_dataset
+from tests.fixtures_lvis import make_lvis_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COCO_80 = [
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant",
+    "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard",
+    "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli",
+    "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "dining table", "toilet",
+    "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
+    "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush"]
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory):
+    """COCO 2017's 80 categories on two small images (one object each)."""
+    return make_coco_dataset(tmp_path_factory.mktemp("coco"), n_images=2, categories=COCO_80, size=324)
+
+
+@pytest.fixture(scope="module")
+def lvis_1203(tmp_path_factory):
+    """LVIS v1's shape: 1,203 categories, 337 rare, with the image counts LVIS declares."""
+    return make_lvis_dataset(tmp_path_factory.mktemp("lvis1203"), n_categories=1203, train_images=6,
+                             val_images=6, declared_counts=True)
+
+
+def dry_run(capsys, config: str, overrides: list[str]) -> str:
+    assert main(["recipe", "--config", os.path.join(ROOT, "configs", config), "--dry-run", *overrides]) == 0, \
+        capsys.readouterr().err
+    return capsys.readouterr().out
+
+
+def coco_paths(coco, work) -> list[str]:
+    ann, root = coco
+    return [f"recipe.workdir={work}", "model.source=tiny", f"recipe.real.annotations={ann}",
+            f"recipe.real.image_root={root}", f"detector.eval_annotations={ann}", f"detector.eval_image_root={root}"]
+
+
+def test_coco_ovd_dry_run(coco, tmp_path, capsys):
+    out = dry_run(capsys, "coco_ovd.yaml", coco_paths(coco, tmp_path / "work"))
+    assert "48 base and 17 novel categories" in out
+    lines = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert list(lines)[:len(STAGES)] == list(STAGES)
+    # 1,000 images per category: 48,000 base, 17,000 novel, then all 65,000 again, labelled.
+    assert "48000 images of 48 categories (base 48000); 14.8 GPU-hours" in lines["base"]
+    assert "17000 images of 17 categories (novel 17000)" in lines["novel_raw"]
+    assert "65000 images of 65 categories (base 48000, novel 17000); 20.1 GPU-hours" in lines["final"]
+    assert "generation: 40.1 GPU-hours at 1.0 images/s" in out
+    assert not (tmp_path / "work").exists()  # a dry run writes nothing
+
+
+def test_coco_sparse_dry_run(coco, tmp_path, capsys):
+    ann, _ = coco
+    out = dry_run(capsys, "coco_sparse.yaml", coco_paths(coco, tmp_path / "work") + [f"prompts.categories_from={ann}"])
+    assert "80 base and 0 novel categories" in out
+    assert "head_st    skipped: no novel categories" in out
+    assert "80000 images of 80 categories (base 80000)" in out
+    assert not (tmp_path / "work").exists()
+
+
+def test_lvis_ovd_dry_run(lvis_1203, tmp_path, capsys):
+    train, val, root = lvis_1203
+    out = dry_run(capsys, "lvis_ovd.yaml", [
+        f"recipe.workdir={tmp_path / 'work'}", "model.source=tiny", f"prompts.categories_from={train}",
+        f"recipe.real.annotations={train}", f"recipe.real.image_root={root}", f"detector.eval_annotations={val}",
+        f"detector.eval_image_root={root}"])
+    assert "866 base and 337 novel categories" in out  # LVIS v1: 405 frequent + 461 common, 337 rare
+    final = next(line for line in out.splitlines() if line.split()[0] == "final")
+    assert "1000000 images of 1203 categories (base/c " in final and "novel/r " in final
+    assert "308.6 GPU-hours" in final  # 1M / (1 image/s x 0.9) / 3600
+    assert not (tmp_path / "work").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# The recipe at CI size
+
+
+def ci_config(tmp_path, train: str, val: str, root: str) -> dict:
+    """Tiny models, 6 to 15 images per generation stage (12 categories: 4 frequent, 5 common and 3
+    rare, two images each), every trainer a couple of steps."""
+    run = {"num_workers": 1, "cpus_per_worker": 1, "zero_stage": 0, "checkpoint_every": 100}
+    return {
+        "name": "ci",
+        "model": {"source": "tiny"},
+        "prompts": {"categories_from": train, "split": "lvis_frequency", "budget": "per_group",
+                    "budget_per_group": {"r": 2, "c": 1, "f": 1}, "template_single": "a photograph of {c1}, {d1}"},
+        "synthesis": {"height": 32, "width": 32, "steps": 3, "batch_size": 4},
+        "annotation": {"alpha": 0.1, "beta": 0.0, "batch_size": 4},
+        "output": {"shard_size": 4},
+        "finetune": {"crop_size": 32, "max_steps": 2, "warmup_steps": 1, "batch_size": 2, "ema": False,
+                     "grad_checkpointing": False, "run": run},
+        "grounding": {"epochs": 2, "transfer_epoch": 1, "batch_size": 4, "negatives": 2,
+                      "head": {"d_model": 32, "enhancer_layers": 1, "decoder_layers": 2, "num_queries": 16,
+                               "n_levels": 2, "n_heads": 4, "n_points": 2, "ffn_dim": 64},
+                      "run": run},
+        "detector": {"image_size": 64, "max_steps": 2, "batch_size": 2, "mix_ratio": 0.5,
+                     "eval_annotations": val, "eval_image_root": root, "eval_format": "lvis", "run": run},
+        "ray": {"num_cpus": 2},
+        "recipe": {"workdir": str(tmp_path / "work"),
+                   "real": {"annotations": train, "image_root": root, "format": "lvis", "fraction": 0.75, "seed": 3},
+                   "have": {"teacher": "tiny"}},
+    }
+
+
+@pytest.fixture(scope="module")
+def lvis_small(tmp_path_factory):
+    return make_lvis_dataset(tmp_path_factory.mktemp("lvis"), n_categories=12, train_images=12, val_images=12)
+
+
+def write_config(tmp_path, data: dict) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("prompts.categories_from={bad}", "is not valid JSON|not .*JSON|categories"),
+    ("prompts.split=by_magic", "prompts.split must be one of"),
+    ("recipe.real.image_root={missing}", "recipe.real.image_root .* does not exist"),
+])
+def test_bad_inputs_are_one_line_and_write_nothing(lvis_small, tmp_path, capsys, override, message):
+    import re
+    bad = tmp_path / "bad.json"
+    bad.write_text("{this is not json")
+    config = write_config(tmp_path, ci_config(tmp_path, *lvis_small))
+    override = override.format(bad=bad, missing=tmp_path / "no_such_folder")
+    assert main(["recipe", "--config", config, override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and re.search(message, err), err
+    assert not (tmp_path / "work").exists()
+
+
+def test_unknown_stage_is_refused(lvis_small, tmp_path, capsys):
+    config = write_config(tmp_path, ci_config(tmp_path, *lvis_small))
+    assert main(["recipe", "--config", config, "--only", "teacher"]) == 2  # have.teacher skips it
+    assert "recipe.have.teacher" in capsys.readouterr().err
+    assert main(["recipe", "--config", config, "--from", "nothing"]) == 2
+    assert "no such stage" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
+
+
+def test_recipe_end_to_end_resumes_after_a_failed_stage(lvis_small, local_ray, tmp_path, monkeypatch):
+    train, val, root = lvis_small
+    cfg = load_config(write_config(tmp_path, ci_config(tmp_path, train, val, root)))
+    ws = cfg.recipe.workdir
+    # The driver dies after novel_raw wrote all its shards, before the stage was recorded.
+    monkeypatch.setenv("INSTAGEN_FAULT_STAGE", "novel_raw")
+    monkeypatch.setenv("INSTAGEN_FAULT_DIR", str(tmp_path))
+    with pytest.raises(InjectedStageFailure):
+        Recipe(cfg, log=lambda m: None).run()
+    stages = json.load(open(os.path.join(ws, "stages.json")))
+    assert [n for n, r in stages.items() if "result" in r] == ["real", "finetune", "base"]
+    assert "result" not in stages["novel_raw"]
+
+    messages = []
+    results = Recipe(cfg, log=messages.append).run()
+    status = dict(m.split(": ", 1) for m in messages if m.endswith("running") or "skipped" in m)
+    assert [n for n, s in status.items() if "skipped" in s] == ["real", "finetune", "base"]
+    assert [n for n, s in status.items() if s == "running"] == [
+        "novel_raw", "head_sup", "head_st", "final", "detector", "evaluate"]
+    record = json.load(open(os.path.join(ws, "stages.json")))
+    # The interrupted stage resumed through its own shards: all of them were already written.
+    assert record["novel_raw"]["result"]["shards_written"] == 0 and record["novel_raw"]["result"]["images"] == 6
+
+    # The real subset is seeded and recorded; only base (frequent + common) boxes are kept.
+    real = json.load(open(os.path.join(ws, "real", "instances.json")))
+    assert len(real["images"]) == 9 and real["instagen_subset"]["seed"] == 3
+    base_ids = {c["id"] for c in real["categories"] if c["frequency"] in "fc"}
+    assert real["annotations"] and all(a["category_id"] in base_ids for a in real["annotations"])
+    # The final set: every category, base boxes by the teacher, novel by the head.
+    from engine.data.shards import iter_samples, shard_urls
+    final = [s["json"] for s in iter_samples(shard_urls(os.path.join(ws, "synthetic", "final")))]
+    assert len(final) == 15 and {lab for r in final for lab in r["labellers"]} <= {"detector", "grounding_head"}
+    novel_raw = [s["json"] for s in iter_samples(shard_urls(os.path.join(ws, "synthetic", "novel_raw")))]
+    assert novel_raw and all(r["boxes"] == [] for r in novel_raw)
+    # results.json: LVIS metrics of the detector on the val split.
+    saved = json.load(open(os.path.join(ws, "results.json")))
+    assert saved["results"]["detector"]["format"] == "lvis"
+    assert set(saved["results"]["detector"]) >= {"AP", "AP50", "APr", "APc", "APf"}
+    assert saved == json.loads(json.dumps(results))
+    assert os.path.exists(os.path.join(ws, "eval", "detector", "report.md"))
+
+    # --from evaluate: that stage runs again, nothing before it.
+    messages.clear()
+    Recipe(cfg, log=messages.append).run(rerun_from="evaluate")
+    assert [m.split(":")[0] for m in messages if m.endswith("running")] == ["evaluate"]
+
+
+def test_only_runs_one_stage_after_finished_ones(tmp_path):
+    from engine.config import ConfigError
+    from engine.runtime.stages import Stages
+    calls = []
+
+    def stage(s, name, n, after):
+        return s.run(name, {"n": n}, lambda: calls.append(name) or {"n": n}, [], after)
+    s = Stages(str(tmp_path), print)
+    stage(s, "a", 1, []), stage(s, "b", 1, ["a"])
+    calls.clear()
+    s = Stages(str(tmp_path), print, only="b", rerun=["b"])
+    assert stage(s, "a", 1, []) == {"n": 1} and stage(s, "b", 1, ["a"]) == {"n": 1} and calls == ["b"]
+    # A stage before the one asked for that has not finished with these settings is an error, not a run.
+    with pytest.raises(ConfigError, match="--only b: stage a, which comes before it, has not finished"):
+        stage(Stages(str(tmp_path), print, only="b"), "a", 2, [])
+    assert calls == ["b"]
