@@ -15,8 +15,10 @@ from engine.config.sections import (
                                     GroundingTrainConfig,
                                     GroundingTrainError,
                                     LossConfig,
+                                    MaskConfig,
                                     ModelConfig,
                                     OutputConfig,
+                                    PoolConfig,
                                     PromptConfig,
                                     RayConfig,
                                     SynthesisConfig,
@@ -28,6 +30,6 @@ from engine.errors import ConfigError
 
 __all__ = ["AnnotationConfig", "AugmentConfig", "BUDGET_RULES", "Config", "ConfigError", "DETECTOR_ATTENTION",
            "DetectorConfig", "FREQUENCY_GROUPS", "FinetuneConfig", "GroundingConfig", "GroundingConfigError",
-           "GroundingTrainConfig", "GroundingTrainError", "LossConfig", "ModelConfig", "OutputConfig", "PromptConfig",
+           "GroundingTrainConfig", "GroundingTrainError", "LossConfig", "MaskConfig", "ModelConfig", "OutputConfig", "PoolConfig", "PromptConfig",
            "RayConfig", "SPLIT_RULES", "SynthesisConfig", "TinyDetectorConfig", "TinyModelConfig", "TrainRunConfig",
            "fingerprint", "from_dict", "load_config", "to_dict", "unshared"]

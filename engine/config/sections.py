@@ -131,6 +131,56 @@ class AnnotationConfig:
     gpus_per_actor: float = 0.5
 
 
+MASK_PROMPTS = ("box", "background")
+
+
+@dataclass
+class MaskConfig:
+    """The optional `mask` stage of generation (engine.generation.masks): a promptable segmenter
+    cuts out each labelled box, and the sample's JSON record gets one RLE mask per box."""
+    enabled: bool = False
+    model: str = "tiny"  # "tiny" (a random SAM: noise, for tests and the demo) or a local SamModel folder
+    # box: each box is the segmenter's prompt. background: DiverGen's SAM-bg for an image with one
+    # box (an object drawn on a plain background): the four corners prompt the background, whose
+    # complement is the object; images with more boxes fall back to box prompts.
+    prompt: str = "box"
+    min_iou: float = 0.0  # masks whose predicted IoU is below this are rejected (counted, box kept)
+    # Mask area / box area: a mask filling too little of its box missed the object; one spilling
+    # far outside it (background prompt) took the background.
+    min_fill: float = 0.0
+    max_fill: float = 10.0
+    num_actors: int = 0  # 0 = one on CPU, as many as the annotation actors on GPU
+    gpus_per_actor: float = 0.5
+    seed: int = 0  # the tiny segmenter's random weights
+
+    def validate(self) -> None:
+        _require(self.prompt in MASK_PROMPTS,
+                 f"masks.prompt must be one of {', '.join(MASK_PROMPTS)}, got {self.prompt!r}")
+        _require(0.0 <= self.min_iou <= 1.0, f"masks.min_iou must lie in [0, 1], got {self.min_iou}")
+        _require(0.0 <= self.min_fill <= self.max_fill,
+                 f"masks.min_fill ({self.min_fill}) must be >= 0 and <= masks.max_fill ({self.max_fill})")
+        _require(self.num_actors >= 0 and self.gpus_per_actor > 0,
+                 "masks.num_actors must be >= 0 and masks.gpus_per_actor > 0")
+        _require(self.model == "tiny" or "://" not in self.model,
+                 f"masks.model {self.model!r} must be 'tiny' or a local folder saved with SamModel.save_pretrained "
+                 f"and SamProcessor.save_pretrained")
+
+
+@dataclass
+class PoolConfig:
+    """`instagen pool`: cut-outs of the masked objects of a generation output, filtered."""
+    min_iou: float = 0.0  # predicted IoU of the instance's mask
+    min_fill: float = 0.1  # mask area / box area
+    min_area: int = 64  # mask pixels; smaller instances are too small to paste
+    min_score: float = 0.0  # the labeller's score of the box
+    categories: list[str] = field(default_factory=list)  # empty = every category
+
+    def validate(self) -> None:
+        _require(0.0 <= self.min_iou <= 1.0 and self.min_fill >= 0 and self.min_area >= 1 and self.min_score >= 0,
+                 "pool.min_iou must lie in [0, 1], pool.min_fill and pool.min_score >= 0, pool.min_area >= 1")
+        check_names("pool", {"categories": self.categories})
+
+
 @dataclass
 class OutputConfig:
     path: str = "outputs/tiny"
@@ -455,12 +505,14 @@ class Config:
     prompts: PromptConfig = field(default_factory=PromptConfig)
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     annotation: AnnotationConfig = field(default_factory=AnnotationConfig)
+    masks: MaskConfig = field(default_factory=MaskConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     # Each job validates its own trainer section; Config.validate checks what every job shares.
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     grounding: GroundingTrainConfig = field(default_factory=GroundingTrainConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)  # `instagen pool` (validated by that job)
 
     def validate(self) -> None:
         _validate(self)
@@ -502,6 +554,7 @@ def _validate(cfg: Config) -> None:
     check_template("prompts.template", p.template, ("c1", "c2", "d1", "d2"))
     check_template("prompts.template_single", p.template_single, ("c1", "d1"))
     check_output_path("output.path", o.path)
+    cfg.masks.validate()
 
 
 SCHEDULERS = ("ddim", "pndm", "euler", "dpm")
