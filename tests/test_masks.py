@@ -2,18 +2,20 @@
 local Ray (shards read back by webdataset, the manifest's counts, COCO segmentation in the export)."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from engine.config import ConfigError, MaskConfig, load_config
+from engine.config import ConfigError, MaskConfig, PoolConfig, load_config
 from engine.data import masks as rle
-from engine.data.shards import ShardStore, iter_samples, shard_urls
+from engine.data.shards import ShardError, ShardStore, iter_samples, samples_in_tar, shard_urls
 from engine.generation.export import export
 from engine.generation.masks import Masker, judge
 from engine.generation.pipeline import generate
+from engine.generation.pool import PoolError, build_pool
 from engine.models.segmenter import SegmenterError, build_segmenter, tiny_sam
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -195,3 +197,86 @@ def test_masks_change_the_run_fingerprint(masked):
     default = load_config(os.path.join(ROOT, "configs/tiny.yaml"), SMALL[:-1] + ["masks.min_iou=0.5"])
     # masks off: its settings do not touch the samples, so outputs without masks keep their fingerprint
     assert run_fingerprint(default, off_plan) == run_fingerprint(off, off_plan)
+
+
+# -- the instance pool -----------------------------------------------------------------------------
+
+POOL = PoolConfig(min_fill=0.0, min_area=4)
+
+
+def test_pool_build_read_back_and_resume(masked, tmp_path):
+    cfg, _, out = masked
+    dest = str(tmp_path / "pool")
+    summary = build_pool(out, dest, POOL)
+    records = {s["__key__"]: s["json"] for s in iter_samples(shard_urls(out))}
+    expected = {}
+    for key, meta in records.items():
+        for j, mask in enumerate(meta["masks"]):
+            if mask is not None and rle.decode(mask, meta["height"], meta["width"]).sum() >= POOL.min_area:
+                expected[f"{key}-{j:03d}"] = (meta, j)
+    assert expected and summary.instances == len(expected) and summary.shards_written == summary.shards
+    assert summary.rejected["no_mask"] == sum(m is None for meta in records.values() for m in meta["masks"])
+    pooled = list(iter_samples(shard_urls(dest)))  # webdataset reads the pool's shards
+    assert {s["__key__"] for s in pooled} == set(expected)
+    for sample in pooled:
+        meta, j = expected[sample["__key__"]]
+        inst = sample["json"]
+        full = rle.decode(meta["masks"][j], meta["height"], meta["width"])
+        x0, y0, x1, y1 = inst["source"]["mask_bbox"]
+        assert [x0, y0, x1, y1] == rle.bbox(full) and inst["category"] == meta["labels"][j]
+        alpha = np.asarray(sample["png"])[..., 3]
+        assert ((alpha == 255) == full[y0:y1, x0:x1]).all() and ((alpha == 0) | (alpha == 255)).all()
+        assert (rle.decode(inst["mask"], y1 - y0, x1 - x0) == full[y0:y1, x0:x1]).all()
+    manifest = json.loads((tmp_path / "pool" / "pool.json").read_text())
+    assert sum(manifest["per_category"].values()) == len(expected)
+    # Resume: a lost shard is redone, the same bytes; the others are left alone.
+    store = ShardStore(dest)
+    entries = store.finished()
+    first = min(entries)
+    os.remove(tmp_path / "pool" / "manifest" / f"shard-{first:06d}.json")
+    again = build_pool(out, dest, POOL)
+    assert again.shards_written == 1 and again.instances == summary.instances
+    assert store.finished()[first]["sha256"] == entries[first]["sha256"]
+    with pytest.raises(ShardError, match="different run") as e:
+        build_pool(out, dest, PoolConfig(min_fill=0.0, min_area=5))
+    assert "\n" not in str(e.value)
+
+
+def test_pool_of_an_output_without_masks_or_of_unknown_categories_is_one_line(masked, tmp_path):
+    cfg, _, out = masked
+    copy = tmp_path / "nomasks"
+    shutil.copytree(out, copy)
+    for path in (copy / "manifest").glob("shard-*.json"):
+        entry = json.loads(path.read_text())
+        entry.pop("masks")
+        path.write_text(json.dumps(entry))
+    with pytest.raises(PoolError, match="holds no masks.*masks.enabled=true"):
+        build_pool(str(copy), str(tmp_path / "p1"), POOL)
+    with pytest.raises(PoolError, match="'zebra', which .* never generated"):
+        build_pool(out, str(tmp_path / "p2"), PoolConfig(categories=["zebra"]))
+    assert not (tmp_path / "p1").exists() and not (tmp_path / "p2").exists()
+
+
+def test_a_corrupt_mask_in_the_source_stops_the_pool_with_one_line(masked, tmp_path):
+    cfg, _, out = masked
+    copy = tmp_path / "corrupt"
+    shutil.copytree(out, copy)
+    store = ShardStore(str(copy))
+    entries = store.finished()
+    index = min(entries)
+    samples, bad = [], None
+    for sample in samples_in_tar(store.read_shard(entries[index])):
+        sample = {k: bytes(v) if k != "__key__" else v for k, v in sample.items()}
+        meta = json.loads(sample["json"])
+        if bad is None and any(m is not None for m in meta["masks"]):
+            j = next(j for j, m in enumerate(meta["masks"]) if m is not None)
+            meta["masks"][j]["counts"] = meta["masks"][j]["counts"][:-1] or "0"  # cut short
+            bad = f"{sample['__key__']} box {j}"
+            sample["json"] = json.dumps(meta).encode()
+        samples.append({"__key__": sample["__key__"], "jpg": sample["jpg"], "latent.npy": sample["latent.npy"],
+                        "json": sample["json"]})
+    assert bad is not None, "the fixture's first shard has no mask to corrupt"
+    store.write_shard(index, samples, entries[index]["dropped"])  # a whole shard, with a corrupt mask in it
+    with pytest.raises(rle.MaskError) as e:
+        build_pool(str(copy), str(tmp_path / "pool"), POOL)
+    assert "\n" not in str(e.value) and bad in str(e.value) and "corrupt RLE" in str(e.value)

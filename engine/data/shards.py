@@ -281,6 +281,8 @@ def decode_sample(sample: dict) -> dict:
             continue
         if name == "jpg":
             out["jpg"] = Image.open(io.BytesIO(payload)).convert("RGB")
+        elif name == "png":  # an instance pool's RGBA cut-out (engine.generation.pool)
+            out["png"] = Image.open(io.BytesIO(payload)).convert("RGBA")
         elif name in ("latent.npy",):
             out["latent"] = np.load(io.BytesIO(payload), allow_pickle=False)
         elif name == "features.npz":
@@ -290,7 +292,7 @@ def decode_sample(sample: dict) -> dict:
             out["json"] = json.loads(payload)
         else:
             raise ShardError(f"shard member {key}.{name} has an unexpected type; "
-                             f"only {', '.join(MEMBER_SUFFIXES)} are read")
+                             f"only {', '.join(MEMBER_SUFFIXES)} and png are read")
     return out
 
 
