@@ -3,13 +3,14 @@ local Ray (shards read back by webdataset, the manifest's counts, COCO segmentat
 import json
 import os
 import shutil
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from engine.config import ConfigError, MaskConfig, PoolConfig, load_config
+from engine.config import ConfigError, CopyPasteConfig, MaskConfig, PoolConfig, load_config
 from engine.data import masks as rle
 from engine.data.shards import ShardError, ShardStore, iter_samples, samples_in_tar, shard_urls
 from engine.generation.export import export
@@ -17,6 +18,8 @@ from engine.generation.masks import Masker, judge
 from engine.generation.pipeline import generate
 from engine.generation.pool import PoolError, build_pool
 from engine.models.segmenter import SegmenterError, build_segmenter, tiny_sam
+from engine.training.copy_paste import CopyPaste, CopyPasteError, Instance, PoolIndex, load_pool_index, paste
+from engine.training.detection import REAL, Augmenter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 4 base categories x 2 images in shards of 4; up to two boxes per category, so there are boxes.
@@ -280,3 +283,137 @@ def test_a_corrupt_mask_in_the_source_stops_the_pool_with_one_line(masked, tmp_p
     with pytest.raises(rle.MaskError) as e:
         build_pool(str(copy), str(tmp_path / "pool"), POOL)
     assert "\n" not in str(e.value) and bad in str(e.value) and "corrupt RLE" in str(e.value)
+
+
+# -- copy-paste --------------------------------------------------------------------------------------
+
+def solid(colour, mask, key) -> Instance:
+    rgb = np.zeros((*mask.shape, 3), np.uint8)
+    rgb[:] = colour  # one colour inside and outside the mask: where it shows after pasting is its mask
+    return Instance(rgb, mask, "cat", key)
+
+
+def where(image, colour) -> np.ndarray:
+    return (image == np.array(colour, np.uint8)).all(-1)
+
+
+REAL_COLOURS = [(10, 200, 10), (10, 10, 200)]
+PASTE_COLOURS = [(250, 0, 0), (0, 250, 250), (250, 250, 0), (250, 0, 250)]
+
+
+def test_pasted_boxes_are_the_visible_masks_and_occluded_real_boxes_shrink_or_drop():
+    cfg = CopyPasteConfig(pool="p", per_image=4, min_size=0.1, max_size=0.9, min_visible=0.3)
+    yy, xx = np.mgrid[-10:10, -10:10]
+    disc = np.hypot(yy, xx) < 9.5  # round masks: their boxes are not their crops
+    ring = disc & ~(np.hypot(yy, xx) < 4)
+    real = [[4.0, 4.0, 18.0, 14.0], [12.0, 10.0, 60.0, 60.0]]  # the second lies over the first
+    dropped = shrunk = untouched = pasted_dropped = 0
+    for seed in range(60):
+        image = np.zeros((64, 64, 3), np.uint8)
+        for (x0, y0, x1, y1), colour in zip(real, REAL_COLOURS):
+            image[int(y0):int(y1), int(x0):int(x1)] = colour
+        picks = [solid(c, ring if k % 2 else disc, f"i{k}") for k, c in enumerate(PASTE_COLOURS)]
+        out, boxes, labels, pasted = paste(image, real, ["dog", "car"], picks, np.random.default_rng(seed), cfg)
+        under_pastes = np.any([where(out, c) for c in PASTE_COLOURS], axis=0)
+        k = 0
+        for j, label in enumerate(["dog", "car"]):
+            full = np.zeros((64, 64), bool)  # a real object without a mask is its box
+            x0, y0, x1, y1 = (int(v) for v in real[j])
+            full[y0:y1, x0:x1] = True
+            left = full & ~under_pastes
+            if left.sum() < cfg.min_visible * full.sum():
+                dropped += 1
+                continue
+            assert labels[k] == label
+            if left.sum() == full.sum():
+                untouched += 1
+                assert boxes[k] == real[j]  # untouched: its box exactly as it was
+            else:
+                assert boxes[k] == rle.bbox(left)  # shrunk to what stays visible
+                shrunk += boxes[k] != real[j]
+            k += 1
+        for p in pasted:
+            visible = where(out, PASTE_COLOURS[int(p["key"][1:])])
+            if p["box"] is None:  # hidden by later pastes
+                assert visible.sum() < cfg.min_visible * p["area"]
+                pasted_dropped += 1
+                continue
+            assert p["box"] == rle.bbox(visible)  # the pasted box is its visible mask's bounding box
+            assert boxes[k] == p["box"] and labels[k] == "cat"
+            k += 1
+        assert k == len(boxes) == len(labels)
+    assert dropped and shrunk and untouched and pasted_dropped, (dropped, shrunk, untouched, pasted_dropped)
+    same = paste(image, real, ["dog", "car"], picks, np.random.default_rng(59), cfg)
+    assert (same[0] == out).all() and same[1:] == (boxes, labels, pasted)  # seeded: the same pastes
+
+
+def test_real_masks_as_polygons_or_rle_and_empty_instances():
+    cfg = CopyPasteConfig(pool="p", per_image=1, min_size=1.0, max_size=1.0, min_visible=0.5)
+    image = np.zeros((32, 32, 3), np.uint8)
+    left_half = [[0, 0, 16, 0, 16, 32, 0, 32]]  # polygon: the left half
+    top_half = rle.encode(np.arange(32)[:, None].repeat(32, 1) < 16)
+    top_uncompressed = {"size": [32, 32], "counts": [0] + [16, 16] * 32}  # column-major: top 16 of each column
+    cover = np.zeros((32, 32), bool)
+    cover[:, 16:] = True  # an instance over the right half, pasted at full size
+    inst = solid((250, 0, 0), cover, "i0")
+    for masks in ([left_half, top_half], [left_half, top_uncompressed]):
+        out, boxes, labels, pasted = paste(image, [[0, 0, 32, 32], [0, 0, 32, 32]], ["dog", "car"], [inst],
+                                           np.random.default_rng(0), cfg, masks)
+        # the left half is untouched; the top half loses its right part (half its area: kept, shrunk)
+        assert labels == ["dog", "car", "cat"]
+        assert boxes[0] == [0, 0, 32, 32] and boxes[1] == [0.0, 0.0, 16.0, 16.0] and boxes[2] == [16.0, 0.0, 32.0, 32.0]
+    tiny = np.zeros((40, 40), bool)
+    tiny[0, 0] = True  # one pixel: scaled down it is empty, and must not become a box
+    counter = CopyPaste(cfg, PoolIndex({"cat": [("u", "i0")]}, {"cat": 1.0}))
+    small = CopyPasteConfig(pool="p", per_image=1, min_size=0.1, max_size=0.1)
+    out, boxes, labels, pasted = paste(image, [[0, 0, 8, 8]], ["dog"], [solid((250, 0, 0), tiny, "i0")],
+                                       np.random.default_rng(0), small, None, counter)
+    assert boxes == [[0, 0, 8, 8]] and labels == ["dog"] and pasted == [] and counter.skipped_empty == 1
+    with pytest.raises(rle.MaskError, match="real box 0"):
+        paste(image, [[0, 0, 8, 8]], ["dog"], [inst], np.random.default_rng(0), cfg, [{"size": [32, 32], "counts": "0"}])
+
+
+def test_copy_paste_from_a_pool_and_its_one_line_errors(masked, tmp_path):
+    cfg, _, out = masked
+    dest = str(tmp_path / "pool")
+    build_pool(out, dest, POOL)
+    categories = cfg.prompts.base
+    counts = json.loads((tmp_path / "pool" / "pool.json").read_text())["per_category"]
+    present = [c for c in categories if counts.get(c)]
+    absent = [c for c in categories if not counts.get(c)]
+    index = load_pool_index(CopyPasteConfig(pool=dest, rare=present[:1], rare_boost=3.0), categories)
+    assert set(index.instances) == set(present) and index.weights[present[0]] == 3.0
+    paster = CopyPaste(CopyPasteConfig(pool=dest, per_image=3, seed=1), index)
+    again = CopyPaste(CopyPasteConfig(pool=dest, per_image=3, seed=1), index)
+    image = np.zeros((64, 64, 3), np.uint8)
+    a = paster(image, [[0, 0, 20, 20]], ["dog"], "img-1")
+    b = again(image, [[0, 0, 20, 20]], ["dog"], "img-1")
+    assert (a[0] == b[0]).all() and a[1:] == b[1:]  # seeded by (seed, image, pass)
+    assert len(a[3]) + paster.skipped_empty == 3 and all(p["category"] in present for p in a[3])
+    c = paster(image, [[0, 0, 20, 20]], ["dog"], "img-1")  # the next pass (epoch) draws afresh
+    assert c[3] != a[3] or (c[0] != a[0]).any() or len(present) == 1
+    if absent:
+        with pytest.raises(CopyPasteError) as e:
+            load_pool_index(CopyPasteConfig(pool=dest, categories=[absent[0]]), categories)
+        assert f"no instance of category {absent[0]!r}" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(CopyPasteError, match="not one of the detector's categories"):
+        load_pool_index(CopyPasteConfig(pool=dest, categories=["zebra"]), categories)
+    with pytest.raises(CopyPasteError, match="no instance pool"):
+        load_pool_index(CopyPasteConfig(pool=out), categories)  # a generate output, not a pool
+
+
+def test_augmenter_pastes_onto_real_rows_only(masked, tmp_path):
+    cfg, _, out = masked
+    dest = str(tmp_path / "pool")
+    build_pool(out, dest, POOL)
+    index = load_pool_index(CopyPasteConfig(pool=dest), cfg.prompts.base)
+    path = tmp_path / "real.png"
+    Image.new("RGB", (64, 64), (0, 0, 0)).save(path)
+    batch = {"source": np.array([REAL]), "file": np.array([str(path)]), "image": np.array([b""], dtype=object),
+             "boxes": np.array([json.dumps([[2, 2, 20, 20]])]), "labels": np.array([json.dumps(["dog"])])}
+    no_jitter = {"flip_prob": 0.0, "min_scale": 1.0, "max_scale": 1.0}
+    plain = Augmenter(cfg.prompts.base, 64, no_jitter, True)(batch)
+    pasted = Augmenter(cfg.prompts.base, 64, no_jitter, True,
+                       (asdict(CopyPasteConfig(pool=dest, per_image=2, min_visible=0.0)), index))(batch)
+    assert len(json.loads(plain["target"][0])["labels"]) == 1
+    assert len(json.loads(pasted["target"][0])["labels"]) > 1 and (pasted["pixels"] != plain["pixels"]).any()

@@ -8,6 +8,7 @@ from engine.config.sections import (
                                     AnnotationConfig,
                                     AugmentConfig,
                                     Config,
+                                    CopyPasteConfig,
                                     DetectorConfig,
                                     FinetuneConfig,
                                     GroundingConfig,
@@ -28,7 +29,7 @@ from engine.config.sections import (
 )
 from engine.errors import ConfigError
 
-__all__ = ["AnnotationConfig", "AugmentConfig", "BUDGET_RULES", "Config", "ConfigError", "DETECTOR_ATTENTION",
+__all__ = ["AnnotationConfig", "AugmentConfig", "BUDGET_RULES", "Config", "CopyPasteConfig", "ConfigError", "DETECTOR_ATTENTION",
            "DetectorConfig", "FREQUENCY_GROUPS", "FinetuneConfig", "GroundingConfig", "GroundingConfigError",
            "GroundingTrainConfig", "GroundingTrainError", "LossConfig", "MaskConfig", "ModelConfig", "OutputConfig", "PoolConfig", "PromptConfig",
            "RayConfig", "SPLIT_RULES", "SynthesisConfig", "TinyDetectorConfig", "TinyModelConfig", "TrainRunConfig",

@@ -307,6 +307,35 @@ class AugmentConfig:
 
 
 @dataclass
+class CopyPasteConfig:
+    """X-Paste's copy-paste (engine.training.copy_paste): instances of an instance pool
+    (`instagen pool`) pasted onto each real training image before augmentation."""
+    pool: str = ""  # the pool's path; "" = off
+    per_image: int = 3  # instances pasted onto each real image
+    # Which categories are pasted: each equally likely whatever its instance count (category-
+    # balanced), those in `rare` `rare_boost` times as likely. Empty = every pool category.
+    categories: list[str] = field(default_factory=list)
+    rare: list[str] = field(default_factory=list)
+    rare_boost: float = 2.0
+    # The pasted instance's longer side as a fraction of the image's shorter side.
+    min_size: float = 0.15
+    max_size: float = 0.5
+    # A real (or earlier pasted) object of which less than this fraction stays visible is
+    # dropped; one more visible gets the box of what is left of it.
+    min_visible: float = 0.3
+    seed: int = 0
+
+    def validate(self) -> None:
+        where = "detector.copy_paste"
+        _require(self.per_image >= 1, f"{where}.per_image must be >= 1, got {self.per_image}")
+        _require(0 < self.min_size <= self.max_size <= 1,
+                 f"{where}.min_size and max_size must satisfy 0 < min_size <= max_size <= 1")
+        _require(0 <= self.min_visible <= 1 and self.rare_boost > 0,
+                 f"{where}.min_visible must lie in [0, 1] and {where}.rare_boost be > 0")
+        check_names(where, {"categories": self.categories, "rare": self.rare})
+
+
+@dataclass
 class DetectorConfig:
     kind: str = "deformable_detr"  # a name in engine.models.detectors.DETECTORS
     model: str = "tiny"  # "tiny" (random weights from `tiny`) or a local save_pretrained folder
@@ -315,6 +344,7 @@ class DetectorConfig:
     categories: list[str] = field(default_factory=list)  # empty = the real dataset's categories
     image_size: int = 64  # training canvas side and inference resize target
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    copy_paste: CopyPasteConfig = field(default_factory=CopyPasteConfig)
     # Data
     real_annotations: Optional[str] = None  # COCO/LVIS instances JSON (local path or URL)
     real_image_root: Optional[str] = None
@@ -350,6 +380,10 @@ class DetectorConfig:
     run: TrainRunConfig = field(default_factory=lambda: TrainRunConfig(name="detector"))
 
     def validate(self) -> None:
+        self.copy_paste.validate()
+        _require(not self.copy_paste.pool or self.mix_ratio < 1.0,
+                 "detector.copy_paste pastes onto real images, and detector.mix_ratio=1 trains on none; lower "
+                 "detector.mix_ratio or set detector.copy_paste.pool=''")
         _require(self.attention in DETECTOR_ATTENTION,
                  f"detector.attention must be one of {', '.join(DETECTOR_ATTENTION)}, got {self.attention!r}")
         _require(0.0 <= self.mix_ratio <= 1.0, f"detector.mix_ratio must lie in [0, 1], got {self.mix_ratio}")

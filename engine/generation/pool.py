@@ -12,7 +12,8 @@ quality, size, the labeller's score, the categories), one instance:
 Pool shard i holds the instances of source shard i, keys `<source key>-<box index>`, so a pool is
 a pure function of its source and its filters: deterministic, and resumable the way generate is
 (the same ShardStore: tar, then manifest entry; run.json refuses a pool of other settings). Each
-manifest entry counts its instances per category and the rejected boxes per reason;
+manifest entry lists its instances' categories (`labels`, parallel to `keys`), counts them per
+category and the rejected boxes per reason;
 `pool.json` sums them when the pool is whole. Copy-paste training (engine.training.copy_paste)
 samples from those counts.
 """
@@ -142,7 +143,9 @@ def pool_shard(row: dict, source: str, output: str, cfg: dict, claim) -> dict:
             per_category[meta["labels"][j]] = per_category.get(meta["labels"][j], 0) + 1
     try:
         written = ShardStore(output).write_shard(entry["index"], instances, [], claim, suffixes=POOL_SUFFIXES,
-                                                 extra={"categories": per_category, "rejected": rejected})
+                                                 extra={"categories": per_category, "rejected": rejected,
+                                                        "labels": [json.loads(i["json"])["category"]
+                                                                   for i in instances]})
     except OSError as e:
         raise PoolError(f"writing pool shard {entry['index']} under {output!r} failed ({e}); nothing of it was "
                         f"kept: free the space or fix the permissions, then rerun the same command") from None
