@@ -413,7 +413,20 @@ def test_augmenter_pastes_onto_real_rows_only(masked, tmp_path):
              "boxes": np.array([json.dumps([[2, 2, 20, 20]])]), "labels": np.array([json.dumps(["dog"])])}
     no_jitter = {"flip_prob": 0.0, "min_scale": 1.0, "max_scale": 1.0}
     plain = Augmenter(cfg.prompts.base, 64, no_jitter, True)(batch)
-    pasted = Augmenter(cfg.prompts.base, 64, no_jitter, True,
-                       (asdict(CopyPasteConfig(pool=dest, per_image=2, min_visible=0.0)), index))(batch)
-    assert len(json.loads(plain["target"][0])["labels"]) == 1
-    assert len(json.loads(pasted["target"][0])["labels"]) > 1 and (pasted["pixels"] != plain["pixels"]).any()
+    # Instances scaled to the image's side: none is scaled to nothing.
+    paste_cfg = CopyPasteConfig(pool=dest, per_image=2, min_size=1.0, max_size=1.0, min_visible=0.0)
+    pasted = Augmenter(cfg.prompts.base, 64, no_jitter, True, True, (asdict(paste_cfg), index))(batch)
+    expected = CopyPaste(paste_cfg, index)(np.zeros((64, 64, 3), np.uint8), [[2, 2, 20, 20]], ["dog"], str(path))
+    assert len(expected[3]) == 2 and json.loads(plain["target"][0])["labels"] == [cfg.prompts.base.index("dog")]
+    assert json.loads(pasted["target"][0])["labels"] == [cfg.prompts.base.index(c) for c in expected[2]]
+    assert (pasted["pixels"][0] == expected[0]).all() and (pasted["pixels"] != plain["pixels"]).any()
+
+
+def test_pool_command_errors_are_one_line(tmp_path):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "engine.cli", "pool", "--from", str(tmp_path / "never"), "--output",
+                           str(tmp_path / "pool")], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "no output of `instagen generate`" in proc.stderr and "pool --from" in proc.stderr
