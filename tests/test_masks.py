@@ -430,3 +430,34 @@ def test_pool_command_errors_are_one_line(tmp_path):
                           env={**os.environ, "PYTHONPATH": ROOT})
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "no output of `instagen generate`" in proc.stderr and "pool --from" in proc.stderr
+
+
+def test_copy_paste_runs_in_the_ray_data_training_input(masked, tmp_path):
+    """The detector's input pipeline on Ray Data: every real image comes out with the pastes that
+    its (seed, image, pass) draws, read from the pool's shards inside the workers."""
+    from fixtures_coco import make_coco_dataset
+
+    from engine.config import AugmentConfig, DetectorConfig
+    from engine.training.detection import build_train_dataset, prepare
+    cfg, _, out = masked
+    dest = str(tmp_path / "pool")
+    build_pool(out, dest, POOL)
+    categories = cfg.prompts.base
+    ann, root = make_coco_dataset(tmp_path / "real", n_images=4, categories=categories)
+    paste_cfg = CopyPasteConfig(pool=dest, per_image=2, min_size=1.0, max_size=1.0, min_visible=0.0, seed=5)
+    det = DetectorConfig(real_annotations=ann, real_image_root=root, mix_ratio=0.0, batch_size=2,
+                         augment=AugmentConfig(flip_prob=0.0, min_scale=1.0, max_scale=1.0), copy_paste=paste_cfg)
+    det.validate()
+    found, plan = prepare(det)
+    index = load_pool_index(paste_cfg, found)
+    rows = build_train_dataset(det, plan, found, True, index).take_all()
+    assert len(rows) == len(plan.real) == 4
+    local = CopyPaste(paste_cfg, index)
+    expected = []
+    for r in plan.real:
+        image = np.asarray(Image.open(r["file"]).convert("RGB"))
+        pasted, _, labels, record = local(image, json.loads(r["boxes"]), json.loads(r["labels"]), r["file"])
+        assert len(record) == 2
+        expected.append((pasted.tobytes(), [found.index(c) for c in labels]))
+    got = [(row["pixels"].tobytes(), json.loads(row["target"])["labels"]) for row in rows]
+    assert sorted(got) == sorted(expected)

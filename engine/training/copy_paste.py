@@ -124,6 +124,9 @@ class CopyPaste:
             while len(self.shards) > self.cached_shards:
                 self.shards.popitem(last=False)
         self.shards.move_to_end(url)
+        if key not in self.shards[url]:
+            raise CopyPasteError(f"pool instance {key} is listed in the manifest of {url} but not in the shard; the "
+                                 f"pool changed while training: rerun the `instagen pool` command that built it")
         return self.shards[url][key]
 
     def __call__(self, image: np.ndarray, boxes: list[list[float]], labels: list[str], image_id: str,
