@@ -3,6 +3,7 @@ local Ray (shards read back by webdataset, the manifest's counts, COCO segmentat
 import json
 import os
 import shutil
+from collections import Counter
 from dataclasses import asdict
 
 import numpy as np
@@ -437,8 +438,8 @@ def test_copy_paste_runs_in_the_ray_data_training_input(masked, tmp_path):
     its (seed, image, pass) draws, read from the pool's shards inside the workers."""
     from fixtures_coco import make_coco_dataset
 
-    from engine.config import AugmentConfig, DetectorConfig
-    from engine.training.detection import build_train_dataset, prepare
+    from engine.config import AugmentConfig, DetectorConfig, TrainRunConfig
+    from engine.training.detection import build_train_dataset, prepare, train_detector
     cfg, _, out = masked
     dest = str(tmp_path / "pool")
     build_pool(out, dest, POOL)
@@ -461,3 +462,9 @@ def test_copy_paste_runs_in_the_ray_data_training_input(masked, tmp_path):
         expected.append((pasted.tobytes(), [found.index(c) for c in labels]))
     got = [(row["pixels"].tobytes(), json.loads(row["target"])["labels"]) for row in rows]
     assert sorted(got) == sorted(expected)
+    # Training on it: the trainer counts the pasted instances that stayed visible, per category.
+    det.run = TrainRunConfig(storage_path=str(tmp_path / "runs"), name="paste", checkpoint_every=5, max_failures=0)
+    det.output_dir, det.max_steps = str(tmp_path / "detector"), 2
+    summary = train_detector(det)
+    visible = Counter(json.loads(p)[k] for row in rows for p in [row["pasted"]] for k in range(len(json.loads(p))))
+    assert summary.steps == 2 and summary.metrics["epochs"][-1]["pasted"] == dict(visible)

@@ -276,7 +276,7 @@ class Augmenter:
         self.paste = CopyPaste(CopyPasteConfig(**copy_paste[0]), copy_paste[1]) if copy_paste and train else None
 
     def __call__(self, batch: dict) -> dict:
-        pixels, masks, targets = [], [], []
+        pixels, masks, targets, pasted = [], [], [], []
         for i in range(len(batch["source"])):
             image = open_image(batch["file"][i]) if batch["source"][i] == REAL else decode_image(batch["image"][i])
             labels = json.loads(batch["labels"][i])
@@ -286,10 +286,13 @@ class Augmenter:
                                          f"which is not one of the detector's categories")
             keep = [j for j, label in enumerate(labels) if label in self.index]
             boxes = [json.loads(batch["boxes"][i])[j] for j in keep]
+            record = []
             if self.paste is not None and batch["source"][i] == REAL:
-                pixels_in, boxes, pasted_labels, _ = self.paste(np.asarray(image), boxes, [labels[j] for j in keep],
-                                                               batch["file"][i])
+                pixels_in, boxes, pasted_labels, record = self.paste(np.asarray(image), boxes,
+                                                                     [labels[j] for j in keep], batch["file"][i])
                 image, labels, keep = Image.fromarray(pixels_in), pasted_labels, list(range(len(pasted_labels)))
+            # The categories pasted and still visible: the trainer counts them per epoch.
+            pasted.append(json.dumps([p["category"] for p in record if p["box"] is not None]))
             scale = self.rng.uniform(self.cfg.min_scale, self.cfg.max_scale) if self.train else 1.0
             flip = bool(self.rng.random() < self.cfg.flip_prob) if self.train else False
             crop = tuple(self.rng.random(2)) if self.train else (0.0, 0.0)
@@ -299,7 +302,7 @@ class Augmenter:
             masks.append(mask)
             targets.append(json.dumps({"boxes": to_target(boxes, valid), "labels": [self.index[c] for c in kept]}))
         return {"pixels": np.stack(pixels), "mask": np.stack(masks), "target": np.array(targets, dtype=object),
-                "source": np.asarray(batch["source"], dtype=object)}
+                "source": np.asarray(batch["source"], dtype=object), "pasted": np.array(pasted, dtype=object)}
 
 
 def read_shard_samples(item: dict) -> list[dict]:
@@ -351,7 +354,8 @@ def collate(batch: dict, image_mean, image_std) -> dict:
         labels.append({"class_labels": torch.tensor(t["labels"], dtype=torch.long),
                        "boxes": torch.tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4)})
     return {"pixel_values": (pixels - mean) / std, "pixel_mask": torch.from_numpy(batch["mask"]).long(),
-            "labels": labels, "sources": list(batch["source"])}
+            "labels": labels, "sources": list(batch["source"]),
+            "pasted": [json.loads(p) for p in batch["pasted"]] if "pasted" in batch else []}
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,7 +386,7 @@ def train_loop_per_worker(config: dict) -> None:
     dtype = torch.bfloat16 if cfg.run.bf16 else torch.float32
     while step < total:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
-        seen = Counter()
+        seen, pasted = Counter(), Counter()
         start = time.time()
         batches = shard.iter_torch_batches(
             batch_size=cfg.batch_size, drop_last=True, local_shuffle_buffer_size=4 * cfg.batch_size,
@@ -399,6 +403,7 @@ def train_loop_per_worker(config: dict) -> None:
             engine.step()
             step += 1
             seen.update(batch["sources"])
+            pasted.update(c for cats in batch["pasted"] for c in cats)
             loss = _finite(float(all_reduce(out.loss.detach().float(), "mean")))
             history["losses"].append(round(loss, 6))
             end_of_epoch = i + 1 == steps_per_epoch or step == total
@@ -409,6 +414,9 @@ def train_loop_per_worker(config: dict) -> None:
                 # after a resume in mid-epoch, over the steps since the checkpoint.
                 history["epochs"].append({"epoch": epoch, REAL: counts[0], SYNTHETIC: counts[1],
                                           "images_per_s": sum(counts) / max(time.time() - start, 1e-9)})
+                if cfg.copy_paste.pool:  # the pool instances pasted (and left visible), per category
+                    by_cat = all_reduce(torch.tensor([pasted[c] for c in categories], device=device)).tolist()
+                    history["epochs"][-1]["pasted"] = {c: int(n) for c, n in zip(categories, by_cat) if n}
                 metrics.update(history["epochs"][-1])
             report(metrics, engine, step, cfg.run.checkpoint_every, extra=history, last=step == total)
 
