@@ -2,6 +2,7 @@
 
     instagen generate --config configs/tiny.yaml [section.key=value ...]
     instagen export --output outputs/tiny
+    instagen pool --from outputs/tiny --output outputs/tiny_pool [pool.min_area=64 ...]
     instagen finetune --config ...
     instagen train-grounding --config ...
     instagen train-detector --config ...
@@ -31,6 +32,7 @@ from engine.evaluation.metrics import (
     write_report,
 )
 from engine.generation.export import export
+from engine.generation.pool import build_pool
 from engine.generation.pipeline import generate
 from engine.generation.prompts import PromptPlan
 from engine.models.diffusion import check_source
@@ -72,6 +74,14 @@ def cmd_export(args) -> None:
     result = export(args.output, dest=args.dest, write_images=not args.no_images)
     print(f"[export] {result['images']} images, {result['annotations']} boxes -> {result['coco']}, "
           f"{result['lvis']}, preview {result['preview']}")
+
+
+def cmd_pool(args) -> None:
+    cfg = load_config(args.config, args.overrides)
+    check_output_path("pool --from", args.source)
+    check_output_path("pool --output", args.output)
+    summary = build_pool(args.source, args.output, cfg.pool, cfg.ray)
+    print(f"[pool] {summary.line()}")
 
 
 def cmd_finetune(args) -> None:
@@ -174,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", required=True, help="the generate job's output.path")
     e.add_argument("--dest", default=None, help="where to write (default: the output path itself)")
     e.add_argument("--no-images", action="store_true", help="write JSON and preview only")
+
+    p = command("pool", cmd_pool, "cut the masked instances of a generate output into an instance pool "
+                                  "(WebDataset shards of RGBA cut-outs) for copy-paste training", config="")
+    p.add_argument("--from", dest="source", required=True, help="a generate output.path made with masks.enabled=true")
+    p.add_argument("--output", required=True, help="where to write the pool")
+    overrides(p)
 
     f = command("finetune", cmd_finetune, "fine-tune Stable Diffusion on crops of a detection dataset's base images")
     f.add_argument("--dry-run", action="store_true", help="validate config and dataset, plan crops, train nothing")

@@ -13,6 +13,7 @@ from fixtures_coco import make_coco_dataset
 BAD = {
     "generate": ["--config", "configs/tiny.yaml", "synthesis.stepz=3"],
     "export": ["--output", "/no/such/run"],
+    "pool": ["--from", "/no/such/run", "--output", "OUT"],
     "finetune": ["--config", "configs/tiny.yaml", "--dry-run", "finetune.annotations=/no/such/instances.json"],
     "train-grounding": ["grounding.base_shards=/no/such/run", "grounding.base=[cat]"],
     "train-detector": ["--config", "configs/tiny.yaml", "detector.kind=yolo"],
@@ -21,7 +22,7 @@ BAD = {
     "recipe": ["--config", "configs/coco_ovd.yaml", "--dry-run", "recipe.workdir=OUT",
                "recipe.real.annotations=/no/such/train.json"],
 }
-WORDS = {"generate": "synthesis.stepz", "export": "/no/such/run", "finetune": "/no/such/instances.json",
+WORDS = {"generate": "synthesis.stepz", "export": "/no/such/run", "pool": "/no/such/run", "finetune": "/no/such/instances.json",
          "train-grounding": "/no/such/run", "train-detector": "yolo", "evaluate": "/no/such/gt.json",
          "toy-world": "image_size", "recipe": "/no/such/train.json"}
 

@@ -8,6 +8,7 @@ from engine.config.sections import (
                                     AnnotationConfig,
                                     AugmentConfig,
                                     Config,
+                                    CopyPasteConfig,
                                     DetectorConfig,
                                     EvalSetConfig,
                                     FinetuneConfig,
@@ -17,8 +18,10 @@ from engine.config.sections import (
                                     GroundingTrainError,
                                     HaveConfig,
                                     LossConfig,
+                                    MaskConfig,
                                     ModelConfig,
                                     OutputConfig,
+                                    PoolConfig,
                                     PromptConfig,
                                     RayConfig,
                                     RealDataConfig,
@@ -30,8 +33,9 @@ from engine.config.sections import (
 )
 from engine.errors import ConfigError
 
-__all__ = ["AnnotationConfig", "AugmentConfig", "BUDGET_RULES", "Config", "ConfigError", "DETECTOR_ATTENTION",
+__all__ = ["AnnotationConfig", "AugmentConfig", "BUDGET_RULES", "Config", "ConfigError", "CopyPasteConfig", "DETECTOR_ATTENTION",
            "DetectorConfig", "EvalSetConfig", "FREQUENCY_GROUPS", "FinetuneConfig", "GroundingConfig", "GroundingConfigError",
-           "GroundingTrainConfig", "GroundingTrainError", "HaveConfig", "LossConfig", "ModelConfig", "OutputConfig", "PromptConfig",
-           "RayConfig", "RealDataConfig", "RecipeSection", "SPLIT_RULES", "SynthesisConfig", "TinyDetectorConfig", "TinyModelConfig", "TrainRunConfig",
+           "GroundingTrainConfig", "GroundingTrainError", "HaveConfig", "LossConfig", "MaskConfig", "ModelConfig", "OutputConfig",
+           "PoolConfig", "PromptConfig", "RayConfig", "RealDataConfig", "RecipeSection", "SPLIT_RULES", "SynthesisConfig",
+           "TinyDetectorConfig", "TinyModelConfig", "TrainRunConfig",
            "fingerprint", "from_dict", "load_config", "to_dict", "unshared"]

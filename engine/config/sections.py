@@ -131,6 +131,56 @@ class AnnotationConfig:
     gpus_per_actor: float = 0.5
 
 
+MASK_PROMPTS = ("box", "background")
+
+
+@dataclass
+class MaskConfig:
+    """The optional `mask` stage of generation (engine.generation.masks): a promptable segmenter
+    cuts out each labelled box, and the sample's JSON record gets one RLE mask per box."""
+    enabled: bool = False
+    model: str = "tiny"  # "tiny" (a random SAM: noise, for tests and the demo) or a local SamModel folder
+    # box: each box is the segmenter's prompt. background: DiverGen's SAM-bg for an image with one
+    # box (an object drawn on a plain background): the four corners prompt the background, whose
+    # complement is the object; images with more boxes fall back to box prompts.
+    prompt: str = "box"
+    min_iou: float = 0.0  # masks whose predicted IoU is below this are rejected (counted, box kept)
+    # Mask area / box area: a mask filling too little of its box missed the object; one spilling
+    # far outside it (background prompt) took the background.
+    min_fill: float = 0.0
+    max_fill: float = 10.0
+    num_actors: int = 0  # 0 = one on CPU, as many as the annotation actors on GPU
+    gpus_per_actor: float = 0.5
+    seed: int = 0  # the tiny segmenter's random weights
+
+    def validate(self) -> None:
+        _require(self.prompt in MASK_PROMPTS,
+                 f"masks.prompt must be one of {', '.join(MASK_PROMPTS)}, got {self.prompt!r}")
+        _require(0.0 <= self.min_iou <= 1.0, f"masks.min_iou must lie in [0, 1], got {self.min_iou}")
+        _require(0.0 <= self.min_fill <= self.max_fill,
+                 f"masks.min_fill ({self.min_fill}) must be >= 0 and <= masks.max_fill ({self.max_fill})")
+        _require(self.num_actors >= 0 and self.gpus_per_actor > 0,
+                 "masks.num_actors must be >= 0 and masks.gpus_per_actor > 0")
+        _require(self.model == "tiny" or "://" not in self.model,
+                 f"masks.model {self.model!r} must be 'tiny' or a local folder saved with SamModel.save_pretrained "
+                 f"and SamProcessor.save_pretrained")
+
+
+@dataclass
+class PoolConfig:
+    """`instagen pool`: cut-outs of the masked objects of a generation output, filtered."""
+    min_iou: float = 0.0  # predicted IoU of the instance's mask
+    min_fill: float = 0.1  # mask area / box area
+    min_area: int = 64  # mask pixels; smaller instances are too small to paste
+    min_score: float = 0.0  # the labeller's score of the box
+    categories: list[str] = field(default_factory=list)  # empty = every category
+
+    def validate(self) -> None:
+        _require(0.0 <= self.min_iou <= 1.0 and self.min_fill >= 0 and self.min_area >= 1 and self.min_score >= 0,
+                 "pool.min_iou must lie in [0, 1], pool.min_fill and pool.min_score >= 0, pool.min_area >= 1")
+        check_names("pool", {"categories": self.categories})
+
+
 @dataclass
 class OutputConfig:
     path: str = "outputs/tiny"
@@ -257,6 +307,35 @@ class AugmentConfig:
 
 
 @dataclass
+class CopyPasteConfig:
+    """X-Paste's copy-paste (engine.training.copy_paste): instances of an instance pool
+    (`instagen pool`) pasted onto each real training image before augmentation."""
+    pool: str = ""  # the pool's path; "" = off
+    per_image: int = 3  # instances pasted onto each real image
+    # Which categories are pasted: each equally likely whatever its instance count (category-
+    # balanced), those in `rare` `rare_boost` times as likely. Empty = every pool category.
+    categories: list[str] = field(default_factory=list)
+    rare: list[str] = field(default_factory=list)
+    rare_boost: float = 2.0
+    # The pasted instance's longer side as a fraction of the image's shorter side.
+    min_size: float = 0.15
+    max_size: float = 0.5
+    # A real (or earlier pasted) object of which less than this fraction stays visible is
+    # dropped; one more visible gets the box of what is left of it.
+    min_visible: float = 0.3
+    seed: int = 0
+
+    def validate(self) -> None:
+        where = "detector.copy_paste"
+        _require(self.per_image >= 1, f"{where}.per_image must be >= 1, got {self.per_image}")
+        _require(0 < self.min_size <= self.max_size <= 1,
+                 f"{where}.min_size and max_size must satisfy 0 < min_size <= max_size <= 1")
+        _require(0 <= self.min_visible <= 1 and self.rare_boost > 0,
+                 f"{where}.min_visible must lie in [0, 1] and {where}.rare_boost be > 0")
+        check_names(where, {"categories": self.categories, "rare": self.rare})
+
+
+@dataclass
 class DetectorConfig:
     kind: str = "deformable_detr"  # a name in engine.models.detectors.DETECTORS
     model: str = "tiny"  # "tiny" (random weights from `tiny`) or a local save_pretrained folder
@@ -265,6 +344,7 @@ class DetectorConfig:
     categories: list[str] = field(default_factory=list)  # empty = the real dataset's categories
     image_size: int = 64  # training canvas side and inference resize target
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    copy_paste: CopyPasteConfig = field(default_factory=CopyPasteConfig)
     # Data
     real_annotations: Optional[str] = None  # COCO/LVIS instances JSON (local path or URL)
     real_image_root: Optional[str] = None
@@ -300,6 +380,10 @@ class DetectorConfig:
     run: TrainRunConfig = field(default_factory=lambda: TrainRunConfig(name="detector"))
 
     def validate(self) -> None:
+        self.copy_paste.validate()
+        _require(not self.copy_paste.pool or self.mix_ratio < 1.0,
+                 "detector.copy_paste pastes onto real images, and detector.mix_ratio=1 trains on none; lower "
+                 "detector.mix_ratio or set detector.copy_paste.pool=''")
         _require(self.attention in DETECTOR_ATTENTION,
                  f"detector.attention must be one of {', '.join(DETECTOR_ATTENTION)}, got {self.attention!r}")
         _require(0.0 <= self.mix_ratio <= 1.0, f"detector.mix_ratio must lie in [0, 1], got {self.mix_ratio}")
@@ -520,6 +604,7 @@ class Config:
     prompts: PromptConfig = field(default_factory=PromptConfig)
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     annotation: AnnotationConfig = field(default_factory=AnnotationConfig)
+    masks: MaskConfig = field(default_factory=MaskConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -527,6 +612,7 @@ class Config:
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     grounding: GroundingTrainConfig = field(default_factory=GroundingTrainConfig)
     recipe: RecipeSection = field(default_factory=RecipeSection)  # instagen recipe only
+    pool: PoolConfig = field(default_factory=PoolConfig)  # `instagen pool` (validated by that job)
 
     def validate(self) -> None:
         _validate(self)
@@ -568,6 +654,7 @@ def _validate(cfg: Config) -> None:
     check_template("prompts.template", p.template, ("c1", "c2", "d1", "d2"))
     check_template("prompts.template_single", p.template_single, ("c1", "d1"))
     check_output_path("output.path", o.path)
+    cfg.masks.validate()
 
 
 SCHEDULERS = ("ddim", "pndm", "euler", "dpm")

@@ -26,6 +26,7 @@ from typing import Iterator, Optional
 import fsspec
 import numpy as np
 
+from engine.data.masks import status_counts
 from engine.errors import UserError
 from engine.runtime.faults import failing_fs
 from engine.runtime.storage import is_local, url_of, write_atomic
@@ -50,12 +51,13 @@ class ShardEntry:
     boxes: int
     size: int  # bytes of the shard's tar
     sha256: str  # of the tar: resume checks the size, export the checksum
+    extra: Optional[dict] = None  # more counts: masks by status, a pool's instances by category
 
     def as_dict(self) -> dict:
         """The manifest entry, as written to manifest/ and as `ShardStore.finished` returns it."""
         return {"index": self.index, "shard": shard_name(self.index), "keys": self.keys,
                 "dropped": self.dropped, "samples": len(self.keys), "boxes": self.boxes,
-                "size": self.size, "sha256": self.sha256}
+                "size": self.size, "sha256": self.sha256, **(self.extra or {})}
 
 
 class ShardStore:
@@ -195,19 +197,24 @@ class ShardStore:
 
     # -- writing ---------------------------------------------------------------------------------
     def write_shard(self, index: int, samples: list[dict], dropped: list[int],
-                    claim: Optional[dict] = None) -> ShardEntry:
+                    claim: Optional[dict] = None, suffixes: tuple[str, ...] = MEMBER_SUFFIXES,
+                    extra: Optional[dict] = None) -> ShardEntry:
         """samples: dicts with "__key__" and the member payloads (bytes) by suffix. Safe to call
         from many workers at once, each with its own shard: every file is written whole under its
         final name, the tar before its manifest entry. `claim` (from prepare) is written as
-        run.json first unless a sibling writer already did: the same bytes either way."""
-        data = pack_tar(samples)
+        run.json first unless a sibling writer already did: the same bytes either way. `suffixes`:
+        the members a sample may have (an instance pool's differ); `extra`: counts the entry adds."""
+        data = pack_tar(samples, suffixes)
         fs = failing_fs(self.fs, index)
         if claim is not None and not fs.exists(self._path("run.json")):
             write_atomic(fs, self._path("run.json"), json.dumps(claim, indent=2).encode())
         write_atomic(fs, self._path("shards", shard_name(index)), data)
-        boxes = sum(len(json.loads(s["json"])["boxes"]) for s in samples)
+        records = [json.loads(s["json"]) for s in samples]
+        boxes = sum(len(r.get("boxes", ())) for r in records)
+        if extra is None and any("mask_status" in r for r in records):
+            extra = {"masks": status_counts(records)}
         entry = ShardEntry(index, [s["__key__"] for s in samples], sorted(dropped), boxes, len(data),
-                           hashlib.sha256(data).hexdigest())
+                           hashlib.sha256(data).hexdigest(), extra)
         write_atomic(fs, self._path("manifest", f"shard-{index:06d}.json"), json.dumps(entry.as_dict()).encode())
         return entry
 
@@ -237,7 +244,7 @@ def write_shard_row(row: dict, url: str, claim: Optional[dict]) -> dict:
     return {"entry": json.dumps(entry.as_dict())}
 
 
-def pack_tar(samples: list[dict]) -> bytes:
+def pack_tar(samples: list[dict], suffixes: tuple[str, ...] = MEMBER_SUFFIXES) -> bytes:
     """A tar in memory, members sorted by key then suffix, with fixed metadata so that the same
     samples always give the same bytes."""
     buf = io.BytesIO()
@@ -246,7 +253,7 @@ def pack_tar(samples: list[dict]) -> bytes:
             key = sample["__key__"]
             if not KEY_RE.match(key):
                 raise ShardError(f"sample key {key!r} is not a plain name")
-            for suffix in MEMBER_SUFFIXES:
+            for suffix in suffixes:
                 payload = sample.get(suffix)
                 if payload is None:
                     continue
@@ -274,6 +281,8 @@ def decode_sample(sample: dict) -> dict:
             continue
         if name == "jpg":
             out["jpg"] = Image.open(io.BytesIO(payload)).convert("RGB")
+        elif name == "png":  # an instance pool's RGBA cut-out (engine.generation.pool)
+            out["png"] = Image.open(io.BytesIO(payload)).convert("RGBA")
         elif name in ("latent.npy",):
             out["latent"] = np.load(io.BytesIO(payload), allow_pickle=False)
         elif name == "features.npz":
@@ -283,11 +292,11 @@ def decode_sample(sample: dict) -> dict:
             out["json"] = json.loads(payload)
         else:
             raise ShardError(f"shard member {key}.{name} has an unexpected type; "
-                             f"only {', '.join(MEMBER_SUFFIXES)} are read")
+                             f"only {', '.join(MEMBER_SUFFIXES)} and png are read")
     return out
 
 
-def samples_in_tar(data: bytes) -> Iterator[dict]:
+def samples_in_tar(data: bytes, suffixes: tuple[str, ...] = MEMBER_SUFFIXES) -> Iterator[dict]:
     """The raw samples of a shard held in memory, in order: {"__key__", suffix: payload, ...}, each
     payload a zero-copy view into `data`. Reads the plain USTAR layout pack_tar writes (a 512-byte
     header, the payload padded to 512) rather than going through tarfile, which copies every
@@ -303,8 +312,8 @@ def samples_in_tar(data: bytes) -> Iterator[dict]:
         except ValueError:
             size = -1
         if (header[156:157] not in (b"0", b"\0") or header[345:500].strip(b"\0") or size < 0
-                or not KEY_RE.match(key) or suffix not in MEMBER_SUFFIXES or offset + 512 + size > len(data)):
-            raise ShardError(f"shard member {name!r} is not a sample file ({', '.join(MEMBER_SUFFIXES)} of a plain "
+                or not KEY_RE.match(key) or suffix not in suffixes or offset + 512 + size > len(data)):
+            raise ShardError(f"shard member {name!r} is not a sample file ({', '.join(suffixes)} of a plain "
                              f"key); the shard is corrupt or hostile, regenerate it")
         if sample and sample["__key__"] != key:
             yield sample

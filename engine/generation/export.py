@@ -23,6 +23,7 @@ import fsspec
 from PIL import Image
 
 from engine.config import RayConfig
+from engine.data.masks import decode as decode_mask
 from engine.data.shards import ShardError, ShardStore, finished_shards, samples_in_tar
 from engine.data.sheet import BASE_COLOUR, NOVEL_COLOUR, Tile, contact_sheet
 from engine.runtime.cluster import connect, quiet_data_context, user_error_in
@@ -113,14 +114,21 @@ def export_shard(row: dict, output: str, staging: str, categories: list[str], wr
                 f.write(sample["jpg"])
         images.append({"id": int(meta["id"]), "file_name": file_name, "width": meta["width"],
                        "height": meta["height"], "prompt": meta["prompt"], "seed": meta["seed_used"]})
-        for box, label, score, who in zip(meta["boxes"], meta["labels"], meta["scores"], meta["labellers"]):
+        masks = meta.get("masks") or [None] * len(meta["boxes"])  # the mask stage's, where it ran
+        for j, (box, label, score, who) in enumerate(zip(meta["boxes"], meta["labels"], meta["scores"],
+                                                         meta["labellers"])):
             if label not in cat_id:
                 raise ShardError(f"sample {key} has a box of category {label!r}, which this run does not "
                                  f"know; the shard does not belong to {output!r}")
             x0, y0, x1, y1 = box
-            annotations.append({"id": row["first_ann"] + len(annotations) + 1, "image_id": int(meta["id"]),
-                                "category_id": cat_id[label], "bbox": [x0, y0, x1 - x0, y1 - y0],
-                                "area": (x1 - x0) * (y1 - y0), "iscrowd": 0, "score": score, "labeller": who})
+            annotation = {"id": row["first_ann"] + len(annotations) + 1, "image_id": int(meta["id"]),
+                          "category_id": cat_id[label], "bbox": [x0, y0, x1 - x0, y1 - y0],
+                          "area": (x1 - x0) * (y1 - y0), "iscrowd": 0, "score": score, "labeller": who}
+            if masks[j] is not None:
+                # COCO's area is the mask's where there is one (its small/medium/large ranges).
+                mask = decode_mask(masks[j], meta["height"], meta["width"], f"the mask of sample {key} box {j}")
+                annotation.update(segmentation=masks[j], area=int(mask.sum()), mask_score=meta["mask_scores"][j])
+            annotations.append(annotation)
             per_cat_boxes[cat_id[label] - 1] += 1
         for label in set(meta["labels"]):
             per_cat_images[cat_id[label] - 1] += 1

@@ -17,9 +17,11 @@ from dataclasses import asdict, dataclass
 from engine.config import Config, fingerprint
 from engine.data.shards import ShardStore, write_shard_row
 from engine.generation.annotation import Annotator, build_labeller, check_labeller
+from engine.generation.masks import Masker, plan_mask_pool
 from engine.generation.prompts import ROWS_VERSION, PromptPlan
 from engine.generation.synthesis import Synthesizer
 from engine.models.diffusion import load_pipeline
+from engine.models.segmenter import build_segmenter
 from engine.runtime.cluster import (
     cluster_state,
     connect,
@@ -59,7 +61,9 @@ def run_fingerprint(cfg: Config, plan: PromptPlan) -> str:
                                       if k not in ("batch_size", "num_actors", "gpus_per_actor")},
                         "annotation": {"labeller": cfg.annotation.labeller, "model": cfg.annotation.model,
                                        "alpha": cfg.annotation.alpha, "beta": cfg.annotation.beta},
-                        "shard_size": cfg.output.shard_size, "rows": ROWS_VERSION})
+                        "shard_size": cfg.output.shard_size, "rows": ROWS_VERSION,
+                        # only when on, so that outputs without masks keep their fingerprints
+                        **({"masks": asdict(cfg.masks)} if cfg.masks.enabled else {})})
 
 
 class Progress:
@@ -117,6 +121,10 @@ def generate(cfg: Config) -> Summary:
                     compute=ray.data.ActorPoolStrategy(size=synth.size), **synth.remote_args())
         ds = ds.map(Annotator, fn_constructor_args=(cfg.annotation, categories, threads_for(annot.num_cpus)),
                     compute=ray.data.ActorPoolStrategy(size=annot.size), **annot.remote_args())
+        if cfg.masks.enabled:
+            masks = plan_mask_pool(cfg.masks, annot)
+            ds = ds.map(Masker, fn_constructor_args=(cfg.masks, threads_for(masks.num_cpus)),
+                        compute=ray.data.ActorPoolStrategy(size=masks.size), **masks.remote_args())
         ds = ds.map(write_shard_row, fn_kwargs={"url": cfg.output.path, "claim": claim}, num_cpus=0.25)
         progress = Progress(sum(min(size, len(plan) - i * size) for i in todo), len(todo))
         try:
@@ -144,6 +152,8 @@ def generate(cfg: Config) -> Summary:
 def _load_models(cfg: Config, categories: list[str]) -> None:
     load_pipeline(cfg.model)
     build_labeller(cfg.annotation, categories)
+    if cfg.masks.enabled:
+        build_segmenter(cfg.masks.model, cfg.masks.seed)
 
 
 def _probe_models(cfg: Config, categories: list[str], synth) -> None:

@@ -36,10 +36,12 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from PIL import Image
 
 from engine.config import (
     AugmentConfig,
     ConfigError,
+    CopyPasteConfig,
     DetectorConfig,
     RayConfig,
     from_dict,
@@ -54,6 +56,7 @@ from engine.data.shards import ShardError, finished_shards, iter_samples
 from engine.errors import UserError
 from engine.models.detectors import DETECTORS, build_detector
 from engine.runtime.cluster import connect
+from engine.training.copy_paste import CopyPaste, PoolIndex, load_pool_index
 from engine.training.runner import (
     MODEL_FILE,
     TrainSummary,
@@ -222,7 +225,6 @@ def augment(image, boxes: list[list[float]], labels: list[Any], size: int, scale
 
     Returns (pixels uint8 (size, size, 3), mask uint8 (size, size) with 1 on the image,
     boxes xyxy on the canvas, labels of the kept boxes, (valid_w, valid_h))."""
-    from PIL import Image
     w, h = image.size
     if keep_aspect:
         r = scale * size / max(w, h)
@@ -264,14 +266,17 @@ def to_target(boxes: list[list[float]], valid: tuple[int, int]) -> list[list[flo
 class Augmenter:
     """Ray Data batch function: decode, augment, and encode the targets of one batch of rows."""
 
-    def __init__(self, categories: list[str], size: int, augment_cfg: dict, keep_aspect: bool, train: bool = True):
+    def __init__(self, categories: list[str], size: int, augment_cfg: dict, keep_aspect: bool, train: bool = True,
+                 copy_paste: Optional[tuple[dict, PoolIndex]] = None):
         self.index = {c: i for i, c in enumerate(categories)}
         self.size, self.keep_aspect, self.train = size, keep_aspect, train
         self.cfg = AugmentConfig(**augment_cfg)
         self.rng = np.random.default_rng()  # fresh draws on every epoch's pass
+        # Pool instances pasted onto real images, before the scale jitter (engine.training.copy_paste).
+        self.paste = CopyPaste(CopyPasteConfig(**copy_paste[0]), copy_paste[1]) if copy_paste and train else None
 
     def __call__(self, batch: dict) -> dict:
-        pixels, masks, targets = [], [], []
+        pixels, masks, targets, pasted = [], [], [], []
         for i in range(len(batch["source"])):
             image = open_image(batch["file"][i]) if batch["source"][i] == REAL else decode_image(batch["image"][i])
             labels = json.loads(batch["labels"][i])
@@ -281,6 +286,13 @@ class Augmenter:
                                          f"which is not one of the detector's categories")
             keep = [j for j, label in enumerate(labels) if label in self.index]
             boxes = [json.loads(batch["boxes"][i])[j] for j in keep]
+            record = []
+            if self.paste is not None and batch["source"][i] == REAL:
+                pixels_in, boxes, pasted_labels, record = self.paste(np.asarray(image), boxes,
+                                                                     [labels[j] for j in keep], batch["file"][i])
+                image, labels, keep = Image.fromarray(pixels_in), pasted_labels, list(range(len(pasted_labels)))
+            # The categories pasted and still visible: the trainer counts them per epoch.
+            pasted.append(json.dumps([p["category"] for p in record if p["box"] is not None]))
             scale = self.rng.uniform(self.cfg.min_scale, self.cfg.max_scale) if self.train else 1.0
             flip = bool(self.rng.random() < self.cfg.flip_prob) if self.train else False
             crop = tuple(self.rng.random(2)) if self.train else (0.0, 0.0)
@@ -290,7 +302,7 @@ class Augmenter:
             masks.append(mask)
             targets.append(json.dumps({"boxes": to_target(boxes, valid), "labels": [self.index[c] for c in kept]}))
         return {"pixels": np.stack(pixels), "mask": np.stack(masks), "target": np.array(targets, dtype=object),
-                "source": np.asarray(batch["source"], dtype=object)}
+                "source": np.asarray(batch["source"], dtype=object), "pasted": np.array(pasted, dtype=object)}
 
 
 def read_shard_samples(item: dict) -> list[dict]:
@@ -307,7 +319,8 @@ def read_shard_samples(item: dict) -> list[dict]:
     return rows
 
 
-def build_train_dataset(cfg: DetectorConfig, plan: EpochPlan, categories: list[str], keep_aspect: bool):
+def build_train_dataset(cfg: DetectorConfig, plan: EpochPlan, categories: list[str], keep_aspect: bool,
+                        paste_index: Optional[PoolIndex] = None):
     """The Ray Dataset of one epoch: planned real and synthetic rows, augmented on CPU workers."""
     import ray
     parts = []
@@ -323,7 +336,9 @@ def build_train_dataset(cfg: DetectorConfig, plan: EpochPlan, categories: list[s
                      .flat_map(read_shard_samples, num_cpus=0.25))
     ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
     ds = ds.randomize_block_order(seed=None)
-    return ds.map_batches(Augmenter, fn_constructor_args=(categories, cfg.image_size, asdict(cfg.augment), keep_aspect),
+    paste = (asdict(cfg.copy_paste), paste_index) if paste_index is not None else None
+    return ds.map_batches(Augmenter, fn_constructor_args=(categories, cfg.image_size, asdict(cfg.augment), keep_aspect,
+                                                          True, paste),
                           batch_size=cfg.batch_size, batch_format="numpy", num_cpus=0.25,
                           compute=ray.data.ActorPoolStrategy(size=1))
 
@@ -339,7 +354,8 @@ def collate(batch: dict, image_mean, image_std) -> dict:
         labels.append({"class_labels": torch.tensor(t["labels"], dtype=torch.long),
                        "boxes": torch.tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4)})
     return {"pixel_values": (pixels - mean) / std, "pixel_mask": torch.from_numpy(batch["mask"]).long(),
-            "labels": labels, "sources": list(batch["source"])}
+            "labels": labels, "sources": list(batch["source"]),
+            "pasted": [json.loads(p) for p in batch["pasted"]] if "pasted" in batch else []}
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,7 +386,7 @@ def train_loop_per_worker(config: dict) -> None:
     dtype = torch.bfloat16 if cfg.run.bf16 else torch.float32
     while step < total:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
-        seen = Counter()
+        seen, pasted = Counter(), Counter()
         start = time.time()
         batches = shard.iter_torch_batches(
             batch_size=cfg.batch_size, drop_last=True, local_shuffle_buffer_size=4 * cfg.batch_size,
@@ -387,6 +403,7 @@ def train_loop_per_worker(config: dict) -> None:
             engine.step()
             step += 1
             seen.update(batch["sources"])
+            pasted.update(c for cats in batch["pasted"] for c in cats)
             loss = _finite(float(all_reduce(out.loss.detach().float(), "mean")))
             history["losses"].append(round(loss, 6))
             end_of_epoch = i + 1 == steps_per_epoch or step == total
@@ -397,6 +414,9 @@ def train_loop_per_worker(config: dict) -> None:
                 # after a resume in mid-epoch, over the steps since the checkpoint.
                 history["epochs"].append({"epoch": epoch, REAL: counts[0], SYNTHETIC: counts[1],
                                           "images_per_s": sum(counts) / max(time.time() - start, 1e-9)})
+                if cfg.copy_paste.pool:  # the pool instances pasted (and left visible), per category
+                    by_cat = all_reduce(torch.tensor([pasted[c] for c in categories], device=device)).tolist()
+                    history["epochs"][-1]["pasted"] = {c: int(n) for c, n in zip(categories, by_cat) if n}
                 metrics.update(history["epochs"][-1])
             report(metrics, engine, step, cfg.run.checkpoint_every, extra=history, last=step == total)
 
@@ -436,13 +456,14 @@ def train_detector(cfg: DetectorConfig, ray_cfg: Optional[RayConfig] = None) -> 
 
     start = time.time()
     categories, plan = prepare(cfg)
+    paste_index = load_pool_index(cfg.copy_paste, categories) if cfg.copy_paste.pool else None
     # Build once on the driver: a bad kind, folder or attention fails here, not in every worker.
     det = build_detector(cfg.kind, cfg.model, categories, cfg.image_size, "reference", cfg.tiny)
     total = plan.steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     connect(ray_cfg or RayConfig())
-    dataset = build_train_dataset(cfg, plan, categories, det.keep_aspect)
+    dataset = build_train_dataset(cfg, plan, categories, det.keep_aspect, paste_index)
     loop_config = {"detector": asdict(cfg), "categories": categories,
                    "steps_per_epoch": plan.steps_per_epoch, "total_steps": total}
     result = fit(train_loop_per_worker, loop_config, cfg.run, {"train": dataset}, "detector training")
