@@ -14,6 +14,7 @@ from engine.config.sections import (
                                     GroundingConfigError,
                                     GroundingTrainConfig,
                                     GroundingTrainError,
+                                    LayoutConfig,
                                     LossConfig,
                                     ModelConfig,
                                     OutputConfig,
@@ -28,6 +29,6 @@ from engine.errors import ConfigError
 
 __all__ = ["AnnotationConfig", "AugmentConfig", "BUDGET_RULES", "Config", "ConfigError", "DETECTOR_ATTENTION",
            "DetectorConfig", "FREQUENCY_GROUPS", "FinetuneConfig", "GroundingConfig", "GroundingConfigError",
-           "GroundingTrainConfig", "GroundingTrainError", "LossConfig", "ModelConfig", "OutputConfig", "PromptConfig",
+           "GroundingTrainConfig", "GroundingTrainError", "LayoutConfig", "LossConfig", "ModelConfig", "OutputConfig", "PromptConfig",
            "RayConfig", "SPLIT_RULES", "SynthesisConfig", "TinyDetectorConfig", "TinyModelConfig", "TrainRunConfig",
            "fingerprint", "from_dict", "load_config", "to_dict", "unshared"]

@@ -132,6 +132,65 @@ class AnnotationConfig:
 
 
 @dataclass
+class LayoutConfig:
+    """Layout rows (engine/generation/layouts.py): each image is drawn by GLIGEN from a real image's
+    boxes, which become its labels (labeller `layout`). Off while `annotations` is empty."""
+    annotations: str = ""  # COCO-format instances JSON (path or URL) whose images give the layouts
+    image_root: str = ""
+    format: str = "coco"  # coco (also Objects365) | lvis
+    categories: list[str] = field(default_factory=list)  # categories to make rows for; empty = all
+    # The seed's selection: images with at most max_objects boxes, of one category only if
+    # one_category, every box at least min_box_side pixels on its shorter side (GLIGEN draws a
+    # tiny box badly, and a box dropped from a layout would be an object without a label).
+    max_objects: int = 6
+    one_category: bool = True
+    min_box_side: float = 0.0
+    # Rows per category: uniform (rows_per_category each) or to_target (enough rows that the
+    # dataset's instances of the category plus the layouts' boxes of it reach target_instances:
+    # rare categories get the most rows, those already at the target none).
+    balance: str = "uniform"
+    rows_per_category: int = 4
+    target_instances: int = 0
+    # So that layouts are not copies of the real ones: each box's centre moves by up to `jitter`
+    # of its side, and each side is scaled by a factor drawn from [scale_min, scale_max]; the
+    # draws are recorded in the sample's JSON.
+    jitter: float = 0.0
+    scale_min: float = 1.0
+    scale_max: float = 1.0
+    template: str = "a photograph of {c1}"  # {c1}: the layout's category names joined by " and "
+    # GLIGEN's scheduled sampling: the gated layers act in this fraction of the denoising steps.
+    gligen_beta: float = 0.3
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not self.annotations:
+            _require(not self.categories, "layout.categories applies to layout rows; set layout.annotations to a "
+                                          "COCO-format instances JSON, or remove layout.categories")
+            return
+        _require(self.format in ("coco", "lvis"), f"layout.format must be coco or lvis, got {self.format!r}")
+        _require(1 <= self.max_objects <= GLIGEN_MAX_OBJECTS,
+                 f"layout.max_objects must lie in [1, {GLIGEN_MAX_OBJECTS}] (GLIGEN's limit), got {self.max_objects}")
+        _require(self.min_box_side >= 0, f"layout.min_box_side must be >= 0 pixels, got {self.min_box_side}")
+        _require(self.balance in ("uniform", "to_target"),
+                 f"layout.balance must be uniform or to_target, got {self.balance!r}")
+        _require(self.balance != "uniform" or self.rows_per_category >= 1,
+                 f"layout.rows_per_category must be >= 1, got {self.rows_per_category}")
+        _require(self.balance != "to_target" or self.target_instances >= 1,
+                 f"layout.balance=to_target needs layout.target_instances >= 1 (boxes per category to reach), "
+                 f"got {self.target_instances}")
+        _require(0 <= self.jitter <= 1, f"layout.jitter must lie in [0, 1] (a fraction of the box side), got {self.jitter}")
+        _require(0 < self.scale_min <= self.scale_max,
+                 f"layout.scale_min and scale_max must satisfy 0 < scale_min <= scale_max, got "
+                 f"{self.scale_min} and {self.scale_max}")
+        _require(0 <= self.gligen_beta <= 1, f"layout.gligen_beta must lie in [0, 1], got {self.gligen_beta}")
+        check_names("layout", {"categories": self.categories})
+        check_template("layout.template", self.template, ("c1",))
+
+
+GLIGEN_MAX_OBJECTS = 30  # the grounding tokens a GLIGEN UNet attends to
+
+
+@dataclass
 class OutputConfig:
     path: str = "outputs/tiny"
     shard_size: int = 16
@@ -456,6 +515,7 @@ class Config:
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     annotation: AnnotationConfig = field(default_factory=AnnotationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    layout: LayoutConfig = field(default_factory=LayoutConfig)  # off unless layout.annotations is set
     ray: RayConfig = field(default_factory=RayConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     # Each job validates its own trainer section; Config.validate checks what every job shares.
@@ -502,6 +562,10 @@ def _validate(cfg: Config) -> None:
     check_template("prompts.template", p.template, ("c1", "c2", "d1", "d2"))
     check_template("prompts.template_single", p.template_single, ("c1", "d1"))
     check_output_path("output.path", o.path)
+    cfg.layout.validate()
+    _require(a.labeller != "layout" or bool(cfg.layout.annotations),
+             "annotation.labeller=layout labels each image with the boxes of its layout; set layout.annotations "
+             "to a COCO-format instances JSON, or choose another labeller")
 
 
 SCHEDULERS = ("ddim", "pndm", "euler", "dpm")

@@ -10,6 +10,7 @@ labeller says where:
 - "grounding_head": every prompted category boxed by the grounding head (score >= beta);
 - "teacher+head": the categories the head was trained on as base go to the teacher, the others
   (novel) to the head, as the paper generates its synthetic dataset; each box says which made it;
+- "layout": the boxes of the layout GLIGEN drew the image from (engine.generation.layouts);
 - "none": images and latents without boxes (novel images for the head's self-training).
 
 The head reads UNet features, not pixels: it needs each image's stored latent (the input of the
@@ -29,6 +30,7 @@ from PIL import Image
 
 from engine.config import AnnotationConfig, ModelConfig, TinyDetectorConfig, from_dict
 from engine.errors import UserError
+from engine.generation.layouts import Layout
 from engine.models.boxes import clip_box, nms
 from engine.models.detectors import DetectorError, build_detector, load_detector
 from engine.models.diffusion import load_pipeline
@@ -75,7 +77,7 @@ def check_labeller(cfg: AnnotationConfig) -> None:
         raise AnnotationError(f"annotation.labeller={cfg.labeller} needs the grounding head's folder, and "
                               f"{cfg.head or cfg.model!r} is none; set annotation.head to the folder that "
                               f"`instagen train-grounding` wrote")
-    if cfg.model != "tiny" and not os.path.isdir(cfg.model) and cfg.labeller not in ("grounding_head", "none"):
+    if cfg.model != "tiny" and not os.path.isdir(cfg.model) and cfg.labeller not in ("grounding_head", "none", "layout"):
         raise AnnotationError(f"annotation.model {cfg.model!r} is not a local folder; point it at a "
                               f"detector saved with save_pretrained, or use 'tiny'")
 
@@ -149,6 +151,30 @@ class NoLabeller:
 
     def label(self, images: list[np.ndarray], categories: list[list[str]]) -> list[list[dict]]:
         return [[] for _ in images]
+
+
+@register_labeller("layout")
+class LayoutLabeller:
+    """The boxes the image was drawn from (layout rows, engine.generation.layouts): each layout box,
+    scaled to the image, is a label of score 1. GLIGEN was told to put the object there; whether
+    it did is what verification (a detector's agreement) checks."""
+
+    name = "layout"
+    needs_layout = True  # the Annotator passes layouts= (each sample's Layout)
+
+    def __init__(self, cfg: AnnotationConfig, categories: list[str]):
+        pass
+
+    def label(self, images: list[np.ndarray], categories: list[list[str]], layouts=None) -> list[list[dict]]:
+        if layouts is None:
+            raise AnnotationError("annotation.labeller=layout labels layout rows only; set layout.annotations "
+                                  "or choose another labeller")
+        out = []
+        for image, lay in zip(images, layouts):
+            h, w = image.shape[:2]
+            out.append([{"bbox": [round(b[0] * w, 2), round(b[1] * h, 2), round(b[2] * w, 2), round(b[3] * h, 2)],
+                         "category": label, "score": 1.0} for b, label in zip(lay.boxes, lay.labels)])
+        return out
 
 
 HEAD_LABELLER = "grounding_head"
@@ -258,11 +284,13 @@ class Annotator:
                 records.append("")
                 continue
             boxes, (h, w) = found[i]
+            # A layout row records where its layout came from (source image, boxes, jitter drawn).
+            extra = {"layout": json.loads(row["layout"][i])["source"]} if "layout" in row else {}
             records.append(json.dumps({
                 "id": int(row["id"][i]), "prompt": str(row["text"][i]), "categories": json.loads(row["categories"][i]),
                 "seed": int(row["seed"][i]), "seed_used": int(row["seed_used"][i]),
                 "model_id": str(row["model_id"]), "width": int(w), "height": int(h),
-                "box_format": BOX_FORMAT, **columns(boxes)}))
+                "box_format": BOX_FORMAT, **columns(boxes), **extra}))
         return {**row, "json": records}
 
     def label_batch(self, row: dict, chunk: list[int]) -> list[tuple[list[dict], tuple[int, int]]]:
@@ -274,6 +302,11 @@ class Annotator:
         if getattr(self.labeller, "needs_latents", False):  # the grounding head reads UNet features
             extra = {"latents": [np.load(io.BytesIO(row["latent"][i]), allow_pickle=False) for i in chunk],
                      "prompts": [str(row["text"][i]) for i in chunk]}
+        if getattr(self.labeller, "needs_layout", False):
+            if "layout" not in row:
+                raise AnnotationError("annotation.labeller=layout labels layout rows only; set layout.annotations "
+                                      "or choose another labeller")
+            extra["layouts"] = [Layout.from_json(row["layout"][i]) for i in chunk]
         found = self.labeller.label(images, [json.loads(row["categories"][i]) for i in chunk], **extra)
         out = []
         for image, boxes in zip(images, found):

@@ -17,9 +17,10 @@ from dataclasses import asdict, dataclass
 from engine.config import Config, fingerprint
 from engine.data.shards import ShardStore, write_shard_row
 from engine.generation.annotation import Annotator, build_labeller, check_labeller
+from engine.generation.layouts import make_plan
 from engine.generation.prompts import ROWS_VERSION, PromptPlan
 from engine.generation.synthesis import Synthesizer
-from engine.models.diffusion import load_pipeline
+from engine.models.diffusion import check_source, load_pipeline
 from engine.runtime.cluster import (
     cluster_state,
     connect,
@@ -59,7 +60,13 @@ def run_fingerprint(cfg: Config, plan: PromptPlan) -> str:
                                       if k not in ("batch_size", "num_actors", "gpus_per_actor")},
                         "annotation": {"labeller": cfg.annotation.labeller, "model": cfg.annotation.model,
                                        "alpha": cfg.annotation.alpha, "beta": cfg.annotation.beta},
-                        "shard_size": cfg.output.shard_size, "rows": ROWS_VERSION})
+                        "shard_size": cfg.output.shard_size, "rows": ROWS_VERSION,
+                        # Layout rows: their config and the dataset's qualifying images and boxes.
+                        **({"layout": [asdict(cfg.layout), plan.fingerprint_data()]} if _layouts(plan) else {})})
+
+
+def _layouts(plan) -> bool:
+    return getattr(plan, "layouts", False)
 
 
 class Progress:
@@ -85,7 +92,7 @@ def generate(cfg: Config) -> Summary:
     import ray
 
     start = time.time()
-    plan = PromptPlan(cfg.prompts)
+    plan = make_plan(cfg)  # prompt rows, or layout rows when layout.annotations is set
     categories = plan.all_categories
     size = cfg.output.shard_size
     n_shards = (len(plan) + size - 1) // size
@@ -103,12 +110,13 @@ def generate(cfg: Config) -> Summary:
     if todo:
         # Everything a user can get wrong is checked before the first byte is written.
         check_labeller(cfg.annotation)
+        check_source(cfg.model, layout=_layouts(plan))
         connect(cfg.ray)
         resources, nodes = cluster_state()
         synth, annot = plan_pools(resources, nodes, cfg.synthesis.num_actors, cfg.synthesis.gpus_per_actor,
                                   cfg.annotation.num_actors, cfg.annotation.gpus_per_actor,
                                   cfg.ray.allow_autoscale)
-        _probe_models(cfg, categories, synth)
+        _probe_models(cfg, categories, synth, _layouts(plan))
         claim = store.prepare(run_info)
         store.remove_temporaries()
         quiet_data_context()
@@ -141,18 +149,18 @@ def generate(cfg: Config) -> Summary:
                    wall_s=time.time() - start, output=cfg.output.path)
 
 
-def _load_models(cfg: Config, categories: list[str]) -> None:
-    load_pipeline(cfg.model)
+def _load_models(cfg: Config, categories: list[str], layout: bool = False) -> None:
+    load_pipeline(cfg.model, layout=layout)
     build_labeller(cfg.annotation, categories)
 
 
-def _probe_models(cfg: Config, categories: list[str], synth) -> None:
+def _probe_models(cfg: Config, categories: list[str], synth, layout: bool = False) -> None:
     """Load the generator and the labeller once, in one task with a synthesis actor's resources,
     before anything is written: a model that cannot load (a damaged folder or checkpoint, a
     checkpoint refused for its pickles) is then one line, not a pool of dying actors."""
     import ray
     try:
-        ray.get(ray.remote(_load_models).options(max_retries=0, **synth.remote_args()).remote(cfg, categories))
+        ray.get(ray.remote(_load_models).options(max_retries=0, **synth.remote_args()).remote(cfg, categories, layout))
     except Exception as e:
         user = user_error_in(e)
         if user is None:

@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 
 from engine.config import ModelConfig, SynthesisConfig
+from engine.config.sections import GLIGEN_MAX_OBJECTS
+from engine.generation.layouts import Layout
 from engine.generation.prompts import PromptPlan, PromptSpec
 from engine.models.diffusion import UNetFeatureTap, load_pipeline
 from engine.runtime.faults import maybe_crash, poison_nonfinite
@@ -35,12 +37,52 @@ def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds])
 
 
+def gligen_inputs(pipe, layouts: list[Layout], guided: bool) -> dict:
+    """GLIGEN's grounding input for a batch, as StableDiffusionGLIGENPipeline builds it for one
+    prompt, but with each sample's own boxes: per sample up to 30 normalised xyxy boxes, each with
+    the pooled text embedding of its phrase (the category name), and a mask of the boxes present.
+    The unconditional half of a guided batch gets no boxes (mask 0), as in the pipeline."""
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    n, dim = len(layouts), pipe.unet.config.cross_attention_dim
+    boxes = torch.zeros(n, GLIGEN_MAX_OBJECTS, 4)
+    embeddings = torch.zeros(n, GLIGEN_MAX_OBJECTS, dim)
+    masks = torch.zeros(n, GLIGEN_MAX_OBJECTS)
+    phrases = sorted({p for lay in layouts for p in lay.labels})
+    # Padded to the tokenizer's full length, so a phrase's embedding does not depend on the other
+    # phrases of the batch (the pooled token is its end token; CLIP's attention is causal).
+    tok = pipe.tokenizer(phrases, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").to(pipe.text_encoder.device)
+    pooled = dict(zip(phrases, pipe.text_encoder(**tok).pooler_output.float().cpu()))
+    for i, lay in enumerate(layouts):
+        k = min(len(lay.boxes), GLIGEN_MAX_OBJECTS)
+        boxes[i, :k] = torch.tensor(lay.boxes[:k])
+        embeddings[i, :k] = torch.stack([pooled[p] for p in lay.labels[:k]])
+        masks[i, :k] = 1
+    if guided:
+        boxes, embeddings = torch.cat([boxes, boxes]), torch.cat([embeddings, embeddings])
+        masks = torch.cat([torch.zeros_like(masks), masks])
+    return {"boxes": boxes.to(device, dtype), "positive_embeddings": embeddings.to(device, dtype),
+            "masks": masks.to(device, dtype)}
+
+
+def set_gated_layers(unet, enabled: bool) -> None:
+    """GLIGEN's scheduled sampling: the gated layers act only in the first steps."""
+    from diffusers.models.attention import GatedSelfAttentionDense
+    for module in unet.modules():
+        if type(module) is GatedSelfAttentionDense:
+            module.enabled = enabled
+
+
 @torch.no_grad()
-def draw(pipe, texts: list[str], seeds: list[int], cfg: SynthesisConfig) -> Drawn:
+def draw(pipe, texts: list[str], seeds: list[int], cfg: SynthesisConfig,
+         layouts: Optional[list[Layout]] = None, gligen_beta: float = 0.3) -> Drawn:
+    """`layouts`: one per text, for a GLIGEN pipeline, whose gated layers read the boxes during the
+    first `gligen_beta` of the steps (GLIGEN's scheduled sampling)."""
     device, dtype = pipe.unet.device, pipe.unet.dtype
     guided = cfg.guidance > 1.0
     cond, uncond = pipe.encode_prompt(texts, device, 1, guided)
     text_emb = torch.cat([uncond, cond]) if guided else cond
+    grounding = gligen_inputs(pipe, layouts, guided) if layouts is not None else None
 
     scale = pipe.vae_scale_factor
     shape = (pipe.unet.config.in_channels, cfg.height // scale, cfg.width // scale)
@@ -50,15 +92,22 @@ def draw(pipe, texts: list[str], seeds: list[int], cfg: SynthesisConfig) -> Draw
 
     tap = UNetFeatureTap(pipe.unet) if cfg.keep_features else None
     last = len(sched.timesteps) - 1
+    grounded_steps = int(gligen_beta * len(sched.timesteps)) if grounding else 0
     try:
+        if grounding:
+            set_gated_layers(pipe.unet, True)
         for i, t in enumerate(sched.timesteps):
             if i == last:
                 before_last = latents.float().cpu()
                 if tap:
                     tap.active = True
+            if grounding and i == grounded_steps:
+                set_gated_layers(pipe.unet, False)
             x = torch.cat([latents, latents]) if guided else latents
             x = sched.scale_model_input(x, t)
-            eps = pipe.unet(x, t, encoder_hidden_states=text_emb).sample
+            # The UNet turns the grounding input into its tokens each call; a fresh dict each step.
+            kwargs = {"cross_attention_kwargs": {"gligen": dict(grounding)}} if grounding else {}
+            eps = pipe.unet(x, t, encoder_hidden_states=text_emb, **kwargs).sample
             if guided:
                 eps_u, eps_c = eps.chunk(2)
                 eps = eps_u + cfg.guidance * (eps_c - eps_u)
@@ -117,7 +166,10 @@ class Synthesizer:
         if threads:
             torch.set_num_threads(threads)
         self.cfg, self.prompts, self.shard_size = synth_cfg, prompts, shard_size
-        self.pipe = load_pipeline(model_cfg)
+        # Layout rows (engine.generation.layouts) are drawn by GLIGEN from their boxes.
+        self.layouts = getattr(prompts, "layouts", False)
+        self.gligen_beta = prompts.cfg.gligen_beta if self.layouts else 0.0
+        self.pipe = load_pipeline(model_cfg, layout=self.layouts)
         self.model_id = model_cfg.source
         self.batches = 0
 
@@ -129,6 +181,8 @@ class Synthesizer:
                "model_id": self.model_id, "status": [], "seed_used": [], "jpg": [], "latent": []}
         if self.cfg.keep_features:
             out["features"] = []
+        if self.layouts:
+            out["layout"] = [s.layout.to_json() for s in specs]
         for start in range(0, len(specs), self.cfg.batch_size):
             for name, values in self.draw_rows(specs[start:start + self.cfg.batch_size]).items():
                 out[name] += values
@@ -146,7 +200,8 @@ class Synthesizer:
             if not todo:
                 break
             tried = [derived_seed(seeds[i], attempt) if attempt else seeds[i] for i in todo]
-            drawn = draw(self.pipe, [texts[i] for i in todo], tried, self.cfg)
+            layouts = [specs[i].layout for i in todo] if self.layouts else None
+            drawn = draw(self.pipe, [texts[i] for i in todo], tried, self.cfg, layouts, self.gligen_beta)
             poison_nonfinite([ids[i] for i in todo], drawn, attempt)
             for j, i in enumerate(todo):
                 if drawn.finite[j]:
