@@ -1,0 +1,223 @@
+"""Layout rows (engine/generation/layouts.py) and GLIGEN synthesis: selection, class balance,
+determinism, recorded jitter, the user's errors, and a generate run on a real local Ray whose
+labels are the layouts' boxes."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from engine.config import ConfigError, LayoutConfig, ModelConfig, SynthesisConfig, load_config
+from engine.data.shards import ShardError, shard_urls
+from engine.generation.layouts import LayoutError, LayoutPlan, select_images
+from engine.models.checkpoints import ModelLoadError
+from fixtures_coco import draw_image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CATS = ["red square", "blue disc", "green square", "yellow disc"]
+# Image id -> its objects (category index, xyxy box) on a 64x64 canvas.
+IMAGES = {
+    1: [(0, [4, 4, 24, 24])],
+    2: [(0, [4, 4, 24, 24]), (0, [30, 30, 50, 50])],
+    3: [(0, [10, 10, 40, 40])],
+    4: [(1, [8, 8, 28, 28])],
+    5: [(1, [8, 8, 28, 28]), (0, [36, 36, 56, 56])],  # two categories
+    6: [(2, [20, 20, 44, 44])],
+    7: [(0, [0, 0, 8, 8]), (0, [10, 0, 18, 8]), (0, [20, 0, 28, 8]), (0, [30, 0, 38, 8])],  # 4 objects
+    8: [(1, [2, 2, 5, 5])],  # a 3 px box
+    9: [(0, [2, 40, 22, 60])],
+}
+# Instances in the dataset: red square 11, blue disc 3, green square 1, yellow disc 0.
+
+
+def make_layout_dataset(tmp_path, images=IMAGES, bad_box=False) -> tuple[str, str]:
+    root = Path(tmp_path) / "images"
+    root.mkdir(parents=True, exist_ok=True)
+    imgs, anns = [], []
+    for img_id, objects in images.items():
+        name = f"{img_id:06d}.jpg"
+        draw_image(str(root / name), 64, objects)
+        imgs.append({"id": img_id, "file_name": name, "width": 64, "height": 64})
+        for c, (x0, y0, x1, y1) in objects:
+            anns.append({"id": len(anns) + 1, "image_id": img_id, "category_id": 10 + 3 * c,
+                         "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
+    if bad_box:
+        anns.append({"id": len(anns) + 1, "image_id": 1, "category_id": 10, "bbox": [70, 70, 10, 10],
+                     "area": 100, "iscrowd": 0})
+    data = {"images": imgs, "annotations": anns,
+            "categories": [{"id": 10 + 3 * i, "name": n} for i, n in enumerate(CATS)]}
+    ann = Path(tmp_path) / "layouts.json"
+    ann.write_text(json.dumps(data))
+    return str(ann), str(root)
+
+
+@pytest.fixture(scope="module")
+def layout_data(tmp_path_factory):
+    return make_layout_dataset(tmp_path_factory.mktemp("layouts"))
+
+
+def plan_of(layout_data, **kw):
+    ann, root = layout_data
+    cfg = LayoutConfig(annotations=ann, image_root=root, **kw)
+    cfg.validate()
+    return LayoutPlan(cfg)
+
+
+def test_selection_follows_the_seeds_criteria(layout_data):
+    plan = plan_of(layout_data, max_objects=3, one_category=True, min_box_side=4)
+    ids = {c: [x.id for x in pool] for c, pool in plan.pools.items()}
+    assert ids == {"red square": [1, 2, 3, 9], "blue disc": [4], "green square": [6], "yellow disc": []}
+    assert plan.refused == {"more than 3 objects": 1, "more than one category": 1, "a box under 4 px": 1}
+    assert plan.categories == ["red square", "blue disc", "green square"]  # yellow disc has no image
+    assert plan.summary["layouts"]["no_qualifying_image"] == ["yellow disc"]
+    # Looser criteria take the mixed image into both pools, and the small box.
+    loose = plan_of(layout_data, max_objects=4, one_category=False)
+    assert [x.id for x in loose.pools["blue disc"]] == [4, 5, 8]
+    assert [x.id for x in loose.pools["red square"]] == [1, 2, 3, 5, 7, 9]
+    from engine.data.datasets import load_detection_dataset
+    kept, refused = select_images(load_detection_dataset(*layout_data, check_images=False), LayoutConfig(max_objects=1))
+    assert [x.id for x in kept] == [1, 3, 4, 6, 8, 9] and refused == {"more than 1 objects": 3}
+
+
+def test_balance_gives_rare_categories_the_most_rows(layout_data):
+    plan = plan_of(layout_data, balance="to_target", target_instances=5, max_objects=3)
+    # red square has 11 >= 5: none; blue disc 3 -> 2 more from its one image; green square 1 -> 4.
+    assert dict(zip(plan.categories, plan.counts)) == {"blue disc": 2, "green square": 4}
+    for c in plan.categories:
+        made = sum(r.layout.labels.count(c) for r in plan.rows() if r.categories[0] == c)
+        assert plan.instances[c] + made >= 5
+    # The count is exact, not rounded from a mean: red square's images hold 1, 2, 1, 1 boxes.
+    red = plan_of(layout_data, balance="to_target", target_instances=14, max_objects=3, categories=["red square"])
+    rows = list(red.rows())
+    boxes = [r.layout.labels.count("red square") for r in rows]
+    assert 11 + sum(boxes) >= 14 and 11 + sum(boxes[:-1]) < 14
+    # Every image of a pool is used once before any is used twice.
+    ids = [r.layout.source["image_id"] for r in plan_of(layout_data, rows_per_category=8, max_objects=3,
+                                                        categories=["red square"]).rows()]
+    assert sorted(ids[:4]) == [1, 2, 3, 9] and sorted(ids[4:]) == [1, 2, 3, 9]
+
+
+def test_rows_are_a_pure_function_of_seed_and_id(layout_data):
+    kw = dict(max_objects=3, rows_per_category=5, jitter=0.2, scale_min=0.7, scale_max=1.3, seed=3)
+    a, b = plan_of(layout_data, **kw), plan_of(layout_data, **kw)
+    rows = list(a.rows())
+    assert rows == list(b.rows()) and rows[7:11] == list(b.rows(7, 11)) and rows[9] == b.row(9)
+    assert [r.id for r in rows] == list(range(len(a))) == list(range(15))
+    other = list(plan_of(layout_data, **{**kw, "seed": 4}).rows())
+    assert [r.seed for r in other] != [r.seed for r in rows]
+    for r in rows:
+        src = r.layout.source
+        assert r.layout.labels == tuple(CATS[c] for c, _ in IMAGES[src["image_id"]])
+        assert src["boxes"] == [list(map(float, b)) for _, b in IMAGES[src["image_id"]]]
+        for box, orig, (dx, dy, s) in zip(r.layout.boxes, src["boxes"], src["moves"]):
+            assert 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1
+            assert abs(dx) <= 0.2 and abs(dy) <= 0.2 and 0.7 <= s <= 1.3
+            w = (orig[2] - orig[0]) / 64  # the recorded scale is the scale of the box drawn
+            assert abs((box[2] - box[0]) - min(w * s, 1.0)) < 1e-5
+        assert r.text == "a photograph of " + " and ".join(r.categories)
+    # No jitter, no rescale: the layout is the real image's boxes, normalised.
+    plain = plan_of(layout_data, max_objects=3).row(0)
+    assert [[v * 64 for v in b] for b in plain.layout.boxes] == plain.layout.source["boxes"]
+
+
+def test_bad_input_is_one_clear_line(layout_data, tmp_path):
+    ann, root = layout_data
+    with pytest.raises(LayoutError, match="layout.categories names 'purple disc'") as e:
+        plan_of(layout_data, categories=["purple disc"])
+    assert "\n" not in str(e.value)
+    with pytest.raises(LayoutError, match="no image .* qualifies as a layout of 'yellow disc'"):
+        plan_of(layout_data, categories=["yellow disc"])
+    bad_ann, bad_root = make_layout_dataset(tmp_path / "bad", bad_box=True)
+    with pytest.raises(LayoutError, match=r"1 box\(es\) outside their image .*fix or remove them") as e:
+        LayoutPlan(LayoutConfig(annotations=bad_ann, image_root=bad_root))
+    assert "\n" not in str(e.value)
+    for override, message in [("layout.max_objects=31", "layout.max_objects must lie in"),
+                              ("layout.balance=to_target", "needs layout.target_instances"),
+                              ("layout.scale_min=2.0", "scale_min <= scale_max"),
+                              ("layout.template='a {c2}'", "layout.template")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(os.path.join(ROOT, "configs/tiny.yaml"), [f"layout.annotations={ann}", override])
+    with pytest.raises(ConfigError, match="annotation.labeller=layout .* set layout.annotations"):
+        load_config(os.path.join(ROOT, "configs/tiny.yaml"), ["annotation.labeller=layout"])
+
+
+def test_gligen_loading_refuses_a_plain_sd_folder(tmp_path):
+    from engine.models.diffusion import build_tiny_pipeline, is_gligen_folder, load_pipeline
+    model = ModelConfig()
+    build_tiny_pipeline(model.tiny).save_pretrained(tmp_path / "sd")
+    build_tiny_pipeline(model.tiny, layout=True).save_pretrained(tmp_path / "gligen")
+    assert not is_gligen_folder(str(tmp_path / "sd")) and is_gligen_folder(str(tmp_path / "gligen"))
+    with pytest.raises(ModelLoadError, match="plain Stable Diffusion folder .* need a GLIGEN") as e:
+        load_pipeline(ModelConfig(source=str(tmp_path / "sd")), "cpu", layout=True)
+    assert "\n" not in str(e.value)
+    pipe = load_pipeline(ModelConfig(source=str(tmp_path / "gligen")), "cpu", layout=True)
+    assert type(pipe).__name__ == "StableDiffusionGLIGENPipeline"
+    assert pipe.unet.config.attention_type == "gated"
+
+
+def test_gligen_draws_the_boxes_it_is_given(layout_data):
+    """The boxes reach the UNet (other boxes, another image), and a sample does not depend on the
+    batch it was drawn in."""
+    from engine.generation.synthesis import draw
+    from engine.models.diffusion import load_pipeline
+    plan = plan_of(layout_data, max_objects=3, rows_per_category=1)
+    pipe = load_pipeline(ModelConfig(), "cpu", layout=True)
+    cfg = SynthesisConfig(steps=3)
+    rows = list(plan.rows())
+    both = draw(pipe, [r.text for r in rows], [r.seed for r in rows], cfg, [r.layout for r in rows], 1.0)
+    alone = draw(pipe, [rows[1].text], [rows[1].seed], cfg, [rows[1].layout], 1.0)
+    assert np.array_equal(alone.images[0], both.images[1]) and both.finite.all()
+    moved = draw(pipe, [rows[1].text], [rows[1].seed], cfg, [rows[0].layout], 1.0)
+    assert not np.allclose(moved.latents[0], alone.latents[0], atol=1e-3)
+    # Scheduled sampling: with beta 0 the gated layers never act, so the boxes change nothing.
+    off = [draw(pipe, [rows[1].text], [rows[1].seed], cfg, [lay], 0.0).latents[0] for lay in (rows[0].layout, rows[1].layout)]
+    assert np.allclose(off[0], off[1], atol=1e-6)
+
+
+def layout_config(out, layout_data, *extra):
+    ann, root = layout_data
+    return load_config(os.path.join(ROOT, "configs/tiny.yaml"), [
+        f"output.path={out}", f"layout.annotations={ann}", f"layout.image_root={root}", "layout.max_objects=3",
+        "layout.balance=to_target", "layout.target_instances=4", "layout.jitter=0.1", "annotation.labeller=layout",
+        "synthesis.steps=3", "synthesis.batch_size=2", "output.shard_size=2", *extra])
+
+
+def test_generate_labels_images_with_their_layouts(local_ray, layout_data, tmp_path):
+    from engine.generation.export import export
+    from engine.generation.pipeline import generate
+    out = str(tmp_path / "run")
+    cfg = layout_config(out, layout_data)
+    plan = LayoutPlan(cfg.layout)
+    assert dict(zip(plan.categories, plan.counts)) == {"blue disc": 1, "green square": 3}
+    summary = generate(cfg)
+    assert (summary.images, summary.shards, summary.dropped) == (4, 2, 0)
+    assert summary.boxes == sum(len(r.layout.boxes) for r in plan.rows())
+    raw = list(wds.WebDataset(shard_urls(out), shardshuffle=False))
+    assert sorted(s["__key__"] for s in raw) == [f"{i:09d}" for i in range(4)]
+    for s in raw:
+        meta, row = json.loads(s["json"]), plan.row(int(s["__key__"]))
+        assert meta["labels"] == list(row.layout.labels) and set(meta["labellers"]) == {"layout"}
+        assert meta["boxes"] == [[round(v * 64, 2) for v in b] for b in row.layout.boxes]
+        assert meta["layout"] == row.layout.source and meta["prompt"] == row.text
+    # A rerun writes nothing; export reads the layout labels as any others.
+    assert generate(cfg).shards_written == 0
+    result = export(out, preview_images=2)
+    coco = json.loads(Path(result["coco"]).read_text())
+    assert len(coco["images"]) == 4 and len(coco["annotations"]) == summary.boxes
+    # The same output with other layouts is another dataset: refused, nothing written.
+    with pytest.raises(ShardError, match="holds a different run"):
+        generate(layout_config(out, layout_data, "layout.seed=1"))
+
+
+def test_generate_refuses_bad_layout_input_before_writing(local_ray, layout_data, tmp_path):
+    from engine.generation.pipeline import generate
+    out = tmp_path / "run"
+    with pytest.raises(LayoutError, match="'purple disc'"):
+        generate(layout_config(out, layout_data, "layout.categories=[purple disc]"))
+    from engine.models.diffusion import build_tiny_pipeline
+    build_tiny_pipeline(ModelConfig().tiny).save_pretrained(tmp_path / "sd")
+    with pytest.raises(ModelLoadError, match="plain Stable Diffusion folder"):
+        generate(layout_config(out, layout_data, f"model.source={tmp_path / 'sd'}"))
+    assert not out.exists()
