@@ -176,12 +176,45 @@ def test_gligen_draws_the_boxes_it_is_given(layout_data):
     assert np.allclose(off[0], off[1], atol=1e-6)
 
 
+def test_postprocess_keeps_category_names_and_limits_length():
+    from engine.generation.captions import postprocess
+    assert postprocess("  a dog\tlying on   grass ", ["dog"], 10, "x") == "a dog lying on grass"
+    assert postprocess("a cat on a sofa next to a lamp", ["dog", "cat"], 4, "x") == "a cat on a, with dog"
+    assert postprocess("hotdogs for sale", ["dog"], 10, "x") == "hotdogs for sale, with dog"  # whole words
+    assert postprocess(" \x00 ", ["dog"], 10, "a photograph of dog") == "a photograph of dog"
+
+
+def test_captioner_captions_each_image_once(layout_data, tmp_path):
+    """A tiny BLIP-2 saved as a folder loads as a real one would; rows that reuse an image reuse
+    its caption, and every caption names its layout's categories."""
+    from engine.generation.captions import Captioner
+    from engine.models.captioner import build_tiny_captioner
+    model, processor = build_tiny_captioner()
+    model.save_pretrained(tmp_path / "blip2")
+    processor.save_pretrained(tmp_path / "blip2")
+    plan = plan_of(layout_data, max_objects=3, rows_per_category=3, categories=["blue disc", "green square"],
+                   captioner=str(tmp_path / "blip2"))
+    actor = Captioner(plan.cfg, plan, shard_size=6)
+    out = actor({"shard": 0})
+    captions = json.loads(out["captions"])
+    rows = list(plan.rows())
+    assert out["shard"] == 0 and len(captions) == len(rows) == 6
+    used = [r.layout.source["image_id"] for r in rows]
+    assert actor.captioned == len(set(used)) == 3 < len(used)  # blue disc: images 4 and 8; green square: 6
+    for r, c in zip(rows, captions):
+        assert all(n in c for n in r.categories) and len(c.split()) <= 30 + 3
+        assert c == captions[used.index(r.layout.source["image_id"])]
+    assert json.loads(Captioner(plan.cfg, plan, shard_size=6)({"shard": 0})["captions"]) == captions
+    with pytest.raises(ModelLoadError, match="not a transformers model folder"):
+        Captioner(LayoutConfig(captioner=str(tmp_path)), plan, 6)
+
+
 def layout_config(out, layout_data, *extra):
     ann, root = layout_data
     return load_config(os.path.join(ROOT, "configs/tiny.yaml"), [
         f"output.path={out}", f"layout.annotations={ann}", f"layout.image_root={root}", "layout.max_objects=3",
         "layout.balance=to_target", "layout.target_instances=4", "layout.jitter=0.1", "annotation.labeller=layout",
-        "synthesis.steps=3", "synthesis.batch_size=2", "output.shard_size=2", *extra])
+        "synthesis.steps=3", "synthesis.batch_size=2", "output.shard_size=2", "layout.captioner=tiny", *extra])
 
 
 def test_generate_labels_images_with_their_layouts(local_ray, layout_data, tmp_path):
@@ -193,6 +226,9 @@ def test_generate_labels_images_with_their_layouts(local_ray, layout_data, tmp_p
     assert dict(zip(plan.categories, plan.counts)) == {"blue disc": 1, "green square": 3}
     summary = generate(cfg)
     assert (summary.images, summary.shards, summary.dropped) == (4, 2, 0)
+    # The prompts are the caption stage's: the tiny BLIP-2's captions, post-processed.
+    from engine.generation.captions import Captioner
+    captions = json.loads(Captioner(cfg.layout, plan, 4)({"shard": 0})["captions"])
     assert summary.boxes == sum(len(r.layout.boxes) for r in plan.rows())
     raw = list(wds.WebDataset(shard_urls(out), shardshuffle=False))
     assert sorted(s["__key__"] for s in raw) == [f"{i:09d}" for i in range(4)]
@@ -200,7 +236,7 @@ def test_generate_labels_images_with_their_layouts(local_ray, layout_data, tmp_p
         meta, row = json.loads(s["json"]), plan.row(int(s["__key__"]))
         assert meta["labels"] == list(row.layout.labels) and set(meta["labellers"]) == {"layout"}
         assert meta["boxes"] == [[round(v * 64, 2) for v in b] for b in row.layout.boxes]
-        assert meta["layout"] == row.layout.source and meta["prompt"] == row.text
+        assert meta["layout"] == row.layout.source and meta["prompt"] == captions[row.id] != row.text
     # A rerun writes nothing; export reads the layout labels as any others.
     assert generate(cfg).shards_written == 0
     result = export(out, preview_images=2)

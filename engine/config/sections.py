@@ -160,12 +160,20 @@ class LayoutConfig:
     template: str = "a photograph of {c1}"  # {c1}: the layout's category names joined by " and "
     # GLIGEN's scheduled sampling: the gated layers act in this fraction of the denoising steps.
     gligen_beta: float = 0.3
+    # Captions of the source images as prompts (engine/generation/captions.py): "" = the template
+    # above; "tiny" (random BLIP-2: noise captions) or a local BLIP-2 folder. The caption is cut to
+    # caption_max_words words, and the layout's categories it does not name are appended.
+    captioner: str = ""
+    caption_max_words: int = 30
+    caption_max_tokens: int = 40  # tokens BLIP-2 may generate per caption
+    caption_batch_size: int = 8
     seed: int = 0
 
     def validate(self) -> None:
         if not self.annotations:
-            _require(not self.categories, "layout.categories applies to layout rows; set layout.annotations to a "
-                                          "COCO-format instances JSON, or remove layout.categories")
+            _require(not self.categories and not self.captioner,
+                     "layout.categories and layout.captioner apply to layout rows; set layout.annotations to a "
+                     "COCO-format instances JSON, or remove them")
             return
         _require(self.format in ("coco", "lvis"), f"layout.format must be coco or lvis, got {self.format!r}")
         _require(1 <= self.max_objects <= GLIGEN_MAX_OBJECTS,
@@ -183,6 +191,8 @@ class LayoutConfig:
                  f"layout.scale_min and scale_max must satisfy 0 < scale_min <= scale_max, got "
                  f"{self.scale_min} and {self.scale_max}")
         _require(0 <= self.gligen_beta <= 1, f"layout.gligen_beta must lie in [0, 1], got {self.gligen_beta}")
+        _require(self.caption_max_words >= 1 and self.caption_max_tokens >= 1 and self.caption_batch_size >= 1,
+                 "layout.caption_max_words, caption_max_tokens and caption_batch_size must be >= 1")
         check_names("layout", {"categories": self.categories})
         check_template("layout.template", self.template, ("c1",))
 

@@ -17,9 +17,11 @@ from dataclasses import asdict, dataclass
 from engine.config import Config, fingerprint
 from engine.data.shards import ShardStore, write_shard_row
 from engine.generation.annotation import Annotator, build_labeller, check_labeller
+from engine.generation.captions import Captioner, caption_pool
 from engine.generation.layouts import make_plan
 from engine.generation.prompts import ROWS_VERSION, PromptPlan
 from engine.generation.synthesis import Synthesizer
+from engine.models.captioner import load_captioner
 from engine.models.diffusion import check_source, load_pipeline
 from engine.runtime.cluster import (
     cluster_state,
@@ -121,6 +123,10 @@ def generate(cfg: Config) -> Summary:
         store.remove_temporaries()
         quiet_data_context()
         ds = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
+        if _layouts(plan) and cfg.layout.captioner:  # BLIP-2 captions as the layouts' prompts
+            synth, capt = caption_pool(synth, annot)
+            ds = ds.map(Captioner, fn_constructor_args=(cfg.layout, plan, size, threads_for(capt.num_cpus)),
+                        compute=ray.data.ActorPoolStrategy(size=capt.size), **capt.remote_args())
         ds = ds.map(Synthesizer, fn_constructor_args=(cfg.model, cfg.synthesis, plan, size, threads_for(synth.num_cpus)),
                     compute=ray.data.ActorPoolStrategy(size=synth.size), **synth.remote_args())
         ds = ds.map(Annotator, fn_constructor_args=(cfg.annotation, categories, threads_for(annot.num_cpus)),
@@ -151,6 +157,8 @@ def generate(cfg: Config) -> Summary:
 
 def _load_models(cfg: Config, categories: list[str], layout: bool = False) -> None:
     load_pipeline(cfg.model, layout=layout)
+    if layout and cfg.layout.captioner:
+        load_captioner(cfg.layout.captioner)
     build_labeller(cfg.annotation, categories)
 
 

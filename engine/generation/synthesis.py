@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -176,6 +176,8 @@ class Synthesizer:
     def __call__(self, row: dict) -> dict:
         index = int(row["shard"])
         specs = list(self.prompts.rows(index * self.shard_size, (index + 1) * self.shard_size))
+        if "captions" in row:  # the caption stage (engine.generation.captions) wrote the prompts
+            specs = [replace(s, text=t) for s, t in zip(specs, json.loads(row["captions"]))]
         out = {"shard": index, "id": [s.id for s in specs], "seed": [s.seed for s in specs],
                "text": [s.text for s in specs], "categories": [json.dumps(list(s.categories)) for s in specs],
                "model_id": self.model_id, "status": [], "seed_used": [], "jpg": [], "latent": []}
