@@ -257,3 +257,59 @@ def test_generate_refuses_bad_layout_input_before_writing(local_ray, layout_data
     with pytest.raises(ModelLoadError, match="plain Stable Diffusion folder"):
         generate(layout_config(out, layout_data, f"model.source={tmp_path / 'sd'}"))
     assert not out.exists()
+
+
+def test_verification_keeps_boxes_the_teacher_agrees_with():
+    """Gen2Det's rule: a layout box stays where a detection of its category overlaps it enough;
+    otherwise it is refused with the reason. The teacher here is pinned to given detections, so
+    that each case is known."""
+    from engine.config import AnnotationConfig
+    from engine.generation.annotation import MISPLACED, NOT_DETECTED, VerifiedLayoutLabeller
+    from engine.generation.layouts import Layout
+    labeller = VerifiedLayoutLabeller(AnnotationConfig(labeller="layout+detector", verify_iou=0.5), CATS)
+
+    class Pinned:  # the teacher's answer for the one image below
+        def label(self, images, categories):
+            return [[{"bbox": [0, 0, 32, 32], "category": "red square", "score": 0.9},
+                     {"bbox": [40, 40, 64, 64], "category": "blue disc", "score": 0.9}]]
+
+    labeller.detector = Pinned()
+    layout = Layout(((0.0, 0.0, 0.5, 0.5), (0.0, 0.5, 0.5, 1.0), (0.0, 0.0, 0.25, 0.25)),
+                    ("red square", "blue disc", "green square"), {})
+    [boxes] = labeller.label([np.zeros((64, 64, 3), np.uint8)], [["red square", "blue disc", "green square"]], [layout])
+    assert [(b["category"], b.get("refused")) for b in boxes] == [
+        ("red square", None), ("blue disc", MISPLACED), ("green square", NOT_DETECTED)]
+    assert boxes[0]["bbox"] == [0.0, 0.0, 32.0, 32.0] and boxes[1]["iou"] == 0.0
+
+
+def test_preview_draws_refused_boxes_in_their_own_colour():
+    import io
+    from PIL import Image
+    from engine.data.sheet import BASE_COLOUR, REFUSED_COLOUR, contact_sheet
+    from engine.generation.export import preview_tile
+    meta = {"prompt": "a photograph of red square", "boxes": [[4, 4, 30, 30]], "labels": ["red square"],
+            "scores": [1.0], "refused": [{"bbox": [34, 34, 60, 60], "category": "red square",
+                                          "reason": "no detection of its category", "iou": 0.0}]}
+    tile = preview_tile(Image.new("RGB", (64, 64), (128, 128, 128)), meta, set())
+    assert [c for _, _, c in tile.boxes] == [BASE_COLOUR, REFUSED_COLOUR] and tile.caption[1] == "1 boxes, 1 refused"
+    sheet = np.asarray(Image.open(io.BytesIO(contact_sheet([tile]))).convert("RGB")).reshape(-1, 3)
+    colours = {tuple(c) for c in np.unique(sheet, axis=0)}
+    assert BASE_COLOUR in colours and REFUSED_COLOUR in colours
+
+
+def test_generate_counts_refused_boxes_in_the_manifest(local_ray, layout_data, tmp_path):
+    from engine.generation.pipeline import generate
+    out = tmp_path / "run"
+    cfg = layout_config(out, layout_data, "annotation.labeller=layout+detector", "annotation.alpha=0.0",
+                        "annotation.verify_iou=0.9", "layout.captioner=", "layout.balance=uniform",
+                        "layout.rows_per_category=1", "layout.categories=[blue disc, green square]", "synthesis.steps=2")
+    summary = generate(cfg)
+    plan = LayoutPlan(cfg.layout)
+    manifest = [json.loads(p.read_text()) for p in sorted((out / "manifest").glob("*.json"))]
+    refused = sum(sum(m.get("refused", {}).values()) for m in manifest)
+    # Every layout box is either a label or refused with its reason, and the manifest counts them.
+    assert summary.boxes + refused == sum(len(r.layout.boxes) for r in plan.rows()) == 2
+    assert refused > 0  # a random teacher rarely overlaps a box by IoU 0.9
+    records = [json.loads(s["json"]) for s in wds.WebDataset(shard_urls(str(out)), shardshuffle=False)]
+    reasons = [r["reason"] for rec in records for r in rec.get("refused", [])]
+    assert sorted(reasons) == sorted(k for m in manifest for k, n in m.get("refused", {}).items() for _ in range(n))

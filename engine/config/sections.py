@@ -126,6 +126,9 @@ class AnnotationConfig:
     # Boxes kept per prompted category and image (0 = all). Where a prompt draws one object of
     # each category it names, a second box of that category is a duplicate or a wrong guess.
     max_per_category: int = 0
+    # labeller layout+detector: a layout box is kept where a teacher detection of its category
+    # (score >= alpha) overlaps it by at least this IoU (Gen2Det's check).
+    verify_iou: float = 0.5
     batch_size: int = 8
     num_actors: int = 0
     gpus_per_actor: float = 0.5
@@ -573,8 +576,8 @@ def _validate(cfg: Config) -> None:
     check_template("prompts.template_single", p.template_single, ("c1", "d1"))
     check_output_path("output.path", o.path)
     cfg.layout.validate()
-    _require(a.labeller != "layout" or bool(cfg.layout.annotations),
-             "annotation.labeller=layout labels each image with the boxes of its layout; set layout.annotations "
+    _require(a.labeller not in ("layout", "layout+detector") or bool(cfg.layout.annotations),
+             f"annotation.labeller={a.labeller} labels each image with the boxes of its layout; set layout.annotations "
              "to a COCO-format instances JSON, or choose another labeller")
 
 

@@ -20,7 +20,8 @@ import mmap
 import re
 import tarfile
 import uuid
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import fsspec
@@ -50,12 +51,14 @@ class ShardEntry:
     boxes: int
     size: int  # bytes of the shard's tar
     sha256: str  # of the tar: resume checks the size, export the checksum
+    # Layout boxes verification refused, per reason (labeller layout+detector); {} = none.
+    refused: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         """The manifest entry, as written to manifest/ and as `ShardStore.finished` returns it."""
         return {"index": self.index, "shard": shard_name(self.index), "keys": self.keys,
                 "dropped": self.dropped, "samples": len(self.keys), "boxes": self.boxes,
-                "size": self.size, "sha256": self.sha256}
+                "size": self.size, "sha256": self.sha256, **({"refused": self.refused} if self.refused else {})}
 
 
 class ShardStore:
@@ -205,9 +208,11 @@ class ShardStore:
         if claim is not None and not fs.exists(self._path("run.json")):
             write_atomic(fs, self._path("run.json"), json.dumps(claim, indent=2).encode())
         write_atomic(fs, self._path("shards", shard_name(index)), data)
-        boxes = sum(len(json.loads(s["json"])["boxes"]) for s in samples)
-        entry = ShardEntry(index, [s["__key__"] for s in samples], sorted(dropped), boxes, len(data),
-                           hashlib.sha256(data).hexdigest())
+        records = [json.loads(s["json"]) for s in samples]
+        refused = Counter(r["reason"] for rec in records for r in rec.get("refused", []))
+        entry = ShardEntry(index, [s["__key__"] for s in samples], sorted(dropped),
+                           sum(len(rec["boxes"]) for rec in records), len(data), hashlib.sha256(data).hexdigest(),
+                           dict(sorted(refused.items())))
         write_atomic(fs, self._path("manifest", f"shard-{index:06d}.json"), json.dumps(entry.as_dict()).encode())
         return entry
 

@@ -61,7 +61,9 @@ def run_fingerprint(cfg: Config, plan: PromptPlan) -> str:
                         "synthesis": {k: v for k, v in asdict(cfg.synthesis).items()
                                       if k not in ("batch_size", "num_actors", "gpus_per_actor")},
                         "annotation": {"labeller": cfg.annotation.labeller, "model": cfg.annotation.model,
-                                       "alpha": cfg.annotation.alpha, "beta": cfg.annotation.beta},
+                                       "alpha": cfg.annotation.alpha, "beta": cfg.annotation.beta,
+                                       **({"verify_iou": cfg.annotation.verify_iou}
+                                          if cfg.annotation.labeller == "layout+detector" else {})},
                         "shard_size": cfg.output.shard_size, "rows": ROWS_VERSION,
                         # Layout rows: their config and the dataset's qualifying images and boxes.
                         **({"layout": [asdict(cfg.layout), plan.fingerprint_data()]} if _layouts(plan) else {})})
