@@ -123,7 +123,7 @@ def test_rows_are_a_pure_function_of_seed_and_id(layout_data):
 
 
 def test_bad_input_is_one_clear_line(layout_data, tmp_path):
-    ann, root = layout_data
+    ann, _ = layout_data
     with pytest.raises(LayoutError, match="layout.categories names 'purple disc'") as e:
         plan_of(layout_data, categories=["purple disc"])
     assert "\n" not in str(e.value)
