@@ -42,7 +42,8 @@ from engine.training.grounding import train_grounding
 
 def cmd_generate(args) -> None:
     cfg = load_config(args.config, args.overrides)
-    check_source(cfg.model, layout=bool(cfg.layout.annotations))
+    check_source(cfg.model, layout=bool(cfg.layout.annotations),
+                 inpaint=bool(cfg.layout.annotations) and cfg.layout.mode == "inpainting")
     if args.dry_run:
         plan = make_plan(cfg)
         print(f"config {args.config} is valid: {len(plan)} prompts of {len(plan.categories)} categories in "

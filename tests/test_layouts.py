@@ -209,6 +209,41 @@ def test_captioner_captions_each_image_once(layout_data, tmp_path):
         Captioner(LayoutConfig(captioner=str(tmp_path)), plan, 6)
 
 
+def test_inpainting_keeps_the_source_outside_the_boxes(layout_data, tmp_path):
+    """GLIGEN inpainting: the mask is 0 on the boxes' latent cells only, the source image reaches
+    the drawing, a sample does not depend on its batch, and a model of the other mode is refused."""
+    import torch
+
+    from engine.generation.synthesis import Synthesizer, draw, inpaint_inputs, read_source
+    from engine.models.diffusion import build_tiny_pipeline, load_pipeline
+    plan = plan_of(layout_data, max_objects=3, rows_per_category=1, mode="inpainting")
+    pipe = load_pipeline(ModelConfig(), "cpu", layout=True, inpaint=True)
+    assert pipe.unet.config.in_channels == 9
+    rows = list(plan.rows())
+    sources = torch.stack([read_source(r.layout.source["file"], 64, 64) for r in rows])
+    _, mask = inpaint_inputs(pipe, sources, [r.layout for r in rows], (4, 32, 32))
+    lay = rows[0].layout  # image 1 or 2 (red square): boxes of 20 px -> 10 latent cells
+    expect = torch.ones(32, 32)
+    for x0, y0, x1, y1 in lay.boxes:
+        expect[round(y0 * 32):round(y1 * 32), round(x0 * 32):round(x1 * 32)] = 0
+    assert torch.equal(mask[0, 0], expect)
+    cfg = SynthesisConfig(steps=3)
+    both = draw(pipe, [r.text for r in rows], [r.seed for r in rows], cfg, [r.layout for r in rows], 1.0, sources)
+    alone = draw(pipe, [rows[1].text], [rows[1].seed], cfg, [rows[1].layout], 1.0, sources[1:2])
+    assert np.array_equal(alone.images[0], both.images[1]) and both.finite.all()
+    other = draw(pipe, [rows[1].text], [rows[1].seed], cfg, [rows[1].layout], 1.0, -sources[1:2])
+    assert not np.allclose(other.latents[0], alone.latents[0], atol=1e-3)
+    # The Synthesizer reads each row's source image itself.
+    synth = Synthesizer(ModelConfig(), cfg, plan, shard_size=2)
+    shard = synth({"shard": 0})
+    assert shard["status"] == ["ok", "ok"] and len(shard["layout"]) == 2
+    build_tiny_pipeline(ModelConfig().tiny, layout=True).save_pretrained(tmp_path / "gligen")
+    with pytest.raises(ModelLoadError, match="GLIGEN generation model .* layout.mode=inpainting"):
+        load_pipeline(ModelConfig(source=str(tmp_path / "gligen")), "cpu", layout=True, inpaint=True)
+    with pytest.raises(ConfigError, match="layout.mode=inpainting .* set layout.jitter=0"):
+        LayoutConfig(annotations="x.json", mode="inpainting", jitter=0.1).validate()
+
+
 def layout_config(out, layout_data, *extra):
     ann, root = layout_data
     return load_config(os.path.join(ROOT, "configs/tiny.yaml"), [

@@ -163,6 +163,9 @@ class LayoutConfig:
     template: str = "a photograph of {c1}"  # {c1}: the layout's category names joined by " and "
     # GLIGEN's scheduled sampling: the gated layers act in this fraction of the denoising steps.
     gligen_beta: float = 0.3
+    # generation: a new image from the boxes; inpainting: the source image is kept outside the
+    # boxes and redrawn inside them (a GLIGEN inpainting model: a UNet of 2 x latent + 1 inputs).
+    mode: str = "generation"
     # Captions of the source images as prompts (engine/generation/captions.py): "" = the template
     # above; "tiny" (random BLIP-2: noise captions) or a local BLIP-2 folder. The caption is cut to
     # caption_max_words words, and the layout's categories it does not name are appended.
@@ -194,6 +197,13 @@ class LayoutConfig:
                  f"layout.scale_min and scale_max must satisfy 0 < scale_min <= scale_max, got "
                  f"{self.scale_min} and {self.scale_max}")
         _require(0 <= self.gligen_beta <= 1, f"layout.gligen_beta must lie in [0, 1], got {self.gligen_beta}")
+        _require(self.mode in ("generation", "inpainting"),
+                 f"layout.mode must be generation or inpainting, got {self.mode!r}")
+        # Inpainting keeps the source outside the boxes: a box moved or shrunk would leave its real
+        # object there, unlabelled.
+        _require(self.mode != "inpainting" or (self.jitter == 0 and self.scale_min >= 1),
+                 "layout.mode=inpainting keeps the source image outside the boxes, where a moved or shrunk box "
+                 "would leave its object unlabelled: set layout.jitter=0 and layout.scale_min >= 1")
         _require(self.caption_max_words >= 1 and self.caption_max_tokens >= 1 and self.caption_batch_size >= 1,
                  "layout.caption_max_words, caption_max_tokens and caption_batch_size must be >= 1")
         check_names("layout", {"categories": self.categories})

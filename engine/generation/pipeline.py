@@ -114,7 +114,7 @@ def generate(cfg: Config) -> Summary:
     if todo:
         # Everything a user can get wrong is checked before the first byte is written.
         check_labeller(cfg.annotation)
-        check_source(cfg.model, layout=_layouts(plan))
+        check_source(cfg.model, layout=_layouts(plan), inpaint=_layouts(plan) and cfg.layout.mode == "inpainting")
         connect(cfg.ray)
         resources, nodes = cluster_state()
         synth, annot = plan_pools(resources, nodes, cfg.synthesis.num_actors, cfg.synthesis.gpus_per_actor,
@@ -158,7 +158,7 @@ def generate(cfg: Config) -> Summary:
 
 
 def _load_models(cfg: Config, categories: list[str], layout: bool = False) -> None:
-    load_pipeline(cfg.model, layout=layout)
+    load_pipeline(cfg.model, layout=layout, inpaint=layout and cfg.layout.mode == "inpainting")
     if layout and cfg.layout.captioner:
         load_captioner(cfg.layout.captioner)
     build_labeller(cfg.annotation, categories)

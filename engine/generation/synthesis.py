@@ -19,6 +19,7 @@ from PIL import Image
 
 from engine.config import ModelConfig, SynthesisConfig
 from engine.config.sections import GLIGEN_MAX_OBJECTS
+from engine.data.datasets import open_image
 from engine.generation.layouts import Layout
 from engine.generation.prompts import PromptPlan, PromptSpec
 from engine.models.diffusion import UNetFeatureTap, load_pipeline
@@ -65,6 +66,19 @@ def gligen_inputs(pipe, layouts: list[Layout], guided: bool) -> dict:
             "masks": masks.to(device, dtype)}
 
 
+def inpaint_inputs(pipe, sources: torch.Tensor, layouts: list[Layout], shape: tuple[int, ...]):
+    """GLIGEN inpainting's inputs: the source images' latents (the VAE's mode, so that a sample
+    does not depend on a random draw) and a mask on the latent grid, 1 where the source is kept
+    (outside every box), 0 inside the boxes that are redrawn."""
+    vae = pipe.vae
+    kept = vae.encode(sources.to(vae.device, vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
+    mask = torch.ones(len(layouts), 1, shape[1], shape[2])
+    for i, lay in enumerate(layouts):
+        for x0, y0, x1, y1 in lay.boxes:
+            mask[i, :, int(y0 * shape[1]):int(np.ceil(y1 * shape[1])), int(x0 * shape[2]):int(np.ceil(x1 * shape[2]))] = 0
+    return kept.to(pipe.unet.device, pipe.unet.dtype), mask.to(pipe.unet.device, pipe.unet.dtype)
+
+
 def set_gated_layers(unet, enabled: bool) -> None:
     """GLIGEN's scheduled sampling: the gated layers act only in the first steps."""
     from diffusers.models.attention import GatedSelfAttentionDense
@@ -75,9 +89,12 @@ def set_gated_layers(unet, enabled: bool) -> None:
 
 @torch.no_grad()
 def draw(pipe, texts: list[str], seeds: list[int], cfg: SynthesisConfig,
-         layouts: Optional[list[Layout]] = None, gligen_beta: float = 0.3) -> Drawn:
+         layouts: Optional[list[Layout]] = None, gligen_beta: float = 0.3,
+         sources: Optional[torch.Tensor] = None) -> Drawn:
     """`layouts`: one per text, for a GLIGEN pipeline, whose gated layers read the boxes during the
-    first `gligen_beta` of the steps (GLIGEN's scheduled sampling)."""
+    first `gligen_beta` of the steps (GLIGEN's scheduled sampling). `sources` (B, 3, H, W in
+    [-1, 1]): GLIGEN inpainting, which keeps each source image outside its layout's boxes (at every
+    step the kept part is the source's latents noised to that step) and redraws inside them."""
     device, dtype = pipe.unet.device, pipe.unet.dtype
     guided = cfg.guidance > 1.0
     cond, uncond = pipe.encode_prompt(texts, device, 1, guided)
@@ -85,10 +102,16 @@ def draw(pipe, texts: list[str], seeds: list[int], cfg: SynthesisConfig,
     grounding = gligen_inputs(pipe, layouts, guided) if layouts is not None else None
 
     scale = pipe.vae_scale_factor
-    shape = (pipe.unet.config.in_channels, cfg.height // scale, cfg.width // scale)
+    shape = (pipe.unet.config.out_channels, cfg.height // scale, cfg.width // scale)
     sched = pipe.scheduler
     sched.set_timesteps(cfg.steps, device=device)
     latents = (initial_noise(seeds, shape) * sched.init_noise_sigma).to(device, dtype)
+    if sources is not None:
+        kept, mask = inpaint_inputs(pipe, sources, layouts, shape)
+        # The noise the kept part is noised with: the sample's own, from a seed of its own.
+        kept_noise = initial_noise([(s + 7919) % 2**31 for s in seeds], shape).to(device, dtype)
+        extra = torch.cat([kept * mask, mask], dim=1)
+        extra = torch.cat([extra, extra]) if guided else extra
 
     tap = UNetFeatureTap(pipe.unet) if cfg.keep_features else None
     last = len(sched.timesteps) - 1
@@ -103,8 +126,12 @@ def draw(pipe, texts: list[str], seeds: list[int], cfg: SynthesisConfig,
                     tap.active = True
             if grounding and i == grounded_steps:
                 set_gated_layers(pipe.unet, False)
+            if sources is not None:
+                latents = sched.add_noise(kept, kept_noise, t.reshape(1)) * mask + latents * (1 - mask)
             x = torch.cat([latents, latents]) if guided else latents
             x = sched.scale_model_input(x, t)
+            if sources is not None:
+                x = torch.cat([x, extra], dim=1)
             # The UNet turns the grounding input into its tokens each call; a fresh dict each step.
             kwargs = {"cross_attention_kwargs": {"gligen": dict(grounding)}} if grounding else {}
             eps = pipe.unet(x, t, encoder_hidden_states=text_emb, **kwargs).sample
@@ -169,7 +196,8 @@ class Synthesizer:
         # Layout rows (engine.generation.layouts) are drawn by GLIGEN from their boxes.
         self.layouts = getattr(prompts, "layouts", False)
         self.gligen_beta = prompts.cfg.gligen_beta if self.layouts else 0.0
-        self.pipe = load_pipeline(model_cfg, layout=self.layouts)
+        self.inpaint = bool(self.layouts) and prompts.cfg.mode == "inpainting"
+        self.pipe = load_pipeline(model_cfg, layout=self.layouts, inpaint=self.inpaint)
         self.model_id = model_cfg.source
         self.batches = 0
 
@@ -190,6 +218,9 @@ class Synthesizer:
                 out[name] += values
         return out
 
+    def source_images(self, layouts: list[Layout]) -> torch.Tensor:
+        return torch.stack([read_source(lay.source["file"], self.cfg.width, self.cfg.height) for lay in layouts])
+
     def draw_rows(self, specs: list[PromptSpec]) -> dict[str, list]:
         """One batch: per row its status, seed used and encoded sample."""
         self.batches += 1
@@ -203,7 +234,8 @@ class Synthesizer:
                 break
             tried = [derived_seed(seeds[i], attempt) if attempt else seeds[i] for i in todo]
             layouts = [specs[i].layout for i in todo] if self.layouts else None
-            drawn = draw(self.pipe, [texts[i] for i in todo], tried, self.cfg, layouts, self.gligen_beta)
+            sources = self.source_images(layouts) if self.inpaint else None
+            drawn = draw(self.pipe, [texts[i] for i in todo], tried, self.cfg, layouts, self.gligen_beta, sources)
             poison_nonfinite([ids[i] for i in todo], drawn, attempt)
             for j, i in enumerate(todo):
                 if drawn.finite[j]:
@@ -222,3 +254,10 @@ class Synthesizer:
             if self.cfg.keep_features:
                 out["features"].append(encode_npz([f[j] for f in d.features]) if d else b"")
         return out
+
+
+def read_source(file: str, width: int, height: int) -> torch.Tensor:
+    """A layout's source image at the synthesis size, (3, H, W) in [-1, 1]. Layout boxes are
+    fractions of the image, so stretching keeps them on their objects."""
+    image = open_image(file).convert("RGB").resize((width, height), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)

@@ -93,10 +93,11 @@ def load_text_encoder(name: str, max_length: int):
     return model.eval(), tokenizer
 
 
-def build_tiny_pipeline(cfg: TinyModelConfig, layout: bool = False):
+def build_tiny_pipeline(cfg: TinyModelConfig, layout: bool = False, inpaint: bool = False):
     """A randomly initialised Stable Diffusion of tiny size. The seed makes every actor build the
     same weights, so images do not depend on which actor drew them. `layout`: a GLIGEN pipeline,
-    whose UNet has the gated self-attention layers that read boxes (attention_type="gated")."""
+    whose UNet has the gated self-attention layers that read boxes (attention_type="gated");
+    `inpaint`: GLIGEN's inpainting UNet, which also reads the kept latents and their mask."""
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
@@ -111,7 +112,8 @@ def build_tiny_pipeline(cfg: TinyModelConfig, layout: bool = False):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         unet = UNet2DConditionModel(
-            sample_size=8, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
+            sample_size=8, in_channels=inpaint_channels(cfg.latent_channels) if inpaint else cfg.latent_channels,
+            out_channels=cfg.latent_channels,
             block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
             down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
             up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
@@ -166,7 +168,7 @@ def finetuned_from(source: str) -> str:
         return str(json.load(f).get("source", ""))
 
 
-def check_source(cfg: ModelConfig, layout: bool = False) -> str:
+def check_source(cfg: ModelConfig, layout: bool = False, inpaint: bool = False) -> str:
     """Say what kind of source `cfg.source` is ("tiny", "folder", "single_file") without loading
     it, so a wrong path fails on the driver in a second, not inside every actor. `layout`: the
     run draws layouts, so the source must be a GLIGEN pipeline."""
@@ -181,6 +183,8 @@ def check_source(cfg: ModelConfig, layout: bool = False) -> str:
             raise ModelLoadError(f"model.source {source!r} is a plain Stable Diffusion folder (its UNet has no gated "
                                  f"layers that read boxes); layout rows need a GLIGEN pipeline folder, e.g. "
                                  f"gligen-1-4-generation-text-box saved with save_pretrained")
+        if layout:
+            check_gligen_mode(source, inpaint)
         return "folder"
     if layout and os.path.isfile(source):
         raise ModelLoadError(f"model.source {cfg.source!r} is a single file; layout rows are drawn by a GLIGEN "
@@ -201,23 +205,44 @@ def check_source(cfg: ModelConfig, layout: bool = False) -> str:
                          f"diffusers folder, or a .ckpt/.safetensors file")
 
 
-def is_gligen_folder(path: str) -> bool:
-    """A diffusers folder whose UNet has GLIGEN's gated self-attention (attention_type "gated")."""
+def inpaint_channels(latent_channels: int) -> int:
+    """GLIGEN inpainting's UNet input: the noisy latents, the kept latents and their mask."""
+    return 2 * latent_channels + 1
+
+
+def _unet_config(path: str) -> dict:
     try:
         with open(os.path.join(path, "unet", "config.json")) as f:
-            return json.load(f).get("attention_type") == "gated"
+            return json.load(f)
     except (OSError, ValueError):
-        return False
+        return {}
 
 
-def load_pipeline(cfg: ModelConfig, device: Optional[str] = None, layout: bool = False):
+def is_gligen_folder(path: str) -> bool:
+    """A diffusers folder whose UNet has GLIGEN's gated self-attention (attention_type "gated")."""
+    return _unet_config(path).get("attention_type") == "gated"
+
+
+def check_gligen_mode(path: str, inpaint: bool) -> None:
+    """A GLIGEN folder made for the mode asked: inpainting models read 2 x latent + 1 channels."""
+    unet = _unet_config(path)
+    is_inpaint = unet.get("in_channels") == inpaint_channels(int(unet.get("out_channels", 4)))
+    if inpaint != is_inpaint:
+        have, want = ("inpainting", "generation") if is_inpaint else ("generation", "inpainting")
+        raise ModelLoadError(f"model.source {path!r} is a GLIGEN {have} model (UNet in_channels "
+                             f"{unet.get('in_channels')}), but layout.mode={want}: set layout.mode={have}, or point "
+                             f"model.source at a GLIGEN {want} folder")
+
+
+def load_pipeline(cfg: ModelConfig, device: Optional[str] = None, layout: bool = False, inpaint: bool = False):
     """Build the Stable Diffusion pipeline that `cfg` names, on `device`, in its dtype; with
-    `layout`, the GLIGEN pipeline (a gated UNet) that draws boxes it is given."""
+    `layout`, the GLIGEN pipeline (a gated UNet) that draws boxes it is given, with `inpaint` its
+    inpainting kind."""
     dev = resolve_device(device)
     dtype = resolve_dtype(cfg.dtype, dev)
-    kind = check_source(cfg, layout)
+    kind = check_source(cfg, layout, inpaint)
     if kind == "tiny":
-        pipe = build_tiny_pipeline(cfg.tiny, layout)
+        pipe = build_tiny_pipeline(cfg.tiny, layout, inpaint)
     elif kind == "folder":
         pipe = _load_folder(os.path.expanduser(cfg.source), layout)
     else:
