@@ -133,6 +133,8 @@ def test_bad_input_is_one_clear_line(layout_data, tmp_path):
     with pytest.raises(LayoutError, match=r"1 box\(es\) outside their image .*fix or remove them") as e:
         LayoutPlan(LayoutConfig(annotations=bad_ann, image_root=bad_root))
     assert "\n" not in str(e.value)
+    with pytest.raises(LayoutError, match="layout source image.* missing .*fix layout.image_root"):
+        LayoutPlan(LayoutConfig(annotations=ann, image_root=str(tmp_path), captioner="tiny"))
     for override, message in [("layout.max_objects=31", "layout.max_objects must lie in"),
                               ("layout.balance=to_target", "needs layout.target_instances"),
                               ("layout.scale_min=2.0", "scale_min <= scale_max"),

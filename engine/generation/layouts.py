@@ -33,7 +33,7 @@ from typing import Iterator, Optional, Union
 import numpy as np
 
 from engine.config import Config, ConfigError, LayoutConfig
-from engine.data.datasets import BAD_BOX, DetectionDataset, load_detection_dataset
+from engine.data.datasets import BAD_BOX, DetectionDataset, load_detection_dataset, missing_files
 from engine.generation.prompts import MAX_PROMPT_CHARS, PromptPlan, PromptSpec
 
 
@@ -130,6 +130,12 @@ class LayoutPlan:
                               f"{len(candidates)}, refused: {dict(self.refused) or 'none'}"
                               + (f"; every category already has layout.target_instances={cfg.target_instances}"
                                  if cfg.balance == "to_target" and candidates else "") + ")")
+        if cfg.captioner or cfg.mode == "inpainting":  # the source pixels are read: they must be there
+            used = sorted({x.file for c in self.categories for x in self.pools[c]})
+            missing = missing_files(used)
+            if missing:
+                raise LayoutError(f"{len(missing)} layout source image(s) are missing (e.g. {missing[0]!r}); "
+                                  f"layout.captioner and layout.mode=inpainting read them: fix layout.image_root")
         self.counts = [budget[c] for c in self.categories]
         self.starts = list(accumulate(self.counts, initial=0))
         self.base, self.novel = list(ds.categories), []
