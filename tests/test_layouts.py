@@ -145,6 +145,20 @@ def test_bad_input_is_one_clear_line(layout_data, tmp_path):
         load_config(os.path.join(ROOT, "configs/tiny.yaml"), ["annotation.labeller=layout"])
 
 
+def test_dry_run_prints_the_layout_plan(layout_data, tmp_path, capsys):
+    from engine.cli import main
+    ann, root = layout_data
+    base = ["generate", "--dry-run", "--config", os.path.join(ROOT, "configs/tiny.yaml"), f"output.path={tmp_path / 'o'}",
+            f"layout.annotations={ann}", "layout.balance=to_target", "layout.target_instances=5", "layout.max_objects=3"]
+    assert main(base) == 0
+    printed = capsys.readouterr().out
+    assert "6 prompts of 2 categories" in printed and "rows per category: blue disc 2, green square 4" in printed
+    assert main(base + ["layout.categories=[purple disc]"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "layout.categories names 'purple disc'" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
 def test_gligen_loading_refuses_a_plain_sd_folder(tmp_path):
     from engine.models.diffusion import build_tiny_pipeline, is_gligen_folder, load_pipeline
     model = ModelConfig()
