@@ -65,8 +65,10 @@ def run_fingerprint(cfg: Config, plan: PromptPlan) -> str:
                                        **({"verify_iou": cfg.annotation.verify_iou}
                                           if cfg.annotation.labeller == "layout+detector" else {})},
                         "shard_size": cfg.output.shard_size, "rows": ROWS_VERSION,
-                        # Layout rows: their config and the dataset's qualifying images and boxes.
-                        **({"layout": [asdict(cfg.layout), plan.fingerprint_data()]} if _layouts(plan) else {})})
+                        # Layout rows: their config (less the caption batch size, which changes no
+                        # sample) and the dataset's qualifying images and boxes.
+                        **({"layout": [{k: v for k, v in asdict(cfg.layout).items() if k != "caption_batch_size"},
+                                       plan.fingerprint_data()]} if _layouts(plan) else {})})
 
 
 def _layouts(plan) -> bool:
