@@ -122,6 +122,21 @@ def test_rows_are_a_pure_function_of_seed_and_id(layout_data):
     assert [[v * 64 for v in b] for b in plain.layout.boxes] == plain.layout.source["boxes"]
 
 
+def test_categories_without_boxes_borrow_relabelled_layouts(layout_data):
+    plan = plan_of(layout_data, max_objects=3, rows_per_category=1, borrow_for=["purple star"], borrow_rows=5)
+    assert plan.novel == ["purple star"] and plan.all_categories[-1] == "purple star"
+    rows = [r for r in plan.rows() if r.categories[0] == "purple star" or "purple star" in r.categories]
+    assert len(rows) == 5 and len(plan) == 3 + 5
+    for r in rows:
+        donor, to = r.layout.source["relabelled"]
+        original = [CATS[c] for c, _ in IMAGES[r.layout.source["image_id"]]]
+        assert to == "purple star" and donor in original
+        assert list(r.layout.labels) == [to if c == donor else c for c in original]
+        assert "purple star" in r.text
+    with pytest.raises(LayoutError, match="layout.borrow_for names 'blue disc'"):
+        plan_of(layout_data, borrow_for=["blue disc"])
+
+
 def test_bad_input_is_one_clear_line(layout_data, tmp_path):
     ann, _ = layout_data
     with pytest.raises(LayoutError, match="layout.categories names 'purple disc'") as e:

@@ -160,6 +160,10 @@ class LayoutConfig:
     jitter: float = 0.0
     scale_min: float = 1.0
     scale_max: float = 1.0
+    # Categories the dataset has no boxes of (novel ones): each gets borrow_rows rows made from the
+    # other categories' layouts, the image's most frequent category relabelled to it (recorded).
+    borrow_for: list[str] = field(default_factory=list)
+    borrow_rows: int = 4
     template: str = "a photograph of {c1}"  # {c1}: the layout's category names joined by " and "
     # GLIGEN's scheduled sampling: the gated layers act in this fraction of the denoising steps.
     gligen_beta: float = 0.3
@@ -177,9 +181,9 @@ class LayoutConfig:
 
     def validate(self) -> None:
         if not self.annotations:
-            _require(not self.categories and not self.captioner,
-                     "layout.categories and layout.captioner apply to layout rows; set layout.annotations to a "
-                     "COCO-format instances JSON, or remove them")
+            _require(not self.categories and not self.captioner and not self.borrow_for,
+                     "layout.categories, layout.captioner and layout.borrow_for apply to layout rows; set "
+                     "layout.annotations to a COCO-format instances JSON, or remove them")
             return
         _require(self.format in ("coco", "lvis"), f"layout.format must be coco or lvis, got {self.format!r}")
         _require(1 <= self.max_objects <= GLIGEN_MAX_OBJECTS,
@@ -206,7 +210,9 @@ class LayoutConfig:
                  "would leave its object unlabelled: set layout.jitter=0 and layout.scale_min >= 1")
         _require(self.caption_max_words >= 1 and self.caption_max_tokens >= 1 and self.caption_batch_size >= 1,
                  "layout.caption_max_words, caption_max_tokens and caption_batch_size must be >= 1")
-        check_names("layout", {"categories": self.categories})
+        _require(not self.borrow_for or self.borrow_rows >= 1,
+                 f"layout.borrow_rows must be >= 1 with layout.borrow_for, got {self.borrow_rows}")
+        check_names("layout", {"categories": self.categories, "borrow_for": self.borrow_for})
         check_template("layout.template", self.template, ("c1",))
 
 

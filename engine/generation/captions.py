@@ -10,7 +10,8 @@ greedy decoding makes the caption a function of the image, so two actors agree).
 The seed's post-processing, made explicit (`postprocess`): blanks collapsed, cut to
 `layout.caption_max_words` words, and every category of the layout that the caption does not name
 appended (", with a dog and a cat" style), so the text names what the boxes hold; an empty caption
-falls back to the layout's template prompt.
+falls back to the layout's template prompt. A borrowed layout (layout.borrow_for) keeps its
+template prompt: its source's caption describes the category it was relabelled from.
 """
 from __future__ import annotations
 
@@ -69,7 +70,10 @@ class Captioner:
         for s in specs:
             image_id = s.layout.source["image_id"]
             self.cache.move_to_end(image_id)
-            captions.append(postprocess(self.cache[image_id], list(s.categories), self.cfg.caption_max_words, s.text))
+            if "relabelled" in s.layout.source:  # its caption would describe the donor category
+                captions.append(s.text)
+            else:
+                captions.append(postprocess(self.cache[image_id], list(s.categories), self.cfg.caption_max_words, s.text))
         while len(self.cache) > self.cache_images:
             self.cache.popitem(last=False)
         return {**row, "captions": json.dumps(captions)}

@@ -14,6 +14,10 @@ ratio", made a rule). A row made for category c carries a qualifying image holdi
 of c are visited in an order shuffled per pass from `layout.seed`, so every image is used once
 before any is used twice.
 
+Categories the dataset has no boxes of (`layout.borrow_for`, the novel ones) borrow the other
+categories' layouts: `layout.borrow_rows` rows each, made from any qualifying image, whose most
+frequent category is relabelled to the borrowing one (recorded as `relabelled` in the row's source).
+
 As PromptPlan's, each row is a pure function of the config and its id (the category from the id's
 place in the budget, the image from the seeded order, the jitter from a hash of seed and id), so
 any worker makes any range of rows without the ones before it. Jitter and rescale move each box
@@ -124,7 +128,16 @@ class LayoutPlan:
                               f"least {cfg.min_box_side:g} px); loosen layout.max_objects / one_category / "
                               f"min_box_side, or remove it from layout.categories")
         budget = {c: self._rows_for(c, instances[c]) for c in wanted if self.pools[c]}
-        self.categories = [c for c in wanted if budget.get(c)]
+        # Categories without boxes in the dataset borrow the others' layouts (relabelled).
+        known = [c for c in cfg.borrow_for if c in ds.categories]
+        if known:
+            raise LayoutError(f"layout.borrow_for names {known[0]!r}, which {cfg.annotations!r} has boxes of: its own "
+                              f"layouts serve it; remove it from layout.borrow_for (or from the dataset)")
+        donors = sorted({x for c in wanted for x in self.pools[c]}, key=lambda x: x.id)
+        self.borrowed = list(cfg.borrow_for) if donors else []
+        for c in self.borrowed:
+            self.pools[c], budget[c] = donors, cfg.borrow_rows
+        self.categories = [c for c in wanted + self.borrowed if budget.get(c)]
         if not self.categories:
             raise LayoutError(f"layout rows: no category of {cfg.annotations!r} gets a row (qualifying images: "
                               f"{len(candidates)}, refused: {dict(self.refused) or 'none'}"
@@ -138,7 +151,7 @@ class LayoutPlan:
                                   f"layout.captioner and layout.mode=inpainting read them: fix layout.image_root")
         self.counts = [budget[c] for c in self.categories]
         self.starts = list(accumulate(self.counts, initial=0))
-        self.base, self.novel = list(ds.categories), []
+        self.base, self.novel = list(ds.categories), list(self.borrowed)
         self.words: dict = {}
         self.instances = {c: instances[c] for c in wanted}
         self.summary = {"layouts": {"images_qualifying": len(candidates), "images_refused": dict(self.refused),
@@ -175,7 +188,7 @@ class LayoutPlan:
 
     @property
     def all_categories(self) -> list[str]:
-        return list(dict.fromkeys(self.base + self.categories))
+        return list(dict.fromkeys(self.base + self.novel + self.categories))
 
     def fingerprint_data(self) -> list:
         """What the rows depend on beyond the config: the pools' images and boxes (the dataset file
@@ -212,10 +225,15 @@ class LayoutPlan:
             box, move = _move(b, x.width, x.height, cfg, rng)
             boxes.append(box)
             moves.append(move)
-        names = list(dict.fromkeys(x.labels))
         source = {"image_id": x.id, "file": x.file, "width": x.width, "height": x.height,
                   "boxes": [list(b) for b in x.boxes], "moves": moves}
-        layout = Layout(tuple(boxes), x.labels, source)
+        labels = x.labels
+        if cat in self.borrowed:  # the image's most frequent category becomes the borrowing one
+            donor = max(dict.fromkeys(x.labels), key=x.labels.count)
+            labels = tuple(cat if label == donor else label for label in x.labels)
+            source["relabelled"] = [donor, cat]
+        names = list(dict.fromkeys(labels))
+        layout = Layout(tuple(boxes), labels, source)
         return LayoutSpec(i, seed, tuple(names), cfg.template.format(c1=" and ".join(names)), layout)
 
     def rows(self, start: int = 0, stop: Optional[int] = None) -> Iterator[LayoutSpec]:
