@@ -34,7 +34,7 @@ from engine.evaluation.metrics import (
 from engine.generation.export import export
 from engine.generation.pool import build_pool
 from engine.generation.pipeline import generate
-from engine.generation.prompts import PromptPlan
+from engine.generation.layouts import make_plan
 from engine.models.diffusion import check_source
 from engine.recipe import STAGES, Recipe
 from engine.toyworld.loop import load_ablation_config, run_loop
@@ -46,12 +46,17 @@ from engine.training.grounding import train_grounding
 
 def cmd_generate(args) -> None:
     cfg = load_config(args.config, args.overrides)
-    check_source(cfg.model)
+    check_source(cfg.model, layout=bool(cfg.layout.annotations),
+                 inpaint=bool(cfg.layout.annotations) and cfg.layout.mode == "inpainting")
     if args.dry_run:
-        plan = PromptPlan(cfg.prompts)
+        plan = make_plan(cfg)
         print(f"config {args.config} is valid: {len(plan)} prompts of {len(plan.categories)} categories in "
               f"{(len(plan) + cfg.output.shard_size - 1) // cfg.output.shard_size} shards -> {cfg.output.path}")
-        for group, kinds in (plan.summary or {}).items():
+        if getattr(plan, "layouts", False):  # layout rows: what qualified, and the rows per category
+            info = plan.summary["layouts"]
+            print(f"  layouts: {info['images_qualifying']} images qualify (refused: {info['images_refused'] or 'none'}); "
+                  f"rows per category: " + ", ".join(f"{c} {n}" for c, n in info["rows"].items()))
+        for group, kinds in ({} if getattr(plan, "layouts", False) else plan.summary or {}).items():
             if isinstance(kinds, dict):
                 print(f"  {group}: " + ", ".join(f"{k} {v['categories']} categories / {v['images']} images"
                                                   for k, v in kinds.items()))

@@ -17,6 +17,7 @@ from engine.config.sections import (
                                     GroundingTrainConfig,
                                     GroundingTrainError,
                                     HaveConfig,
+                                    LayoutConfig,
                                     LossConfig,
                                     MaskConfig,
                                     ModelConfig,
@@ -35,7 +36,7 @@ from engine.errors import ConfigError
 
 __all__ = ["AnnotationConfig", "AugmentConfig", "BUDGET_RULES", "Config", "ConfigError", "CopyPasteConfig", "DETECTOR_ATTENTION",
            "DetectorConfig", "EvalSetConfig", "FREQUENCY_GROUPS", "FinetuneConfig", "GroundingConfig", "GroundingConfigError",
-           "GroundingTrainConfig", "GroundingTrainError", "HaveConfig", "LossConfig", "MaskConfig", "ModelConfig", "OutputConfig",
+           "GroundingTrainConfig", "GroundingTrainError", "HaveConfig", "LayoutConfig", "LossConfig", "MaskConfig", "ModelConfig", "OutputConfig",
            "PoolConfig", "PromptConfig", "RayConfig", "RealDataConfig", "RecipeSection", "SPLIT_RULES", "SynthesisConfig",
            "TinyDetectorConfig", "TinyModelConfig", "TrainRunConfig",
            "fingerprint", "from_dict", "load_config", "to_dict", "unshared"]

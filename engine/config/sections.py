@@ -126,6 +126,9 @@ class AnnotationConfig:
     # Boxes kept per prompted category and image (0 = all). Where a prompt draws one object of
     # each category it names, a second box of that category is a duplicate or a wrong guess.
     max_per_category: int = 0
+    # labeller layout+detector: a layout box is kept where a teacher detection of its category
+    # (score >= alpha) overlaps it by at least this IoU (Gen2Det's check).
+    verify_iou: float = 0.5
     batch_size: int = 8
     num_actors: int = 0
     gpus_per_actor: float = 0.5
@@ -179,6 +182,91 @@ class PoolConfig:
         _require(0.0 <= self.min_iou <= 1.0 and self.min_fill >= 0 and self.min_area >= 1 and self.min_score >= 0,
                  "pool.min_iou must lie in [0, 1], pool.min_fill and pool.min_score >= 0, pool.min_area >= 1")
         check_names("pool", {"categories": self.categories})
+
+
+@dataclass
+class LayoutConfig:
+    """Layout rows (engine/generation/layouts.py): each image is drawn by GLIGEN from a real image's
+    boxes, which become its labels (labeller `layout`). Off while `annotations` is empty."""
+    annotations: str = ""  # COCO-format instances JSON (path or URL) whose images give the layouts
+    image_root: str = ""
+    format: str = "coco"  # coco (also Objects365) | lvis
+    categories: list[str] = field(default_factory=list)  # categories to make rows for; empty = all
+    # The seed's selection: images with at most max_objects boxes, of one category only if
+    # one_category, every box at least min_box_side pixels on its shorter side (GLIGEN draws a
+    # tiny box badly, and a box dropped from a layout would be an object without a label).
+    max_objects: int = 6
+    one_category: bool = True
+    min_box_side: float = 0.0
+    # Rows per category: uniform (rows_per_category each) or to_target (enough rows that the
+    # dataset's instances of the category plus the layouts' boxes of it reach target_instances:
+    # rare categories get the most rows, those already at the target none).
+    balance: str = "uniform"
+    rows_per_category: int = 4
+    target_instances: int = 0
+    # So that layouts are not copies of the real ones: each box's centre moves by up to `jitter`
+    # of its side, and each side is scaled by a factor drawn from [scale_min, scale_max]; the
+    # draws are recorded in the sample's JSON.
+    jitter: float = 0.0
+    scale_min: float = 1.0
+    scale_max: float = 1.0
+    # Categories the dataset has no boxes of (novel ones): each gets borrow_rows rows made from the
+    # other categories' layouts, the image's most frequent category relabelled to it (recorded).
+    borrow_for: list[str] = field(default_factory=list)
+    borrow_rows: int = 4
+    template: str = "a photograph of {c1}"  # {c1}: the layout's category names joined by " and "
+    # GLIGEN's scheduled sampling: the gated layers act in this fraction of the denoising steps.
+    gligen_beta: float = 0.3
+    # generation: a new image from the boxes; inpainting: the source image is kept outside the
+    # boxes and redrawn inside them (a GLIGEN inpainting model: a UNet of 2 x latent + 1 inputs).
+    mode: str = "generation"
+    # Captions of the source images as prompts (engine/generation/captions.py): "" = the template
+    # above; "tiny" (random BLIP-2: noise captions) or a local BLIP-2 folder. The caption is cut to
+    # caption_max_words words, and the layout's categories it does not name are appended.
+    captioner: str = ""
+    caption_max_words: int = 30
+    caption_max_tokens: int = 40  # tokens BLIP-2 may generate per caption
+    caption_batch_size: int = 8
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not self.annotations:
+            _require(not self.categories and not self.captioner and not self.borrow_for,
+                     "layout.categories, layout.captioner and layout.borrow_for apply to layout rows; set "
+                     "layout.annotations to a COCO-format instances JSON, or remove them")
+            return
+        _require(self.format in ("coco", "lvis"), f"layout.format must be coco or lvis, got {self.format!r}")
+        _require(1 <= self.max_objects <= GLIGEN_MAX_OBJECTS,
+                 f"layout.max_objects must lie in [1, {GLIGEN_MAX_OBJECTS}] (GLIGEN's limit), got {self.max_objects}")
+        _require(self.min_box_side >= 0, f"layout.min_box_side must be >= 0 pixels, got {self.min_box_side}")
+        _require(self.balance in ("uniform", "to_target"),
+                 f"layout.balance must be uniform or to_target, got {self.balance!r}")
+        _require(self.balance != "uniform" or self.rows_per_category >= 1,
+                 f"layout.rows_per_category must be >= 1, got {self.rows_per_category}")
+        _require(self.balance != "to_target" or self.target_instances >= 1,
+                 f"layout.balance=to_target needs layout.target_instances >= 1 (boxes per category to reach), "
+                 f"got {self.target_instances}")
+        _require(0 <= self.jitter <= 1, f"layout.jitter must lie in [0, 1] (a fraction of the box side), got {self.jitter}")
+        _require(0 < self.scale_min <= self.scale_max,
+                 f"layout.scale_min and scale_max must satisfy 0 < scale_min <= scale_max, got "
+                 f"{self.scale_min} and {self.scale_max}")
+        _require(0 <= self.gligen_beta <= 1, f"layout.gligen_beta must lie in [0, 1], got {self.gligen_beta}")
+        _require(self.mode in ("generation", "inpainting"),
+                 f"layout.mode must be generation or inpainting, got {self.mode!r}")
+        # Inpainting keeps the source outside the boxes: a box moved or shrunk would leave its real
+        # object there, unlabelled.
+        _require(self.mode != "inpainting" or (self.jitter == 0 and self.scale_min >= 1),
+                 "layout.mode=inpainting keeps the source image outside the boxes, where a moved or shrunk box "
+                 "would leave its object unlabelled: set layout.jitter=0 and layout.scale_min >= 1")
+        _require(self.caption_max_words >= 1 and self.caption_max_tokens >= 1 and self.caption_batch_size >= 1,
+                 "layout.caption_max_words, caption_max_tokens and caption_batch_size must be >= 1")
+        _require(not self.borrow_for or self.borrow_rows >= 1,
+                 f"layout.borrow_rows must be >= 1 with layout.borrow_for, got {self.borrow_rows}")
+        check_names("layout", {"categories": self.categories, "borrow_for": self.borrow_for})
+        check_template("layout.template", self.template, ("c1",))
+
+
+GLIGEN_MAX_OBJECTS = 30  # the grounding tokens a GLIGEN UNet attends to
 
 
 @dataclass
@@ -606,6 +694,7 @@ class Config:
     annotation: AnnotationConfig = field(default_factory=AnnotationConfig)
     masks: MaskConfig = field(default_factory=MaskConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    layout: LayoutConfig = field(default_factory=LayoutConfig)  # off unless layout.annotations is set
     ray: RayConfig = field(default_factory=RayConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     # Each job validates its own trainer section; Config.validate checks what every job shares.
@@ -655,6 +744,10 @@ def _validate(cfg: Config) -> None:
     check_template("prompts.template_single", p.template_single, ("c1", "d1"))
     check_output_path("output.path", o.path)
     cfg.masks.validate()
+    cfg.layout.validate()
+    _require(a.labeller not in ("layout", "layout+detector") or bool(cfg.layout.annotations),
+             f"annotation.labeller={a.labeller} labels each image with the boxes of its layout; set layout.annotations "
+             "to a COCO-format instances JSON, or choose another labeller")
 
 
 SCHEDULERS = ("ddim", "pndm", "euler", "dpm")

@@ -20,7 +20,8 @@ import mmap
 import re
 import tarfile
 import uuid
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import fsspec
@@ -211,10 +212,16 @@ class ShardStore:
         write_atomic(fs, self._path("shards", shard_name(index)), data)
         records = [json.loads(s["json"]) for s in samples]
         boxes = sum(len(r.get("boxes", ())) for r in records)
-        if extra is None and any("mask_status" in r for r in records):
-            extra = {"masks": status_counts(records)}
+        if extra is None:
+            extra = {}
+            if any("mask_status" in r for r in records):
+                extra["masks"] = status_counts(records)
+            # Layout boxes that verification refused, per reason (labeller layout+detector).
+            refused = Counter(r["reason"] for rec in records for r in rec.get("refused", []))
+            if refused:
+                extra["refused"] = dict(sorted(refused.items()))
         entry = ShardEntry(index, [s["__key__"] for s in samples], sorted(dropped), boxes, len(data),
-                           hashlib.sha256(data).hexdigest(), extra)
+                           hashlib.sha256(data).hexdigest(), extra or None)
         write_atomic(fs, self._path("manifest", f"shard-{index:06d}.json"), json.dumps(entry.as_dict()).encode())
         return entry
 

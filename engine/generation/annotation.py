@@ -10,6 +10,8 @@ labeller says where:
 - "grounding_head": every prompted category boxed by the grounding head (score >= beta);
 - "teacher+head": the categories the head was trained on as base go to the teacher, the others
   (novel) to the head, as the paper generates its synthetic dataset; each box says which made it;
+- "layout": the boxes of the layout GLIGEN drew the image from (engine.generation.layouts);
+- "layout+detector": those boxes, each kept only where the teacher agrees (Gen2Det's check);
 - "none": images and latents without boxes (novel images for the head's self-training).
 
 The head reads UNet features, not pixels: it needs each image's stored latent (the input of the
@@ -29,7 +31,8 @@ from PIL import Image
 
 from engine.config import AnnotationConfig, ModelConfig, TinyDetectorConfig, from_dict
 from engine.errors import UserError
-from engine.models.boxes import clip_box, nms
+from engine.generation.layouts import Layout
+from engine.models.boxes import box_iou, clip_box, nms
 from engine.models.detectors import DetectorError, build_detector, load_detector
 from engine.models.diffusion import load_pipeline
 from engine.models.grounding.features import Featurizer
@@ -75,7 +78,9 @@ def check_labeller(cfg: AnnotationConfig) -> None:
         raise AnnotationError(f"annotation.labeller={cfg.labeller} needs the grounding head's folder, and "
                               f"{cfg.head or cfg.model!r} is none; set annotation.head to the folder that "
                               f"`instagen train-grounding` wrote")
-    if cfg.model != "tiny" and not os.path.isdir(cfg.model) and cfg.labeller not in ("grounding_head", "none"):
+    if not 0 <= cfg.verify_iou <= 1:
+        raise AnnotationError(f"annotation.verify_iou must lie in [0, 1], got {cfg.verify_iou}")
+    if cfg.model != "tiny" and not os.path.isdir(cfg.model) and cfg.labeller not in ("grounding_head", "none", "layout"):
         raise AnnotationError(f"annotation.model {cfg.model!r} is not a local folder; point it at a "
                               f"detector saved with save_pretrained, or use 'tiny'")
 
@@ -149,6 +154,67 @@ class NoLabeller:
 
     def label(self, images: list[np.ndarray], categories: list[list[str]]) -> list[list[dict]]:
         return [[] for _ in images]
+
+
+@register_labeller("layout")
+class LayoutLabeller:
+    """The boxes the image was drawn from (layout rows, engine.generation.layouts): each layout box,
+    scaled to the image, is a label of score 1. GLIGEN was told to put the object there; whether
+    it did is what verification (a detector's agreement) checks."""
+
+    name = "layout"
+    needs_layout = True  # the Annotator passes layouts= (each sample's Layout)
+
+    def __init__(self, cfg: AnnotationConfig, categories: list[str]):
+        pass
+
+    def label(self, images: list[np.ndarray], categories: list[list[str]], layouts=None) -> list[list[dict]]:
+        if layouts is None:
+            raise AnnotationError("annotation.labeller=layout labels layout rows only; set layout.annotations "
+                                  "or choose another labeller")
+        out = []
+        for image, lay in zip(images, layouts):
+            h, w = image.shape[:2]
+            out.append([{"bbox": [round(b[0] * w, 2), round(b[1] * h, 2), round(b[2] * w, 2), round(b[3] * h, 2)],
+                         "category": label, "score": 1.0} for b, label in zip(lay.boxes, lay.labels)])
+        return out
+
+
+# Why verification refused a layout box (counted per reason in the manifest).
+NOT_DETECTED = "no detection of its category"
+MISPLACED = "detections of its category elsewhere"
+
+
+@register_labeller("layout+detector")
+class VerifiedLayoutLabeller:
+    """Layout boxes checked by the teacher detector, as Gen2Det does: a layout box is kept only
+    where a detection of the same category (score >= alpha) overlaps it by IoU >= verify_iou.
+    A refused box is returned with `refused` set to the reason, so the sample's record keeps it
+    apart from its labels: never silently dropped."""
+
+    name = "layout"
+    needs_layout = True
+
+    def __init__(self, cfg: AnnotationConfig, categories: list[str]):
+        self.layout = LayoutLabeller(cfg, categories)
+        self.detector = DetectorLabeller(cfg, categories)
+        self.iou = cfg.verify_iou
+
+    def label(self, images: list[np.ndarray], categories: list[list[str]], layouts=None) -> list[list[dict]]:
+        planned = self.layout.label(images, categories, layouts)
+        found = self.detector.label(images, categories)
+        out = []
+        for boxes, detections in zip(planned, found):
+            checked = []
+            for b in boxes:
+                same = [d for d in detections if d["category"] == b["category"]]
+                best = float(box_iou(torch.tensor([b["bbox"]]), torch.tensor([d["bbox"] for d in same])).max()) if same else 0.0
+                if best >= self.iou:
+                    checked.append(b)
+                else:
+                    checked.append({**b, "refused": MISPLACED if same else NOT_DETECTED, "iou": round(best, 4)})
+            out.append(checked)
+        return out
 
 
 HEAD_LABELLER = "grounding_head"
@@ -258,11 +324,19 @@ class Annotator:
                 records.append("")
                 continue
             boxes, (h, w) = found[i]
+            # A layout row records where its layout came from (source image, boxes, jitter drawn),
+            # and the layout boxes verification refused, with the reason (labeller layout+detector).
+            extra = {"layout": json.loads(row["layout"][i])["source"]} if "layout" in row else {}
+            refused = [{"bbox": b["bbox"], "category": b["category"], "reason": b["refused"], "iou": b["iou"]}
+                       for b in boxes if "refused" in b]
+            if refused:
+                extra["refused"] = refused
+                boxes = [b for b in boxes if "refused" not in b]
             records.append(json.dumps({
                 "id": int(row["id"][i]), "prompt": str(row["text"][i]), "categories": json.loads(row["categories"][i]),
                 "seed": int(row["seed"][i]), "seed_used": int(row["seed_used"][i]),
                 "model_id": str(row["model_id"]), "width": int(w), "height": int(h),
-                "box_format": BOX_FORMAT, **columns(boxes)}))
+                "box_format": BOX_FORMAT, **columns(boxes), **extra}))
         return {**row, "json": records}
 
     def label_batch(self, row: dict, chunk: list[int]) -> list[tuple[list[dict], tuple[int, int]]]:
@@ -274,6 +348,11 @@ class Annotator:
         if getattr(self.labeller, "needs_latents", False):  # the grounding head reads UNet features
             extra = {"latents": [np.load(io.BytesIO(row["latent"][i]), allow_pickle=False) for i in chunk],
                      "prompts": [str(row["text"][i]) for i in chunk]}
+        if getattr(self.labeller, "needs_layout", False):
+            if "layout" not in row:
+                raise AnnotationError("annotation.labeller=layout labels layout rows only; set layout.annotations "
+                                      "or choose another labeller")
+            extra["layouts"] = [Layout.from_json(row["layout"][i]) for i in chunk]
         found = self.labeller.label(images, [json.loads(row["categories"][i]) for i in chunk], **extra)
         out = []
         for image, boxes in zip(images, found):

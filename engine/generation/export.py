@@ -25,7 +25,7 @@ from PIL import Image
 from engine.config import RayConfig
 from engine.data.masks import decode as decode_mask
 from engine.data.shards import ShardError, ShardStore, finished_shards, samples_in_tar
-from engine.data.sheet import BASE_COLOUR, NOVEL_COLOUR, Tile, contact_sheet
+from engine.data.sheet import BASE_COLOUR, NOVEL_COLOUR, REFUSED_COLOUR, Tile, contact_sheet
 from engine.runtime.cluster import connect, quiet_data_context, user_error_in
 from engine.runtime.storage import replace_folder, url_of
 
@@ -181,4 +181,8 @@ def preview_tile(image: Image.Image, meta: dict, novel: set) -> Tile:
     figures), its prompt and box count beneath."""
     boxes = [(box, f"{label} {score:.2f}", NOVEL_COLOUR if label in novel else BASE_COLOUR)
              for box, label, score in zip(meta["boxes"], meta["labels"], meta["scores"])]
-    return Tile(image, boxes, [meta["prompt"][:40], f"{len(meta['boxes'])} boxes"])
+    # Layout boxes that verification refused (labeller layout+detector), in their own colour.
+    refused = meta.get("refused", [])
+    boxes += [(r["bbox"], f"{r['category']} refused", REFUSED_COLOUR) for r in refused]
+    lines = [meta["prompt"][:40], f"{len(meta['boxes'])} boxes" + (f", {len(refused)} refused" if refused else "")]
+    return Tile(image, boxes, lines)

@@ -17,10 +17,13 @@ from dataclasses import asdict, dataclass
 from engine.config import Config, fingerprint
 from engine.data.shards import ShardStore, write_shard_row
 from engine.generation.annotation import Annotator, build_labeller, check_labeller
+from engine.generation.captions import Captioner, caption_pool
+from engine.generation.layouts import make_plan
 from engine.generation.masks import Masker, plan_mask_pool
 from engine.generation.prompts import ROWS_VERSION, PromptPlan
 from engine.generation.synthesis import Synthesizer
-from engine.models.diffusion import load_pipeline
+from engine.models.captioner import load_captioner
+from engine.models.diffusion import check_source, load_pipeline
 from engine.models.segmenter import build_segmenter
 from engine.runtime.cluster import (
     cluster_state,
@@ -60,10 +63,20 @@ def run_fingerprint(cfg: Config, plan: PromptPlan) -> str:
                         "synthesis": {k: v for k, v in asdict(cfg.synthesis).items()
                                       if k not in ("batch_size", "num_actors", "gpus_per_actor")},
                         "annotation": {"labeller": cfg.annotation.labeller, "model": cfg.annotation.model,
-                                       "alpha": cfg.annotation.alpha, "beta": cfg.annotation.beta},
+                                       "alpha": cfg.annotation.alpha, "beta": cfg.annotation.beta,
+                                       **({"verify_iou": cfg.annotation.verify_iou}
+                                          if cfg.annotation.labeller == "layout+detector" else {})},
                         "shard_size": cfg.output.shard_size, "rows": ROWS_VERSION,
                         # only when on, so that outputs without masks keep their fingerprints
-                        **({"masks": asdict(cfg.masks)} if cfg.masks.enabled else {})})
+                        **({"masks": asdict(cfg.masks)} if cfg.masks.enabled else {}),
+                        # Layout rows: their config (less the caption batch size, which changes no
+                        # sample) and the dataset's qualifying images and boxes.
+                        **({"layout": [{k: v for k, v in asdict(cfg.layout).items() if k != "caption_batch_size"},
+                                       plan.fingerprint_data()]} if _layouts(plan) else {})})
+
+
+def _layouts(plan) -> bool:
+    return getattr(plan, "layouts", False)
 
 
 class Progress:
@@ -89,7 +102,7 @@ def generate(cfg: Config) -> Summary:
     import ray
 
     start = time.time()
-    plan = PromptPlan(cfg.prompts)
+    plan = make_plan(cfg)  # prompt rows, or layout rows when layout.annotations is set
     categories = plan.all_categories
     size = cfg.output.shard_size
     n_shards = (len(plan) + size - 1) // size
@@ -107,16 +120,21 @@ def generate(cfg: Config) -> Summary:
     if todo:
         # Everything a user can get wrong is checked before the first byte is written.
         check_labeller(cfg.annotation)
+        check_source(cfg.model, layout=_layouts(plan), inpaint=_layouts(plan) and cfg.layout.mode == "inpainting")
         connect(cfg.ray)
         resources, nodes = cluster_state()
         synth, annot = plan_pools(resources, nodes, cfg.synthesis.num_actors, cfg.synthesis.gpus_per_actor,
                                   cfg.annotation.num_actors, cfg.annotation.gpus_per_actor,
                                   cfg.ray.allow_autoscale)
-        _probe_models(cfg, categories, synth)
+        _probe_models(cfg, categories, synth, _layouts(plan))
         claim = store.prepare(run_info)
         store.remove_temporaries()
         quiet_data_context()
         ds = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
+        if _layouts(plan) and cfg.layout.captioner:  # BLIP-2 captions as the layouts' prompts
+            synth, capt = caption_pool(synth, annot)
+            ds = ds.map(Captioner, fn_constructor_args=(cfg.layout, plan, size, threads_for(capt.num_cpus)),
+                        compute=ray.data.ActorPoolStrategy(size=capt.size), **capt.remote_args())
         ds = ds.map(Synthesizer, fn_constructor_args=(cfg.model, cfg.synthesis, plan, size, threads_for(synth.num_cpus)),
                     compute=ray.data.ActorPoolStrategy(size=synth.size), **synth.remote_args())
         ds = ds.map(Annotator, fn_constructor_args=(cfg.annotation, categories, threads_for(annot.num_cpus)),
@@ -149,20 +167,22 @@ def generate(cfg: Config) -> Summary:
                    wall_s=time.time() - start, output=cfg.output.path)
 
 
-def _load_models(cfg: Config, categories: list[str]) -> None:
-    load_pipeline(cfg.model)
+def _load_models(cfg: Config, categories: list[str], layout: bool = False) -> None:
+    load_pipeline(cfg.model, layout=layout, inpaint=layout and cfg.layout.mode == "inpainting")
+    if layout and cfg.layout.captioner:
+        load_captioner(cfg.layout.captioner)
     build_labeller(cfg.annotation, categories)
     if cfg.masks.enabled:
         build_segmenter(cfg.masks.model, cfg.masks.seed)
 
 
-def _probe_models(cfg: Config, categories: list[str], synth) -> None:
+def _probe_models(cfg: Config, categories: list[str], synth, layout: bool = False) -> None:
     """Load the generator and the labeller once, in one task with a synthesis actor's resources,
     before anything is written: a model that cannot load (a damaged folder or checkpoint, a
     checkpoint refused for its pickles) is then one line, not a pool of dying actors."""
     import ray
     try:
-        ray.get(ray.remote(_load_models).options(max_retries=0, **synth.remote_args()).remote(cfg, categories))
+        ray.get(ray.remote(_load_models).options(max_retries=0, **synth.remote_args()).remote(cfg, categories, layout))
     except Exception as e:
         user = user_error_in(e)
         if user is None:

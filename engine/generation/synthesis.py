@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -18,6 +18,9 @@ import torch
 from PIL import Image
 
 from engine.config import ModelConfig, SynthesisConfig
+from engine.config.sections import GLIGEN_MAX_OBJECTS
+from engine.data.datasets import open_image
+from engine.generation.layouts import Layout
 from engine.generation.prompts import PromptPlan, PromptSpec
 from engine.models.diffusion import UNetFeatureTap, load_pipeline
 from engine.runtime.faults import maybe_crash, poison_nonfinite
@@ -35,30 +38,103 @@ def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds])
 
 
+def gligen_inputs(pipe, layouts: list[Layout], guided: bool) -> dict:
+    """GLIGEN's grounding input for a batch, as StableDiffusionGLIGENPipeline builds it for one
+    prompt, but with each sample's own boxes: per sample up to 30 normalised xyxy boxes, each with
+    the pooled text embedding of its phrase (the category name), and a mask of the boxes present.
+    The unconditional half of a guided batch gets no boxes (mask 0), as in the pipeline."""
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    n, dim = len(layouts), pipe.unet.config.cross_attention_dim
+    boxes = torch.zeros(n, GLIGEN_MAX_OBJECTS, 4)
+    embeddings = torch.zeros(n, GLIGEN_MAX_OBJECTS, dim)
+    masks = torch.zeros(n, GLIGEN_MAX_OBJECTS)
+    phrases = sorted({p for lay in layouts for p in lay.labels})
+    # Padded to the tokenizer's full length, so a phrase's embedding does not depend on the other
+    # phrases of the batch (the pooled token is its end token; CLIP's attention is causal).
+    tok = pipe.tokenizer(phrases, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").to(pipe.text_encoder.device)
+    pooled = dict(zip(phrases, pipe.text_encoder(**tok).pooler_output.float().cpu()))
+    for i, lay in enumerate(layouts):
+        k = min(len(lay.boxes), GLIGEN_MAX_OBJECTS)
+        boxes[i, :k] = torch.tensor(lay.boxes[:k])
+        embeddings[i, :k] = torch.stack([pooled[p] for p in lay.labels[:k]])
+        masks[i, :k] = 1
+    if guided:
+        boxes, embeddings = torch.cat([boxes, boxes]), torch.cat([embeddings, embeddings])
+        masks = torch.cat([torch.zeros_like(masks), masks])
+    return {"boxes": boxes.to(device, dtype), "positive_embeddings": embeddings.to(device, dtype),
+            "masks": masks.to(device, dtype)}
+
+
+def inpaint_inputs(pipe, sources: torch.Tensor, layouts: list[Layout], shape: tuple[int, ...]):
+    """GLIGEN inpainting's inputs: the source images' latents (the VAE's mode, so that a sample
+    does not depend on a random draw) and a mask on the latent grid, 1 where the source is kept
+    (outside every box), 0 inside the boxes that are redrawn."""
+    vae = pipe.vae
+    kept = vae.encode(sources.to(vae.device, vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
+    mask = torch.ones(len(layouts), 1, shape[1], shape[2])
+    for i, lay in enumerate(layouts):
+        for x0, y0, x1, y1 in lay.boxes:
+            mask[i, :, int(y0 * shape[1]):int(np.ceil(y1 * shape[1])), int(x0 * shape[2]):int(np.ceil(x1 * shape[2]))] = 0
+    return kept.to(pipe.unet.device, pipe.unet.dtype), mask.to(pipe.unet.device, pipe.unet.dtype)
+
+
+def set_gated_layers(unet, enabled: bool) -> None:
+    """GLIGEN's scheduled sampling: the gated layers act only in the first steps."""
+    from diffusers.models.attention import GatedSelfAttentionDense
+    for module in unet.modules():
+        if type(module) is GatedSelfAttentionDense:
+            module.enabled = enabled
+
+
 @torch.no_grad()
-def draw(pipe, texts: list[str], seeds: list[int], cfg: SynthesisConfig) -> Drawn:
+def draw(pipe, texts: list[str], seeds: list[int], cfg: SynthesisConfig,
+         layouts: Optional[list[Layout]] = None, gligen_beta: float = 0.3,
+         sources: Optional[torch.Tensor] = None) -> Drawn:
+    """`layouts`: one per text, for a GLIGEN pipeline, whose gated layers read the boxes during the
+    first `gligen_beta` of the steps (GLIGEN's scheduled sampling). `sources` (B, 3, H, W in
+    [-1, 1]): GLIGEN inpainting, which keeps each source image outside its layout's boxes (at every
+    step the kept part is the source's latents noised to that step) and redraws inside them."""
     device, dtype = pipe.unet.device, pipe.unet.dtype
     guided = cfg.guidance > 1.0
     cond, uncond = pipe.encode_prompt(texts, device, 1, guided)
     text_emb = torch.cat([uncond, cond]) if guided else cond
+    grounding = gligen_inputs(pipe, layouts, guided) if layouts is not None else None
 
     scale = pipe.vae_scale_factor
-    shape = (pipe.unet.config.in_channels, cfg.height // scale, cfg.width // scale)
+    shape = (pipe.unet.config.out_channels, cfg.height // scale, cfg.width // scale)
     sched = pipe.scheduler
     sched.set_timesteps(cfg.steps, device=device)
     latents = (initial_noise(seeds, shape) * sched.init_noise_sigma).to(device, dtype)
+    if sources is not None:
+        kept, mask = inpaint_inputs(pipe, sources, layouts, shape)
+        # The noise the kept part is noised with: the sample's own, from a seed of its own.
+        kept_noise = initial_noise([(s + 7919) % 2**31 for s in seeds], shape).to(device, dtype)
+        extra = torch.cat([kept * mask, mask], dim=1)
+        extra = torch.cat([extra, extra]) if guided else extra
 
     tap = UNetFeatureTap(pipe.unet) if cfg.keep_features else None
     last = len(sched.timesteps) - 1
+    grounded_steps = int(gligen_beta * len(sched.timesteps)) if grounding else 0
     try:
+        if grounding:
+            set_gated_layers(pipe.unet, True)
         for i, t in enumerate(sched.timesteps):
             if i == last:
                 before_last = latents.float().cpu()
                 if tap:
                     tap.active = True
+            if grounding and i == grounded_steps:
+                set_gated_layers(pipe.unet, False)
+            if sources is not None:
+                latents = sched.add_noise(kept, kept_noise, t.reshape(1)) * mask + latents * (1 - mask)
             x = torch.cat([latents, latents]) if guided else latents
             x = sched.scale_model_input(x, t)
-            eps = pipe.unet(x, t, encoder_hidden_states=text_emb).sample
+            if sources is not None:
+                x = torch.cat([x, extra], dim=1)
+            # The UNet turns the grounding input into its tokens each call; a fresh dict each step.
+            kwargs = {"cross_attention_kwargs": {"gligen": dict(grounding)}} if grounding else {}
+            eps = pipe.unet(x, t, encoder_hidden_states=text_emb, **kwargs).sample
             if guided:
                 eps_u, eps_c = eps.chunk(2)
                 eps = eps_u + cfg.guidance * (eps_c - eps_u)
@@ -117,22 +193,33 @@ class Synthesizer:
         if threads:
             torch.set_num_threads(threads)
         self.cfg, self.prompts, self.shard_size = synth_cfg, prompts, shard_size
-        self.pipe = load_pipeline(model_cfg)
+        # Layout rows (engine.generation.layouts) are drawn by GLIGEN from their boxes.
+        self.layouts = getattr(prompts, "layouts", False)
+        self.gligen_beta = prompts.cfg.gligen_beta if self.layouts else 0.0
+        self.inpaint = bool(self.layouts) and prompts.cfg.mode == "inpainting"
+        self.pipe = load_pipeline(model_cfg, layout=self.layouts, inpaint=self.inpaint)
         self.model_id = model_cfg.source
         self.batches = 0
 
     def __call__(self, row: dict) -> dict:
         index = int(row["shard"])
         specs = list(self.prompts.rows(index * self.shard_size, (index + 1) * self.shard_size))
+        if "captions" in row:  # the caption stage (engine.generation.captions) wrote the prompts
+            specs = [replace(s, text=t) for s, t in zip(specs, json.loads(row["captions"]))]
         out = {"shard": index, "id": [s.id for s in specs], "seed": [s.seed for s in specs],
                "text": [s.text for s in specs], "categories": [json.dumps(list(s.categories)) for s in specs],
                "model_id": self.model_id, "status": [], "seed_used": [], "jpg": [], "latent": []}
         if self.cfg.keep_features:
             out["features"] = []
+        if self.layouts:
+            out["layout"] = [s.layout.to_json() for s in specs]
         for start in range(0, len(specs), self.cfg.batch_size):
             for name, values in self.draw_rows(specs[start:start + self.cfg.batch_size]).items():
                 out[name] += values
         return out
+
+    def source_images(self, layouts: list[Layout]) -> torch.Tensor:
+        return torch.stack([read_source(lay.source["file"], self.cfg.width, self.cfg.height) for lay in layouts])
 
     def draw_rows(self, specs: list[PromptSpec]) -> dict[str, list]:
         """One batch: per row its status, seed used and encoded sample."""
@@ -146,7 +233,9 @@ class Synthesizer:
             if not todo:
                 break
             tried = [derived_seed(seeds[i], attempt) if attempt else seeds[i] for i in todo]
-            drawn = draw(self.pipe, [texts[i] for i in todo], tried, self.cfg)
+            layouts = [specs[i].layout for i in todo] if self.layouts else None
+            sources = self.source_images(layouts) if self.inpaint else None
+            drawn = draw(self.pipe, [texts[i] for i in todo], tried, self.cfg, layouts, self.gligen_beta, sources)
             poison_nonfinite([ids[i] for i in todo], drawn, attempt)
             for j, i in enumerate(todo):
                 if drawn.finite[j]:
@@ -165,3 +254,10 @@ class Synthesizer:
             if self.cfg.keep_features:
                 out["features"].append(encode_npz([f[j] for f in d.features]) if d else b"")
         return out
+
+
+def read_source(file: str, width: int, height: int) -> torch.Tensor:
+    """A layout's source image at the synthesis size, (3, H, W) in [-1, 1]. Layout boxes are
+    fractions of the image, so stretching keeps them on their objects."""
+    image = open_image(file).convert("RGB").resize((width, height), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)

@@ -93,12 +93,15 @@ def load_text_encoder(name: str, max_length: int):
     return model.eval(), tokenizer
 
 
-def build_tiny_pipeline(cfg: TinyModelConfig):
+def build_tiny_pipeline(cfg: TinyModelConfig, layout: bool = False, inpaint: bool = False):
     """A randomly initialised Stable Diffusion of tiny size. The seed makes every actor build the
-    same weights, so images do not depend on which actor drew them."""
+    same weights, so images do not depend on which actor drew them. `layout`: a GLIGEN pipeline,
+    whose UNet has the gated self-attention layers that read boxes (attention_type="gated");
+    `inpaint`: GLIGEN's inpainting UNet, which also reads the kept latents and their mask."""
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
+        StableDiffusionGLIGENPipeline,
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
@@ -109,12 +112,19 @@ def build_tiny_pipeline(cfg: TinyModelConfig):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         unet = UNet2DConditionModel(
-            sample_size=8, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
+            sample_size=8, in_channels=inpaint_channels(cfg.latent_channels) if inpaint else cfg.latent_channels,
+            out_channels=cfg.latent_channels,
             block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
             down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
             up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
             cross_attention_dim=cfg.cross_attention_dim, attention_head_dim=cfg.attention_head_dim,
-            norm_num_groups=min(32, min(cfg.block_out_channels)))
+            norm_num_groups=min(32, min(cfg.block_out_channels)), attention_type="gated" if layout else "default")
+        if layout:
+            # A new GLIGEN's gates start closed (tanh(0) = 0: training opens them), so a random one
+            # would draw the same image for any boxes; open, they show the boxes reach the UNet.
+            for name, param in unet.named_parameters():
+                if name.endswith(("fuser.alpha_attn", "fuser.alpha_dense")):
+                    param.data.fill_(1.0)
         nv = len(cfg.vae_block_out_channels)
         vae = AutoencoderKL(
             in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,
@@ -136,9 +146,9 @@ def build_tiny_pipeline(cfg: TinyModelConfig):
                              f"encoder's hidden size ({hidden}): the UNet attends to its hidden states")
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                   unet=unet, scheduler=scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    cls = StableDiffusionGLIGENPipeline if layout else StableDiffusionPipeline
+    return cls(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+               safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 def _looks_like_hub_id(source: str) -> bool:
@@ -158,9 +168,10 @@ def finetuned_from(source: str) -> str:
         return str(json.load(f).get("source", ""))
 
 
-def check_source(cfg: ModelConfig) -> str:
+def check_source(cfg: ModelConfig, layout: bool = False, inpaint: bool = False) -> str:
     """Say what kind of source `cfg.source` is ("tiny", "folder", "single_file") without loading
-    it, so a wrong path fails on the driver in a second, not inside every actor."""
+    it, so a wrong path fails on the driver in a second, not inside every actor. `layout`: the
+    run draws layouts, so the source must be a GLIGEN pipeline."""
     source = os.path.expanduser(cfg.source)
     if cfg.source == "tiny":
         return "tiny"
@@ -168,7 +179,16 @@ def check_source(cfg: ModelConfig) -> str:
         if not os.path.exists(os.path.join(source, "model_index.json")):
             raise ModelLoadError(f"model.source {source!r} is a folder without model_index.json; it must be "
                                  f"a diffusers pipeline folder (as written by `save_pretrained`)")
+        if layout and not is_gligen_folder(source):
+            raise ModelLoadError(f"model.source {source!r} is a plain Stable Diffusion folder (its UNet has no gated "
+                                 f"layers that read boxes); layout rows need a GLIGEN pipeline folder, e.g. "
+                                 f"gligen-1-4-generation-text-box saved with save_pretrained")
+        if layout:
+            check_gligen_mode(source, inpaint)
         return "folder"
+    if layout and os.path.isfile(source):
+        raise ModelLoadError(f"model.source {cfg.source!r} is a single file; layout rows are drawn by a GLIGEN "
+                             f"pipeline, read from a diffusers folder only: point model.source at one")
     if os.path.isfile(source) and source.endswith(SINGLE_FILE_SUFFIXES):
         config_folder(source, cfg.config_source)  # configs and tokenizer must be at hand, offline
         return "single_file"
@@ -185,15 +205,46 @@ def check_source(cfg: ModelConfig) -> str:
                          f"diffusers folder, or a .ckpt/.safetensors file")
 
 
-def load_pipeline(cfg: ModelConfig, device: Optional[str] = None):
-    """Build the Stable Diffusion pipeline that `cfg` names, on `device`, in its dtype."""
+def inpaint_channels(latent_channels: int) -> int:
+    """GLIGEN inpainting's UNet input: the noisy latents, the kept latents and their mask."""
+    return 2 * latent_channels + 1
+
+
+def _unet_config(path: str) -> dict:
+    try:
+        with open(os.path.join(path, "unet", "config.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def is_gligen_folder(path: str) -> bool:
+    """A diffusers folder whose UNet has GLIGEN's gated self-attention (attention_type "gated")."""
+    return _unet_config(path).get("attention_type") == "gated"
+
+
+def check_gligen_mode(path: str, inpaint: bool) -> None:
+    """A GLIGEN folder made for the mode asked: inpainting models read 2 x latent + 1 channels."""
+    unet = _unet_config(path)
+    is_inpaint = unet.get("in_channels") == inpaint_channels(int(unet.get("out_channels", 4)))
+    if inpaint != is_inpaint:
+        have, want = ("inpainting", "generation") if is_inpaint else ("generation", "inpainting")
+        raise ModelLoadError(f"model.source {path!r} is a GLIGEN {have} model (UNet in_channels "
+                             f"{unet.get('in_channels')}), but layout.mode={want}: set layout.mode={have}, or point "
+                             f"model.source at a GLIGEN {want} folder")
+
+
+def load_pipeline(cfg: ModelConfig, device: Optional[str] = None, layout: bool = False, inpaint: bool = False):
+    """Build the Stable Diffusion pipeline that `cfg` names, on `device`, in its dtype; with
+    `layout`, the GLIGEN pipeline (a gated UNet) that draws boxes it is given, with `inpaint` its
+    inpainting kind."""
     dev = resolve_device(device)
     dtype = resolve_dtype(cfg.dtype, dev)
-    kind = check_source(cfg)
+    kind = check_source(cfg, layout, inpaint)
     if kind == "tiny":
-        pipe = build_tiny_pipeline(cfg.tiny)
+        pipe = build_tiny_pipeline(cfg.tiny, layout, inpaint)
     elif kind == "folder":
-        pipe = _load_folder(os.path.expanduser(cfg.source))
+        pipe = _load_folder(os.path.expanduser(cfg.source), layout)
     else:
         pipe = load_single_file(os.path.expanduser(cfg.source), cfg.config_source)
     pipe.scheduler = make_scheduler(cfg.scheduler, pipe.scheduler.config)
@@ -227,11 +278,11 @@ class PromptEmbeddings:
         return out
 
 
-def _load_folder(path: str):
-    from diffusers import StableDiffusionPipeline
+def _load_folder(path: str, layout: bool = False):
+    from diffusers import StableDiffusionGLIGENPipeline, StableDiffusionPipeline
+    cls = StableDiffusionGLIGENPipeline if layout else StableDiffusionPipeline
     try:
-        return StableDiffusionPipeline.from_pretrained(path, local_files_only=True, safety_checker=None,
-                                                       requires_safety_checker=False)
+        return cls.from_pretrained(path, local_files_only=True, safety_checker=None, requires_safety_checker=False)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not load the diffusers folder {path!r}: {e}") from e
 
