@@ -21,7 +21,7 @@ import re
 import tarfile
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import fsspec
