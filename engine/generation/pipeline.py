@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from engine.config import Config, fingerprint
-from engine.data.shards import ShardStore, write_shard_row
+from engine.data.shards import ShardStore, ShardWriter
 from engine.generation.annotation import Annotator, build_labeller, check_labeller
 from engine.generation.prompts import ROWS_VERSION, PromptPlan
 from engine.generation.synthesis import Synthesizer
@@ -117,7 +117,9 @@ def generate(cfg: Config) -> Summary:
                     compute=ray.data.ActorPoolStrategy(size=synth.size), **synth.remote_args())
         ds = ds.map(Annotator, fn_constructor_args=(cfg.annotation, categories, threads_for(annot.num_cpus)),
                     compute=ray.data.ActorPoolStrategy(size=annot.size), **annot.remote_args())
-        ds = ds.map(write_shard_row, fn_kwargs={"url": cfg.output.path, "claim": claim}, num_cpus=0.25)
+        # A writer per four synthesis actors: a shard's write takes a small part of its drawing.
+        ds = ds.map(ShardWriter, fn_constructor_args=(cfg.output.path, claim), num_cpus=0.25,
+                    compute=ray.data.ActorPoolStrategy(size=max(1, synth.size // 4)))
         progress = Progress(sum(min(size, len(plan) - i * size) for i in todo), len(todo))
         try:
             for row in ds.iter_rows():
