@@ -66,10 +66,10 @@ setup(
     install_requires=REQUIRES,
     extras_require={
         "gpu": ["xformers"],
-        # s3fs's own boto3 extra picks a boto3 that its aiobotocore accepts: with boto3 asked for
-        # on its own, pip takes the newest and falls back to s3fs 0.4, which no longer works.
+        # The floor on s3fs makes pip pick a boto3 that s3fs's aiobotocore accepts: without it, pip
+        # took the newest boto3 (moto needs one) and fell back to s3fs 0.4.2, which no longer works.
         "cloud": ["s3fs[boto3]>=2024.1", "gcsfs>=2024.1"],
-        # boto3 (through s3fs): the tests validate cluster.yaml's node configs against the EC2 API
+        # boto3 (through moto): the tests validate cluster.yaml's node configs against the EC2 API
         # model offline; s3fs and moto's S3 server: the tests write datasets to s3:// from Ray workers.
         "dev": ["pytest>=7", "pytest-timeout", "s3fs[boto3]>=2024.1", "moto[server]"],
     },
