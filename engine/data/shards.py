@@ -241,9 +241,13 @@ class ShardWriter:
         try:
             entry = self.store.write_shard(index, samples, dropped, self.claim)
         except OSError as e:
-            raise ShardError(f"writing shard {index} under {self.url!r} failed ({e}); nothing of it was kept: "
-                             f"free the space or fix the permissions, then rerun the same command") from None
-        return {"entry": json.dumps(entry.as_dict())}
+            # Returned, not raised: the other shards in flight are still written, and a run that
+            # fails inside Ray Data keeps its actors (and their CPUs) for as long as the error
+            # lives in the calling process. The driver raises it once the pipeline has drained.
+            return {"entry": "", "error": f"writing shard {index} under {self.url!r} failed ({e}); nothing of "
+                                          f"it was kept: free the space or fix the permissions, then rerun the "
+                                          f"same command"}
+        return {"entry": json.dumps(entry.as_dict()), "error": ""}
 
 
 def pack_tar(samples: list[dict]) -> bytes:
