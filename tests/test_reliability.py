@@ -3,8 +3,10 @@ import io
 import json
 import os
 import tarfile
+import time
 
 import pytest
+import ray
 from conftest import ray_with_env
 from PIL import Image
 
@@ -30,6 +32,15 @@ def faulty_ray(tmp_path_factory):
 
 def config(out, *extra):
     return load_config(os.path.join(ROOT, "configs/tiny.yaml"), SMALL + [f"output.path={out}", *extra])
+
+
+def all_cpus_free(wait_s: float = 30.0) -> bool:
+    deadline = time.time() + wait_s
+    while time.time() < deadline:
+        if ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]:
+            return True
+        time.sleep(0.5)
+    return False
 
 
 def keys_in(out):
@@ -73,8 +84,11 @@ def test_failing_shard_write_leaves_nothing_and_rerun_writes_it(faulty_ray, tmp_
     with pytest.raises(ShardError, match="writing shard 1 .* failed .*No space left on device.* rerun"):
         generate(cfg)
     assert not os.path.exists(os.path.join(faulty_ray, "fail-write-1")), "the write on the worker was not tried"
-    # Shards finish in any order: if shard 1 failed before any other was written, nothing claimed
-    # the output and its empty folders were removed again.
+    # The failed run's actors are gone: a rerun in the same process needs their CPUs (it waited
+    # for them forever when the write error failed the Ray Data run: its actors lived on with it).
+    assert all_cpus_free(), f"a failed generate left actors holding CPUs: {ray.available_resources()}"
+    # The other shards were written (a write error does not throw away work in flight); had none
+    # been, nothing would have claimed the output and its empty folders would be gone again.
     shards = os.listdir(os.path.join(out, "shards")) if os.path.isdir(os.path.join(out, "shards")) else []
     assert "shard-000001.tar" not in shards and not [f for f in shards if ".tmp-" in f]
     assert 1 not in ShardStore(out).finished()

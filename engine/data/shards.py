@@ -226,29 +226,42 @@ class ShardStore:
         return entry
 
 
-def write_shard_row(row: dict, url: str, claim: Optional[dict]) -> dict:
-    """A Ray task: one finished shard row of the generate pipeline (parallel lists: id, status,
-    jpg, latent, json [, features]) into its tar and manifest entry, on the worker where it was
-    made. Returns only the entry, which is all the driver keeps. It lives here, beside the format
-    it writes, so that the worker it runs on imports no model library."""
-    samples, dropped = [], []
-    for j, status in enumerate(row["status"]):
-        pid = int(row["id"][j])
-        if status != "ok":
-            dropped.append(pid)
-            continue
-        sample = {"__key__": f"{pid:09d}", "jpg": row["jpg"][j], "latent.npy": row["latent"][j],
-                  "json": row["json"][j]}
-        if "features" in row:
-            sample["features.npz"] = row["features"][j]
-        samples.append(sample)
-    index = int(row["shard"])
-    try:
-        entry = ShardStore(url).write_shard(index, samples, dropped, claim)
-    except OSError as e:
-        raise ShardError(f"writing shard {index} under {url!r} failed ({e}); nothing of it was kept: "
-                         f"free the space or fix the permissions, then rerun the same command") from None
-    return {"entry": json.dumps(entry.as_dict())}
+class ShardWriter:
+    """A Ray Data actor: writes finished shard rows of the generate pipeline (parallel lists: id,
+    status, jpg, latent, json [, features]) into their tars and manifest entries, on the node
+    where they were made, and returns only the entry, which is all the driver keeps.
+
+    An actor rather than a task: Ray kills idle task workers within a second once a node runs
+    more processes than CPUs (the model actors count), so a writer task per shard started a new
+    Python process per shard, which took more CPU than the write (bench/generate.py). It lives
+    here, beside the format it writes, so that its process imports no model library."""
+
+    def __init__(self, url: str, claim: Optional[dict]):
+        self.store, self.url, self.claim = ShardStore(url), url, claim
+
+    def __call__(self, row: dict) -> dict:
+        samples, dropped = [], []
+        for j, status in enumerate(row["status"]):
+            pid = int(row["id"][j])
+            if status != "ok":
+                dropped.append(pid)
+                continue
+            sample = {"__key__": f"{pid:09d}", "jpg": row["jpg"][j], "latent.npy": row["latent"][j],
+                      "json": row["json"][j]}
+            if "features" in row:
+                sample["features.npz"] = row["features"][j]
+            samples.append(sample)
+        index = int(row["shard"])
+        try:
+            entry = self.store.write_shard(index, samples, dropped, self.claim)
+        except OSError as e:
+            # Returned, not raised: the other shards in flight are still written, and a run that
+            # fails inside Ray Data keeps its actors (and their CPUs) for as long as the error
+            # lives in the calling process. The driver raises it once the pipeline has drained.
+            return {"entry": "", "error": f"writing shard {index} under {self.url!r} failed ({e}); nothing of "
+                                          f"it was kept: free the space or fix the permissions, then rerun the "
+                                          f"same command"}
+        return {"entry": json.dumps(entry.as_dict()), "error": ""}
 
 
 def pack_tar(samples: list[dict], suffixes: tuple[str, ...] = MEMBER_SUFFIXES) -> bytes:

@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from engine.config import Config, fingerprint
-from engine.data.shards import ShardStore, write_shard_row
+from engine.data.shards import ShardError, ShardStore, ShardWriter
 from engine.generation.annotation import Annotator, build_labeller, check_labeller
 from engine.generation.captions import Captioner, caption_pool
 from engine.generation.layouts import make_plan
@@ -143,10 +143,16 @@ def generate(cfg: Config) -> Summary:
             masks = plan_mask_pool(cfg.masks, annot)
             ds = ds.map(Masker, fn_constructor_args=(cfg.masks, threads_for(masks.num_cpus)),
                         compute=ray.data.ActorPoolStrategy(size=masks.size), **masks.remote_args())
-        ds = ds.map(write_shard_row, fn_kwargs={"url": cfg.output.path, "claim": claim}, num_cpus=0.25)
+        # A writer per four synthesis actors: a shard's write takes a small part of its drawing.
+        ds = ds.map(ShardWriter, fn_constructor_args=(cfg.output.path, claim), num_cpus=0.25,
+                    compute=ray.data.ActorPoolStrategy(size=max(1, synth.size // 4)))
         progress = Progress(sum(min(size, len(plan) - i * size) for i in todo), len(todo))
+        failed_writes = []
         try:
             for row in ds.iter_rows():
+                if row["error"]:
+                    failed_writes.append(row["error"])
+                    continue
                 entry = json.loads(row["entry"])
                 written[entry["index"]] = entry
                 progress.update(images=entry["samples"] + len(entry["dropped"]), shards=1)
@@ -156,6 +162,10 @@ def generate(cfg: Config) -> Summary:
             if user is None:
                 raise
             raise type(user)(str(user).splitlines()[0]) from None
+        if failed_writes:
+            store.discard_unclaimed()
+            more = f" ({len(failed_writes) - 1} more shards failed to write)" if len(failed_writes) > 1 else ""
+            raise ShardError(failed_writes[0] + more)
         missing = sorted(set(todo) - set(written))
         if missing:  # cannot happen unless Ray Data lost a row: never report such a run as whole
             raise RuntimeError(f"generation ended with shards {missing[:5]} unwritten; rerun the same command "
