@@ -3,6 +3,7 @@ per-category budgets, the plan summary, and one clear line for each bad input.""
 import json
 
 import pytest
+from fixtures_coco import COCO_IDS, COCO_NAMES
 
 from engine.config import ConfigError, PromptConfig, load_config
 from engine.data.categories import (
@@ -17,17 +18,6 @@ from engine.data.categories import (
     split_categories,
 )
 
-# COCO 2017's 80 categories in id order; ids run 1..90 with these gaps.
-COCO_NAMES = [
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant",
-    "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard",
-    "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli",
-    "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "dining table", "toilet",
-    "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
-    "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush"]
-COCO_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
 
 # An LVIS-shaped vocabulary: (name, frequency, image_count), with parenthesised senses and the
 # two bats that a prompt must tell apart.

@@ -12,25 +12,16 @@ from engine.cli import main
 from engine.config import load_config
 from engine.recipe import STAGES, Recipe
 from engine.runtime.faults import InjectedStageFailure
-from tests.fixtures_coco import make_coco_dataset
+from tests.fixtures_coco import COCO_NAMES, make_coco_dataset
 from tests.fixtures_lvis import make_lvis_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COCO_80 = [
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant",
-    "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard",
-    "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli",
-    "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "dining table", "toilet",
-    "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
-    "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush"]
 
 
 @pytest.fixture(scope="module")
 def coco(tmp_path_factory):
     """COCO 2017's 80 categories on two small images (one object each)."""
-    return make_coco_dataset(tmp_path_factory.mktemp("coco"), n_images=2, categories=COCO_80, size=324)
+    return make_coco_dataset(tmp_path_factory.mktemp("coco"), n_images=2, categories=COCO_NAMES, size=324)
 
 
 @pytest.fixture(scope="module")

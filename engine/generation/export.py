@@ -26,7 +26,7 @@ from engine.config import RayConfig
 from engine.data.masks import decode as decode_mask
 from engine.data.shards import ShardError, ShardStore, finished_shards, samples_in_tar
 from engine.data.sheet import BASE_COLOUR, NOVEL_COLOUR, REFUSED_COLOUR, Tile, contact_sheet
-from engine.runtime.cluster import connect, quiet_data_context, user_error_in
+from engine.runtime.cluster import connect, quiet_data_context, raise_as_one_line
 from engine.runtime.storage import replace_folder, url_of
 
 STAGING = ".export-"  # prefix of the hidden folder an export is staged in
@@ -85,10 +85,7 @@ def export(output: str, dest: Optional[str] = None, write_images: bool = True,
         for name in ("coco.json", "lvis.json", "preview.png"):
             fs.mv(f"{staging}/{name}", f"{root}/{name}")
     except Exception as e:
-        user = user_error_in(e)
-        if user is None:
-            raise
-        raise type(user)(str(user).splitlines()[0]) from None
+        raise_as_one_line(e)
     finally:
         fs.rm(staging, recursive=True)
     return {"images": images, "annotations": annotations, "coco": f"{dest}/coco.json",

@@ -30,8 +30,8 @@ from engine.runtime.cluster import (
     connect,
     plan_pools,
     quiet_data_context,
+    raise_as_one_line,
     threads_for,
-    user_error_in,
 )
 
 
@@ -158,10 +158,7 @@ def generate(cfg: Config) -> Summary:
                 progress.update(images=entry["samples"] + len(entry["dropped"]), shards=1)
         except Exception as e:
             store.discard_unclaimed()
-            user = user_error_in(e)
-            if user is None:
-                raise
-            raise type(user)(str(user).splitlines()[0]) from None
+            raise_as_one_line(e)
         if failed_writes:
             store.discard_unclaimed()
             more = f" ({len(failed_writes) - 1} more shards failed to write)" if len(failed_writes) > 1 else ""
@@ -194,7 +191,4 @@ def _probe_models(cfg: Config, categories: list[str], synth, layout: bool = Fals
     try:
         ray.get(ray.remote(_load_models).options(max_retries=0, **synth.remote_args()).remote(cfg, categories, layout))
     except Exception as e:
-        user = user_error_in(e)
-        if user is None:
-            raise
-        raise type(user)(str(user).splitlines()[0]) from None
+        raise_as_one_line(e)

@@ -30,7 +30,7 @@ from PIL import Image
 from engine.config import PoolConfig, RayConfig, fingerprint
 from engine.data import masks as rle
 from engine.data.shards import ShardError, ShardStore, finished_shards, samples_in_tar
-from engine.runtime.cluster import connect, quiet_data_context, user_error_in
+from engine.runtime.cluster import connect, quiet_data_context, raise_as_one_line
 from engine.runtime.storage import write_file
 
 POOL_SUFFIXES = ("png", "json")
@@ -98,10 +98,7 @@ def build_pool(source: str, output: str, cfg: PoolConfig, ray: RayConfig | None 
                 written[entry["index"]] = entry
         except Exception as e:
             store.discard_unclaimed()
-            user = user_error_in(e)
-            if user is None:
-                raise
-            raise type(user)(str(user).splitlines()[0]) from None
+            raise_as_one_line(e)
     entries = {**done, **written}
     per_category = dict.fromkeys(src_run["categories"], 0)
     rejected = dict.fromkeys(REJECT_REASONS, 0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import NoReturn, Optional
 
 from engine.config import RayConfig
 from engine.errors import UserError
@@ -114,6 +114,15 @@ def cluster_state() -> tuple[dict, list[dict]]:
 def threads_for(num_cpus: float) -> int:
     """Torch threads for an actor holding `num_cpus` Ray CPUs."""
     return max(1, int(round(num_cpus)))
+
+
+def raise_as_one_line(error: BaseException) -> NoReturn:
+    """For an except block around Ray work: raise the UserError inside `error` as its first line
+    alone (what the user can fix, without Ray's wrapping and remote traceback), else `error`."""
+    user = user_error_in(error)
+    if user is None:
+        raise error
+    raise type(user)(str(user).splitlines()[0]) from None
 
 
 def user_error_in(error: BaseException) -> Optional[UserError]:
