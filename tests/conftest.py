@@ -2,6 +2,7 @@
 for the tests that inject faults into the workers."""
 import contextlib
 import os
+import sys
 
 import pytest
 import ray
@@ -49,3 +50,22 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+# The whole suite (`make test`, CI) once ended in a segmentation fault after its summary line, with
+# every test passed and Ray already shut down: in the interpreter's own teardown, where no test
+# runs and faulthandler is off. Not reproduced in any subset; the cause is not found yet. So the
+# run ends here, with pytest's own exit status, once every result is reported.
+_exit_status = 0
+
+
+def pytest_sessionfinish(session, exitstatus):
+    global _exit_status
+    _exit_status = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_exit_status)
