@@ -28,6 +28,7 @@ REQUIRES = [
     "pillow>=10",
     "numpy>=1.24",
     "tqdm>=4.60",
+    "matplotlib>=3.5",  # the toy world's table as a picture (pycocotools needs it too)
 ]
 
 

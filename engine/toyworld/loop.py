@@ -31,6 +31,7 @@ resume (trainer checkpoints, finished shards). A stage whose inputs changed star
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import random
@@ -306,6 +307,7 @@ def run_loop(cfg: AblationConfig, log: Callable[[str], None] = lambda m: print(f
     if samples:
         results["samples_png"] = draw_samples(samples, loop.base, loop.path("samples.png"))
     results["table"] = format_table(results)
+    results["table_png"] = plot_table(results, loop.path("table.png"))
     write_file(loop.path("results.json"), json.dumps(results, indent=2).encode())
     return results
 
@@ -360,6 +362,38 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+
+
+def plot_table(results: dict, path: str) -> str:
+    """The table as a picture: per row, a bar per metric at its mean over the detector seeds and a
+    point per seed, so a gain that holds in every seed stands apart from one seed's luck."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display on a cluster node; also keeps a user's backend choice out
+    import matplotlib.pyplot as plt
+
+    names = {"AP50": "AP50 all", "AP50_base": "AP50 base", "AP50_novel": "AP50 novel"}
+    order = results["order"]
+    fig, ax = plt.subplots(figsize=(1.9 * len(order) + 2, 4))
+    width = 0.8 / len(METRICS)
+    for j, k in enumerate(METRICS):
+        xs = [i + (j - (len(METRICS) - 1) / 2) * width for i in range(len(order))]
+        # No bar where a row has no mean (a seed without novel categories in its test split).
+        means = [float("nan") if results["rows"][r][k] is None else 100 * results["rows"][r][k] for r in order]
+        ax.bar(xs, means, width, label=names[k], color=f"C{j}", alpha=0.55)
+        for x, r in zip(xs, order):
+            seeds = [100 * m[k] for m in results["rows"][r].get("seeds", {}).values() if m.get(k) is not None]
+            ax.scatter([x] * len(seeds), seeds, s=12, color=f"C{j}", edgecolors="black", linewidths=0.5, zorder=3)
+    ax.set_xticks(range(len(order)), [ROW_TITLES[r] for r in order])
+    ax.set_ylabel("AP50 x 100 on the test split")
+    seeds = max(len(results["rows"][r].get("seeds", ())) for r in order)
+    ax.set_title(f"{results['name']}: bars are the mean, points the {seeds} detector seed(s)")
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    data = io.BytesIO()
+    fig.savefig(data, format="png", dpi=110)
+    plt.close(fig)
+    write_file(path, data.getvalue())
+    return path
 
 
 def draw_samples(shard_paths: tuple[str, str], base: list[str], path: str, per_set: int = 16,

@@ -15,14 +15,13 @@ image:
   covers; one with less than `min_visible` of its area left is dropped, the others get the box
   of what stays visible. A pasted instance's box is its visible mask's bounding box.
 
-Draws come from a generator seeded by (seed, image, pass), so the same run pastes the same
-instances, and each pasted instance is recorded (pool key, category, box). Masks are read
+Draws come from a generator seeded by (copy_paste.seed, the sample's seed in this epoch), so the
+same run pastes the same instances and each epoch draws new ones, and each pasted instance is recorded (pool key, category, box). Masks are read
 through engine.data.masks: RLE (compressed or not), polygons and empty masks alike; an instance
 whose mask is empty once scaled is skipped and counted, never silently kept as a box.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from collections import OrderedDict
@@ -100,16 +99,7 @@ class CopyPaste:
         weights = np.array([index.weights[c] for c in self.categories], dtype=np.float64)
         self.p = weights / weights.sum()
         self.shards: OrderedDict[str, dict[str, Instance]] = OrderedDict()
-        self.passes: dict[str, int] = {}
         self.skipped_empty = 0
-
-    def rng_for(self, image_id: str) -> np.random.Generator:
-        """Seeded by (seed, image, how many times this worker has pasted onto it): the same run
-        draws the same pastes; each epoch draws new ones."""
-        n = self.passes.get(image_id, 0)
-        self.passes[image_id] = n + 1
-        digest = hashlib.sha256(f"{self.cfg.seed}/{image_id}/{n}".encode()).digest()
-        return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
     def instance(self, url: str, key: str) -> Instance:
         if url not in self.shards:
@@ -129,13 +119,15 @@ class CopyPaste:
                                  f"pool changed while training: rerun the `instagen pool` command that built it")
         return self.shards[url][key]
 
-    def __call__(self, image: np.ndarray, boxes: list[list[float]], labels: list[str], image_id: str,
+    def __call__(self, image: np.ndarray, boxes: list[list[float]], labels: list[str], seed: int,
                  masks: Optional[list] = None) -> tuple[np.ndarray, list[list[float]], list[str], list[dict]]:
         """(image, boxes, labels) with `per_image` instances pasted; `masks` are the real objects'
         COCO segmentations where known (None or missing: the box is the object). Returns the new
         image, boxes and labels (real objects first, in order, less the dropped), and a record of
         each paste."""
-        rng = self.rng_for(image_id)
+        # Drawn from (copy_paste.seed, the sample's seed): the detector's input pipeline gives each
+        # planned sample of each epoch its own seed, so a run repeats and every epoch draws afresh.
+        rng = np.random.default_rng([self.cfg.seed, seed])
         picks = []
         for _ in range(self.cfg.per_image):
             category = self.categories[int(rng.choice(len(self.categories), p=self.p))]

@@ -6,7 +6,7 @@
 
 Data: real COCO/LVIS records (engine.data.datasets) and synthetic WebDataset shards (engine.data.shards)
 are mixed so that `mix_ratio` of each epoch's samples are synthetic, streamed through Ray Data
-(shards are read where they are, a shard per read task) and augmented on CPU workers: scale
+(shards are read where they are, one pass per shard and epoch) and augmented on CPU workers: scale
 jitter around `image_size`, random crop or pad to a fixed `image_size` square canvas, horizontal
 flip. Boxes follow every transform; a box the crop leaves without area is dropped.
 
@@ -14,7 +14,9 @@ Epoch: `samples_per_epoch` samples (0 = every real image once, plus as many synt
 the ratio asks; or every synthetic sample once when mix_ratio is 1), rounded down to whole
 batches on every worker so all workers take the same steps. Which real and synthetic samples
 fill an epoch is drawn once per run (seeded): a pool larger than its share is subsampled, a
-smaller one repeated. Augmentation is drawn afresh every epoch.
+smaller one repeated. Each epoch deals the samples to the workers in a seeded order, each with a
+seed of its own that its augmentation (and copy-paste) is drawn from: every epoch draws afresh,
+and the same config and seed train on the same batches (tests/test_detectors.py checks the weights).
 
 Training: `train_loop_per_worker` on Ray Train workers, DeepSpeed over gloo (CPU) or NCCL,
 checkpoints every `checkpoint_every` steps under storage_path/name through engine.training.runner;
@@ -271,7 +273,6 @@ class Augmenter:
         self.index = {c: i for i, c in enumerate(categories)}
         self.size, self.keep_aspect, self.train = size, keep_aspect, train
         self.cfg = AugmentConfig(**augment_cfg)
-        self.rng = np.random.default_rng()  # fresh draws on every epoch's pass
         # Pool instances pasted onto real images, before the scale jitter (engine.training.copy_paste).
         self.paste = CopyPaste(CopyPasteConfig(**copy_paste[0]), copy_paste[1]) if copy_paste and train else None
 
@@ -287,15 +288,18 @@ class Augmenter:
             keep = [j for j, label in enumerate(labels) if label in self.index]
             boxes = [json.loads(batch["boxes"][i])[j] for j in keep]
             record = []
+            # Every draw from the row's seed (epoch_items): the same run draws the same augmentation.
+            seed = int(batch["seed"][i])
+            rng = np.random.default_rng(seed)
             if self.paste is not None and batch["source"][i] == REAL:
                 pixels_in, boxes, pasted_labels, record = self.paste(np.asarray(image), boxes,
-                                                                     [labels[j] for j in keep], batch["file"][i])
+                                                                     [labels[j] for j in keep], seed)
                 image, labels, keep = Image.fromarray(pixels_in), pasted_labels, list(range(len(pasted_labels)))
             # The categories pasted and still visible: the trainer counts them per epoch.
             pasted.append(json.dumps([p["category"] for p in record if p["box"] is not None]))
-            scale = self.rng.uniform(self.cfg.min_scale, self.cfg.max_scale) if self.train else 1.0
-            flip = bool(self.rng.random() < self.cfg.flip_prob) if self.train else False
-            crop = tuple(self.rng.random(2)) if self.train else (0.0, 0.0)
+            scale = rng.uniform(self.cfg.min_scale, self.cfg.max_scale) if self.train else 1.0
+            flip = bool(rng.random() < self.cfg.flip_prob) if self.train else False
+            crop = tuple(rng.random(2)) if self.train else (0.0, 0.0)
             px, mask, boxes, kept, valid = augment(image, boxes, [labels[j] for j in keep], self.size, scale,
                                                    flip, crop, self.keep_aspect)
             pixels.append(px)
@@ -305,42 +309,79 @@ class Augmenter:
                 "source": np.asarray(batch["source"], dtype=object), "pasted": np.array(pasted, dtype=object)}
 
 
-def read_shard_samples(item: dict) -> list[dict]:
-    """Ray Data flat_map: the planned samples of one shard, read in one pass over its tar."""
-    wanted = Counter(item["keys"])
-    rows = []
+def epoch_items(cfg: DetectorConfig, plan: EpochPlan, epoch: int, world: int) -> list[list[dict]]:
+    """Each worker's input of one epoch, the same for the same seed and epoch in any process: the
+    planned samples in a seeded order, dealt to the workers in turn (so every worker gets the same
+    number), each with a seed its augmentation is drawn from. A worker's real samples come in
+    chunks, its synthetic ones as one item per shard (one pass over the tar), the items shuffled."""
+    rng = random.Random(f"{cfg.seed}/{epoch}")
+    samples = [(REAL, i) for i in range(len(plan.real))] + \
+        [(url, key) for url, keys in plan.synthetic.items() for key in keys]
+    rng.shuffle(samples)
+    chunk = 4 * cfg.batch_size
+    out = []
+    for rank in range(world):
+        real, synthetic = [], defaultdict(list)
+        for source, x in samples[rank::world]:
+            seed = rng.getrandbits(63)
+            if source == REAL:
+                real.append({**plan.real[x], "seed": seed})
+            else:
+                synthetic[source].append((x, seed))
+        # JSON strings: one Arrow type for every item, whatever it holds.
+        items = [{"url": "", "rows": json.dumps(real[i:i + chunk])} for i in range(0, len(real), chunk)]
+        items += [{"url": url, "rows": json.dumps(keys)} for url, keys in synthetic.items()]
+        rng.shuffle(items)
+        out.append(items)
+    return out
+
+
+def read_item(item: dict) -> list[dict]:
+    """Ray Data flat_map: the rows of one work item (epoch_items), in the item's order; a
+    synthetic item reads its shard's tar once."""
+    rows = json.loads(item["rows"])
+    if not item["url"]:
+        return [{"source": REAL, "file": r["file"], "image": b"", "boxes": r["boxes"], "labels": r["labels"],
+                 "seed": r["seed"]} for r in rows]
+    wanted, found = {key for key, _ in rows}, {}
     for sample in iter_samples([item["url"]], decode=False):
         key = sample["__key__"].rsplit("/", 1)[-1]
         if key in wanted:
-            record = json.loads(sample["json"])
-            row = {"source": SYNTHETIC, "file": f"{item['url']}#{key}", "image": sample["jpg"],
-                   "boxes": json.dumps(record["boxes"]), "labels": json.dumps(record["labels"])}
-            rows += [row] * wanted[key]
-    return rows
+            found[key] = (sample["jpg"], json.loads(sample["json"]))
+    missing = wanted - set(found)
+    if missing:
+        raise DetectionDataError(f"shard {item['url']} no longer holds sample {sorted(missing)[0]!r}; it changed "
+                                 f"after training started: regenerate it, then train again")
+    return [{"source": SYNTHETIC, "file": f"{item['url']}#{key}", "image": found[key][0],
+             "boxes": json.dumps(found[key][1]["boxes"]), "labels": json.dumps(found[key][1]["labels"]), "seed": seed}
+            for key, seed in rows]
 
 
-def build_train_dataset(cfg: DetectorConfig, plan: EpochPlan, categories: list[str], keep_aspect: bool,
-                        paste_index: Optional[PoolIndex] = None):
-    """The Ray Dataset of one epoch: planned real and synthetic rows, augmented on CPU workers."""
+def dataset_name(rank: int, epoch: int) -> str:
+    return f"train_r{rank}_e{epoch}"
+
+
+def build_train_datasets(cfg: DetectorConfig, plan: EpochPlan, categories: list[str], keep_aspect: bool,
+                         epochs: int, paste_index: Optional[PoolIndex] = None) -> dict:
+    """One Ray Dataset per worker and epoch (dataset_name), its planned rows read and augmented on
+    CPU workers. Built per worker rather than split by Ray, whose split deals blocks to whichever
+    worker asks first: with their order kept (engine.training.runner) the same seed trains on the same
+    batches. Only the epochs' work lists are held here; rows are read when an epoch runs."""
     import ray
-    parts = []
-    if plan.real:
-        rows = [{"source": REAL, "file": r["file"], "image": b"", "boxes": r["boxes"], "labels": r["labels"]}
-                for r in plan.real]
-        parts.append(ray.data.from_items(rows, override_num_blocks=max(1, min(16, len(rows) // 8))))
-    if plan.synthetic:
-        items = [{"url": url, "keys": keys} for url, keys in plan.synthetic.items()]
-        # One read task per shard; a fraction of a CPU, since two trainer workers already hold
-        # most of a small machine.
-        parts.append(ray.data.from_items(items, override_num_blocks=len(items))
-                     .flat_map(read_shard_samples, num_cpus=0.25))
-    ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
-    ds = ds.randomize_block_order(seed=None)
     paste = (asdict(cfg.copy_paste), paste_index) if paste_index is not None else None
-    return ds.map_batches(Augmenter, fn_constructor_args=(categories, cfg.image_size, asdict(cfg.augment), keep_aspect,
-                                                          True, paste),
-                          batch_size=cfg.batch_size, batch_format="numpy", num_cpus=0.25,
-                          compute=ray.data.ActorPoolStrategy(size=1))
+    datasets = {}
+    for epoch in range(epochs):
+        for rank, items in enumerate(epoch_items(cfg, plan, epoch, cfg.run.num_workers)):
+            # One read task per item; a fraction of a CPU, since the trainer workers already hold
+            # most of a small machine.
+            datasets[dataset_name(rank, epoch)] = (
+                ray.data.from_items(items, override_num_blocks=len(items))
+                .flat_map(read_item, num_cpus=0.25)
+                .map_batches(Augmenter, fn_constructor_args=(categories, cfg.image_size, asdict(cfg.augment),
+                                                             keep_aspect, True, paste),
+                             batch_size=cfg.batch_size, batch_format="numpy", num_cpus=0.25,
+                             compute=ray.data.ActorPoolStrategy(size=1)))
+    return datasets
 
 
 def collate(batch: dict, image_mean, image_std) -> dict:
@@ -382,14 +423,15 @@ def train_loop_per_worker(config: dict) -> None:
         history.update(meta["extra"])
 
     step = restore_checkpoint(engine, on_load=on_load)
-    shard = ray.train.get_dataset_shard("train")
     dtype = torch.bfloat16 if cfg.run.bf16 else torch.float32
     while step < total:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         seen, pasted = Counter(), Counter()
         start = time.time()
-        batches = shard.iter_torch_batches(
+        # The buffer mixes a shard's synthetic samples with real ones; seeded, as the rows are.
+        batches = ray.train.get_dataset_shard(dataset_name(rank, epoch)).iter_torch_batches(
             batch_size=cfg.batch_size, drop_last=True, local_shuffle_buffer_size=4 * cfg.batch_size,
+            local_shuffle_seed=random.Random(f"{cfg.seed}/{epoch}/{rank}").getrandbits(32),
             collate_fn=lambda b: collate(b, det.image_mean, det.image_std))
         for i, batch in enumerate(batches):
             if i < done_in_epoch:
@@ -463,10 +505,11 @@ def train_detector(cfg: DetectorConfig, ray_cfg: Optional[RayConfig] = None) -> 
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     connect(ray_cfg or RayConfig())
-    dataset = build_train_dataset(cfg, plan, categories, det.keep_aspect, paste_index)
+    datasets = build_train_datasets(cfg, plan, categories, det.keep_aspect, math.ceil(total / plan.steps_per_epoch),
+                                    paste_index)
     loop_config = {"detector": asdict(cfg), "categories": categories,
                    "steps_per_epoch": plan.steps_per_epoch, "total_steps": total}
-    result = fit(train_loop_per_worker, loop_config, cfg.run, {"train": dataset}, "detector training")
+    result = fit(train_loop_per_worker, loop_config, cfg.run, datasets, "detector training", split_datasets=False)
     with result.checkpoint.as_directory() as d:
         meta = read_meta(d)
         det.model.load_state_dict(load_file(os.path.join(d, MODEL_FILE)))

@@ -151,11 +151,16 @@ def check_resources(run: TrainRunConfig, resources: dict, data_cpus: Optional[fl
 
 
 def run_trainer(train_loop_per_worker: Callable[[dict], None], loop_config: dict, run: TrainRunConfig,
-                datasets: Optional[dict] = None):
+                datasets: Optional[dict] = None, split_datasets: bool = True):
     """Run `train_loop_per_worker` on `run.num_workers` Ray Train workers; resume from the latest
-    checkpoint of an earlier run with the same storage_path and name. Returns ray.train.Result."""
+    checkpoint of an earlier run with the same storage_path and name. Returns ray.train.Result.
+
+    Datasets are read in their own order (Ray Data's default is whichever block is ready first), so
+    one worker reading a dataset gets the same batches in every run of the same seed. Ray's split
+    among several workers deals blocks to whichever asks first: a trainer that needs the same
+    batches there too builds one dataset per worker and passes split_datasets=False."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     check_resources(run, ray.cluster_resources())
@@ -163,6 +168,8 @@ def run_trainer(train_loop_per_worker: Callable[[dict], None], loop_config: dict
     resources = {"CPU": run.cpus_per_worker}
     if run.use_gpu:
         resources["GPU"] = 1
+    ordered = DataConfig.default_ingest_options()
+    ordered.preserve_order = True
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_config,
         # gloo on CPU (DeepSpeed's CPU path), nccl on GPU.
@@ -172,7 +179,8 @@ def run_trainer(train_loop_per_worker: Callable[[dict], None], loop_config: dict
         run_config=RunConfig(storage_path=storage, name=run.name,
                              failure_config=FailureConfig(max_failures=run.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets=datasets or {})
+        datasets=datasets or {}, dataset_config=DataConfig(datasets_to_split="all" if split_datasets else [],
+                                                           execution_options=ordered))
     if not _train_v2():
         # Ray Train V1 (RAY_TRAIN_V2_ENABLED=0) only resumes through an explicit restore.
         path = f"{storage.rstrip('/')}/{run.name}"
@@ -183,10 +191,10 @@ def run_trainer(train_loop_per_worker: Callable[[dict], None], loop_config: dict
 
 
 def fit(train_loop_per_worker: Callable[[dict], None], loop_config: dict, run: TrainRunConfig,
-        datasets: Optional[dict] = None, what: str = "training"):
+        datasets: Optional[dict] = None, what: str = "training", split_datasets: bool = True):
     """run_trainer, with the failure handling every trainer shares: a run that failed after its
     restarts, or ended without a checkpoint to write the model from, raises TrainingError."""
-    result = run_trainer(train_loop_per_worker, loop_config, run, datasets)
+    result = run_trainer(train_loop_per_worker, loop_config, run, datasets, split_datasets)
     if result.error is not None:
         raise TrainingError(f"{what} failed after {run.max_failures} restarts: {result.error}") from result.error
     if result.checkpoint is None:
