@@ -56,7 +56,7 @@ from engine.generation.pipeline import generate
 from engine.generation.prompts import PromptPlan
 from engine.models.diffusion import check_source
 from engine.runtime.stages import Stages
-from engine.runtime.storage import read_json, write_file
+from engine.runtime.storage import parse_once, read_json, write_file
 from engine.training.detection import train_detector
 from engine.training.finetune import finetune
 from engine.training.grounding import train_grounding
@@ -77,6 +77,13 @@ class Recipe:
 
     def __init__(self, cfg: Config, log: Callable[[str], None] = lambda m: print(f"[recipe] {m}", file=sys.stderr)):
         self.cfg, self.log = cfg, log
+        # The checks and the plans read the same annotation files several times (LVIS train, ~1 GB,
+        # is the category file, the real set and the dataset checked): each is parsed once here.
+        with parse_once():
+            self._prepare()
+
+    def _prepare(self) -> None:
+        cfg = self.cfg
         cfg.recipe.validate()
         if cfg.grounding.transfer_epoch >= cfg.grounding.epochs:
             raise ConfigError(f"grounding.transfer_epoch ({cfg.grounding.transfer_epoch}) must be below "
@@ -95,8 +102,12 @@ class Recipe:
         # or novel_raw images, no grounding head.
         self.plans = {"final": everything} | ({stage: PromptPlan(self.generation_config(stage, "").prompts)
                                                for stage in ("base", "novel_raw")} if self.novel else {})
-        self.frequency = ({c.name: c.frequency for c in plan_categories(cfg.prompts)}
-                          if cfg.prompts.categories_from else {})
+        planned = plan_categories(cfg.prompts) if cfg.prompts.categories_from else []
+        self.frequency = {c.name: c.frequency for c in planned}
+        # Each base category's name in recipe.real (prompts.split=base_list can say "television_set =
+        # tv"); the real set is written with the categories' own names, so that every stage speaks one
+        # vocabulary.
+        self.real_name = {c.name: c.real_name or c.name for c in planned if c.split == "base"}
         self.check()
 
     # -- paths and the stages' configs --------------------------------------------------------
@@ -191,9 +202,11 @@ class Recipe:
         check_dataset(c.recipe.real.annotations, c.recipe.real.image_root,
                       ("recipe.real.annotations", "recipe.real.image_root"))
         names = {cat.get("name") for cat in self._real_json()["categories"] if isinstance(cat, dict)}
-        missing = [b for b in self.base if b not in names]
+        missing = [b for b in self.base if self.real_name.get(b, b) not in names]
         if missing:
-            raise ConfigError(f"base category {missing[0]!r} is not in recipe.real.annotations ({c.recipe.real.annotations}); the "
+            b = missing[0]
+            said = f" (as {self.real_name[b]!r}, prompts.base_list)" if self.real_name.get(b, b) != b else ""
+            raise ConfigError(f"base category {b!r}{said} is not in recipe.real.annotations ({c.recipe.real.annotations}); the "
                               f"teacher and detector learn base categories from it: fix the name or the file")
         if c.recipe.have.generator:
             check_source(ModelConfig(source=c.recipe.have.generator))
@@ -301,7 +314,9 @@ class Recipe:
             run[name] = stages.run(name, inputs, fn, outputs, [a for a in after if a in run])
             return run[name]
 
-        stage("real", {"real": to_dict(c.recipe.real), "base": self.base}, self.write_real, [self.path("real")], [])
+        renamed = {b: r for b, r in self.real_name.items() if r != b}  # only then: older runs keep their keys
+        stage("real", {"real": to_dict(c.recipe.real), "base": self.base} | ({"real_name": renamed} if renamed else {}),
+              self.write_real, [self.path("real")], [])
         if not c.recipe.have.generator:
             fcfg = self.finetune_config()
 
@@ -347,15 +362,44 @@ class Recipe:
         chosen = images if keep == len(images) else sorted(random.Random(r.seed).sample(images, keep),
                                                             key=lambda im: im.get("id"))
         ids = {im.get("id") for im in chosen}
-        base_ids = {cat["id"] for cat in data["categories"] if cat.get("name") in set(self.base)}
-        anns = [a for a in data["annotations"] if a.get("image_id") in ids and a.get("category_id") in base_ids]
-        subset = {**data, "images": chosen, "annotations": anns,
+        categories, relabel = self._real_categories(data["categories"])
+        anns, next_id = [], 1 + max((a.get("id") for a in data["annotations"] if isinstance(a.get("id"), int)), default=0)
+        seen = dropped = 0
+        for a in data["annotations"]:
+            if a.get("image_id") not in ids:
+                continue
+            seen += 1
+            dropped += a.get("category_id") not in relabel
+            # A real box of a category several base categories are named after (COCO "tv": Objects365
+            # "Monitor/TV" and LVIS "television_set") is a box of each: one copy per name.
+            for k, cid in enumerate(relabel.get(a.get("category_id"), [])):
+                anns.append({**a, "category_id": cid} if k == 0 else {**a, "category_id": cid, "id": next_id})
+                next_id += k > 0
+        subset = {**data, "images": chosen, "annotations": anns, "categories": categories,
                   "instagen_subset": {"source": r.annotations, "fraction": r.fraction, "seed": r.seed,
                                       "image_ids": sorted(ids)}}
         write_file(self.real_files()[0], json.dumps(subset).encode())
         return {"images": len(chosen), "of_images": len(images), "boxes": len(anns),
-                "boxes_dropped_not_base": sum(1 for a in data["annotations"] if a.get("image_id") in ids) - len(anns),
+                "boxes_dropped_not_base": dropped, "real_boxes_kept": seen - dropped,
                 "fraction": r.fraction, "seed": r.seed, "file": self.real_files()[0]}
+
+    def _real_categories(self, real: list[dict]) -> tuple[list[dict], dict[int, list[int]]]:
+        """The real set's categories as the recipe writes them, and each real category id -> the
+        ids of the base categories its boxes become. A base category named as in the real set keeps
+        its entry and id; one the real set names otherwise (prompts.base_list) gets a copy of the
+        real entry under its own name and a new id."""
+        by_name = {c.get("name"): c for c in real if isinstance(c, dict)}
+        out, relabel = list(real), {}
+        next_id = 1 + max((c["id"] for c in real if isinstance(c.get("id"), int)), default=0)
+        for b in self.base:
+            source = by_name[self.real_name.get(b, b)]
+            if b in by_name:
+                cid = by_name[b]["id"]
+            else:
+                cid, next_id = next_id, next_id + 1
+                out.append({**source, "id": cid, "name": b, "instagen_real_name": source["name"]})
+            relabel.setdefault(source["id"], []).append(cid)
+        return out, relabel
 
     def _generate_stage(self, name: str, head: str, after: list[str]):
         cfg = self.generation_config(name, head)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Sequence
 
 from tests.fixtures_coco import draw_image
 
@@ -19,9 +20,10 @@ WORDS = ["ball", "box", "cup", "kite", "lamp", "mug", "pen", "ring", "sock", "va
          "key", "log", "net", "pot", "rug", "saw", "tap", "urn", "wok", "yak"]
 
 
-def lvis_categories(n: int) -> list[dict]:
+def lvis_categories(n: int, names: Sequence[str] = ()) -> list[dict]:
     """`n` categories in LVIS v1's proportions (405 frequent, 461 common, 337 rare of 1,203), in that
-    order; two share a word in two senses, as LVIS's bat_(animal) and bat_(sports_equipment) do."""
+    order; two share a word in two senses, as LVIS's bat_(animal) and bat_(sports_equipment) do.
+    `names`: real LVIS names for the first (frequent) categories; the made-up ones avoid them."""
     cats = []
     n_f, n_fc = round(n * 405 / 1203), round(n * 866 / 1203)
     for i in range(n):
@@ -30,6 +32,10 @@ def lvis_categories(n: int) -> list[dict]:
             name = "bat_(animal)"
         if i == n - 1:
             name = "bat_(sports_equipment)"
+        if i < len(names):
+            name = names[i]
+        while i >= len(names) and name in names:
+            name += "_x"
         frequency = "f" if i < n_f else "c" if i < n_fc else "r"
         cats.append({"id": 1 + 2 * i, "name": name, "frequency": frequency, "synset": f"{name}.n.01",
                      "synonyms": [name, f"{name.split('_(')[0]} thing"],
@@ -70,14 +76,14 @@ def _split(tmp_path: Path, root: Path, cats: list[dict], n_images: int, first_id
 
 
 def make_lvis_dataset(tmp_path, n_categories: int = 12, train_images: int = 12, val_images: int = 12,
-                      size: int = 64, declared_counts: bool = False) -> tuple[str, str, str]:
+                      size: int = 64, declared_counts: bool = False, names: Sequence[str] = ()) -> tuple[str, str, str]:
     """Write train and val LVIS JSONs and their JPEGs; returns (train JSON, val JSON, image root).
     `declared_counts`: each category's image_count as the full LVIS train set would give it (rare 1-10
     images, common 11-100, frequent more) rather than counted from these few images."""
     tmp_path = Path(tmp_path)
     root = tmp_path / "lvis_images"
     (root / "train2017").mkdir(parents=True, exist_ok=True)
-    cats = lvis_categories(n_categories)
+    cats = lvis_categories(n_categories, names)
     paths = []
     for split, n, first, all_cats in (("train", train_images, 1, False), ("val", val_images, 10_001, True)):
         data = _split(tmp_path, root, cats, n, first, seed=len(split), size=size, all_categories=all_cats)

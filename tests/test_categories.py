@@ -12,6 +12,7 @@ from engine.data.categories import (
     assign_budgets,
     inverse_frequency_counts,
     load_categories,
+    load_category_files,
     normalise_name,
     plan_categories,
     plan_summary,
@@ -264,6 +265,12 @@ def one_line(excinfo) -> str:
     (["prompts.categories_from=x.json", "prompts.split=list"], "prompts.novel_list"),
     (["prompts.categories_from=x.json", "prompts.split=all_base", "prompts.novel_list=n.txt"],
      "prompts.novel_list"),
+    (["prompts.categories_from=x.json", "prompts.split=base_list"], "prompts.base_list: set both, or neither"),
+    (["prompts.categories_from=x.json", "prompts.split=list", "prompts.novel_list=n.txt",
+      "prompts.base_list=b.txt"], "prompts.split=base_list reads the base categories from prompts.base_list"),
+    (["prompts.base_list=b.txt"], "prompts.base_list applies to categories read from a dataset"),
+    (["prompts.categories_from=[x.json, x.json]", "prompts.split=all_base"], "lists a file twice"),
+    (["prompts.categories_from=[x.json, '']", "prompts.split=all_base"], "lists an empty file name"),
     (["prompts.categories_from=x.json", "prompts.split=all_base", "prompts.base=[cat]"],
      "prompts.base / prompts.novel are typed lists"),
     (["prompts.categories_from=x.json", "prompts.split=all_base", "prompts.budget=log"],
@@ -360,3 +367,63 @@ def test_rules_that_need_what_the_file_lacks_are_one_line(coco_file, lvis_file, 
         with pytest.raises(ConfigError, match=expected) as e:
             call()
         one_line(e)
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-dataset: categories from several files, base named by a list (split=base_list)
+
+
+@pytest.fixture
+def two_targets(tmp_path):
+    """An Objects365-like and an LVIS-like file: capitalised names, one slash name, one LVIS sense,
+    and one name ("earphone") that both spell alike."""
+    o365 = write(tmp_path, "o365.json", {"categories": [{"id": 1, "name": "Person"}, {"id": 2, "name": "Monitor/TV"},
+                                                        {"id": 3, "name": "earphone"}, {"id": 4, "name": "Lion"}],
+                                         "images": [], "annotations": []})
+    lvis = write(tmp_path, "lvis.json", {"categories": [
+        {"id": 1, "name": "person", "frequency": "f", "image_count": 100},
+        {"id": 2, "name": "television_set", "frequency": "f", "image_count": 50},
+        {"id": 3, "name": "earphone", "frequency": "c", "image_count": 20},
+        {"id": 4, "name": "bat_(animal)", "frequency": "r", "image_count": 2}]})
+    return o365, lvis
+
+
+def test_categories_from_several_files_keep_each_spelling_and_merge_exact_names(two_targets):
+    cats = load_category_files(list(two_targets))
+    # "Person" and "person" stay two (each dataset scores its own name); "earphone" is one, the first
+    # file's entry (no LVIS group).
+    assert [c.name for c in cats] == ["Person", "Monitor/TV", "earphone", "Lion", "person", "television_set",
+                                      "bat_(animal)"]
+    assert next(c for c in cats if c.name == "earphone").frequency == ""
+
+
+def test_base_list_names_base_categories_and_their_real_names(two_targets, tmp_path):
+    base = write(tmp_path, "base.txt", "# COCO-base in the targets' names\nPerson = person\nperson\n"
+                                       "Monitor/TV = tv\n\ntelevision_set=tv\n")
+    cats = split_categories(load_category_files(list(two_targets)), "base_list", base_list=base)
+    split = {c.name: (c.split, c.real_name) for c in cats}
+    assert split == {"Person": ("base", "person"), "person": ("base", ""), "Monitor/TV": ("base", "tv"),
+                     "television_set": ("base", "tv"), "earphone": ("novel", ""), "Lion": ("novel", ""),
+                     "bat_(animal)": ("novel", "")}
+    cfg = PromptConfig(categories_from=list(two_targets), split="base_list", base_list=base, images_per_category=2)
+    assert plan_summary(plan_categories(cfg))["by_split"] == {"base": {"categories": 4, "images": 8},
+                                                              "novel": {"categories": 3, "images": 6}}
+
+
+def test_bad_base_lists_are_one_line(two_targets, tmp_path):
+    cats = load_category_files(list(two_targets))
+    cases = [(str(tmp_path / "none.txt"), "base list .* does not exist; set prompts.base_list"),
+             (write(tmp_path, "typo.txt", "Monitor/Tv = tv\n"),
+              r"'Monitor/Tv' is not a category of the dataset \(did you mean 'Monitor/TV'\?\)"),
+             (write(tmp_path, "coco.txt", "tv\n"), "'tv' is not a category of the dataset"),
+             (write(tmp_path, "twice.txt", "Person = person\nPerson\n"), "names 'Person' twice"),
+             (write(tmp_path, "two_eq.txt", "Person = person = human\n"), "neither a name nor 'name = real name'"),
+             (write(tmp_path, "no_real.txt", "Person =\n"), "neither a name nor 'name = real name'"),
+             (write(tmp_path, "empty.txt", "# nothing\n"), "base list .* names no category")]
+    for path, expected in cases:
+        with pytest.raises(ConfigError, match=expected) as e:
+            split_categories(cats, "base_list", base_list=path)
+        one_line(e)
+    with pytest.raises(ConfigError, match="needs prompts.base_list") as e:
+        split_categories(cats, "base_list")
+    one_line(e)

@@ -14,6 +14,7 @@ from engine.recipe import STAGES, Recipe
 from engine.runtime.faults import InjectedStageFailure
 from tests.fixtures_coco import COCO_NAMES, make_coco_dataset
 from tests.fixtures_lvis import make_lvis_dataset
+from tests.fixtures_o365 import LVIS_COCO_BASE, make_o365_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,6 +77,125 @@ def test_lvis_ovd_dry_run(lvis_1203, tmp_path, capsys):
     assert "1000000 images of 1203 categories (base/c " in final and "novel/r " in final
     assert "308.6 GPU-hours" in final  # 1M / (1 image/s x 0.9) / 3600
     assert not (tmp_path / "work").exists()
+
+
+@pytest.fixture(scope="module")
+def cross(tmp_path_factory):
+    """The cross-dataset files: Objects365-shaped (365 categories) and LVIS-shaped (1,203), each
+    with the real names of the 48 COCO base categories."""
+    o365, o365_root = make_o365_dataset(tmp_path_factory.mktemp("o365"))
+    lvis_train, lvis_val, lvis_root = make_lvis_dataset(tmp_path_factory.mktemp("lvis_cross"), n_categories=1203,
+                                                        train_images=4, val_images=4, names=LVIS_COCO_BASE)
+    return o365, o365_root, lvis_train, lvis_val, lvis_root
+
+
+def cross_overrides(coco, cross, work) -> list[str]:
+    ann, root = coco
+    o365, o365_root, lvis_train, lvis_val, lvis_root = cross
+    evaluate = (f"[{{name: objects365, annotations: {o365}, image_root: {o365_root}, format: coco}}, "
+                f"{{name: lvis, annotations: {lvis_val}, image_root: {lvis_root}, format: lvis}}]")
+    return [f"recipe.workdir={work}", "model.source=tiny", f"recipe.real.annotations={ann}",
+            f"recipe.real.image_root={root}", f"prompts.categories_from=[{o365}, {lvis_train}]",
+            f"prompts.base_list={os.path.join(ROOT, 'configs', 'coco_base_in_o365_lvis.txt')}",
+            f"recipe.evaluate={evaluate}"]
+
+
+def test_coco_to_o365_lvis_dry_run(coco, cross, tmp_path, capsys):
+    out = dry_run(capsys, "coco_to_o365_lvis.yaml", cross_overrides(coco, cross, tmp_path / "work"))
+    # 365 + 1,203 categories (no name in both files); base: the 48 COCO base categories in each
+    # target's spelling.
+    assert "96 base and 1472 novel categories" in out
+    lines = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert "48000 images of 96 categories (base 24000, base/f 24000); 14.8 GPU-hours" in lines["base"]  # 500 each
+    assert "784000 images of 1568 categories" in lines["final"]
+    assert not (tmp_path / "work").exists()
+
+
+def test_cross_dataset_real_set_is_written_in_the_targets_names(coco, cross, tmp_path):
+    """The real COCO boxes of a base category go under each target name that category has: a
+    "tv" box becomes a "Monitor/TV" box and a "television_set" box."""
+    cfg = load_config(os.path.join(ROOT, "configs", "coco_to_o365_lvis.yaml"),
+                      cross_overrides(coco, cross, tmp_path / "work"))
+    recipe = Recipe(cfg, log=lambda m: None)
+    assert recipe.real_name["Monitor/TV"] == "tv" and recipe.real_name["television_set"] == "tv"
+    assert recipe.real_name["Person"] == "person" and recipe.real_name["person"] == "person"
+    result = recipe.write_real()
+    real = json.load(open(result["file"]))
+    name = {c["id"]: c["name"] for c in real["categories"]}
+    source = json.load(open(coco[0]))
+    coco_name = {c["id"]: c["name"] for c in source["categories"]}
+    per_image = {}
+    for a in source["annotations"]:
+        per_image.setdefault(a["image_id"], []).append(coco_name[a["category_id"]])
+    written = {}
+    for a in real["annotations"]:
+        written.setdefault(a["image_id"], []).append(name[a["category_id"]])
+    for image, names in per_image.items():
+        expected = sorted(b for b in recipe.base for n in names if recipe.real_name[b] == n)
+        assert sorted(written[image]) == expected
+    assert "tv" not in {name[a["category_id"]] for a in real["annotations"]}  # not a target name
+    assert len({a["id"] for a in real["annotations"]}) == len(real["annotations"])
+    assert result["boxes"] == 2 * result["real_boxes_kept"]  # each of the 48 has one name per target
+
+
+def test_cross_dataset_base_list_errors_are_one_line(coco, cross, tmp_path, capsys):
+    bad = tmp_path / "base.txt"
+    for text, message in [("Person = person\nTelevision = tv\n", "'Television' is not a category of the dataset"),
+                          ("Person = person = human\n", "neither a name nor 'name = real name'"),
+                          ("Person = person\nPerson\n", "names 'Person' twice"),
+                          ("Person = human\n", "base category 'Person' \\(as 'human', prompts.base_list\\) is not in "
+                                                "recipe.real.annotations")]:
+        bad.write_text(text)
+        args = ["recipe", "--config", os.path.join(ROOT, "configs", "coco_to_o365_lvis.yaml"), "--dry-run",
+                *cross_overrides(coco, cross, tmp_path / "work"), f"prompts.base_list={bad}"]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        import re
+        assert len(err.splitlines()) == 1 and re.search(message, err), err
+    assert not (tmp_path / "work").exists()
+
+
+def test_dry_run_parses_each_annotation_file_once(lvis_1203, tmp_path, capsys, monkeypatch):
+    """LVIS train is ~1 GB of JSON: the category plans, the real set's check and the dataset checks
+    of one dry run read it once, not once each."""
+    import collections
+
+    from engine.data import categories
+    from engine.runtime import storage
+    reads = collections.Counter()
+    real_read = storage.read_bytes
+
+    def counting(path):
+        reads[os.fspath(path)] += 1
+        return real_read(path)
+    monkeypatch.setattr(storage, "read_bytes", counting)
+    monkeypatch.setattr(categories, "_loaded", {})  # no categories remembered from other tests
+    train, val, root = lvis_1203
+    dry_run(capsys, "lvis_ovd.yaml", [
+        f"recipe.workdir={tmp_path / 'work'}", "model.source=tiny", f"prompts.categories_from={train}",
+        f"recipe.real.annotations={train}", f"recipe.real.image_root={root}", f"detector.eval_annotations={val}",
+        f"detector.eval_image_root={root}"])
+    assert reads[train] == 1 and reads[val] == 1, reads
+    # Outside the recipe's checks nothing is kept: a later read parses the file again.
+    assert storage._parsed is None
+
+
+def test_a_changed_file_is_parsed_again(tmp_path):
+    from engine.config import ConfigError
+    from engine.data.categories import load_categories
+    from engine.runtime.storage import parse_once, read_json
+    path = tmp_path / "cats.json"
+    path.write_text(json.dumps({"categories": [{"id": 1, "name": "cat"}]}))
+    with parse_once():
+        assert read_json(str(path), "file", ConfigError)["categories"][0]["name"] == "cat"
+        assert [c.name for c in load_categories(str(path))] == ["cat"]
+        path.write_text(json.dumps({"categories": [{"id": 1, "name": "dogs"}]}))  # another size
+        assert read_json(str(path), "file", ConfigError)["categories"][0]["name"] == "dogs"
+        assert [c.name for c in load_categories(str(path))] == ["dogs"]
+        tmp = tmp_path / "new.json"  # the same size, renamed into place: another inode
+        tmp.write_text(json.dumps({"categories": [{"id": 1, "name": "cows"}]}))
+        os.replace(tmp, path)
+        assert [c.name for c in load_categories(str(path))] == ["cows"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from engine.config.sections import (
                                     TinyDetectorConfig,
                                     TinyModelConfig,
                                     TrainRunConfig,
+                                    category_files,
 )
 from engine.errors import ConfigError
 
@@ -39,4 +40,4 @@ __all__ = ["AnnotationConfig", "AugmentConfig", "BUDGET_RULES", "Config", "Confi
            "GroundingTrainConfig", "GroundingTrainError", "HaveConfig", "LayoutConfig", "LossConfig", "MaskConfig", "ModelConfig", "OutputConfig",
            "PoolConfig", "PromptConfig", "RayConfig", "RealDataConfig", "RecipeSection", "SPLIT_RULES", "SynthesisConfig",
            "TinyDetectorConfig", "TinyModelConfig", "TrainRunConfig",
-           "fingerprint", "from_dict", "load_config", "to_dict", "unshared"]
+           "category_files", "fingerprint", "from_dict", "load_config", "to_dict", "unshared"]

@@ -21,7 +21,7 @@ DETECTOR_ATTENTION = ("reference", "project_op")
 
 # Categories read from a dataset (engine.data.categories): how base and novel are chosen, and how
 # many images each category gets.
-SPLIT_RULES = ("lvis_frequency", "list", "ovr_cnn_coco", "all_base")
+SPLIT_RULES = ("lvis_frequency", "list", "ovr_cnn_coco", "all_base", "base_list")
 BUDGET_RULES = ("uniform", "per_group", "inverse_frequency")
 FREQUENCY_GROUPS = ("r", "c", "f")  # LVIS: rare, common, frequent
 
@@ -80,13 +80,18 @@ class PromptConfig:
     seed: int = 0
     # Categories read from a dataset's annotation file (a COCO, LVIS or Objects365 JSON, path or
     # URL) instead of typed in base / novel; "" keeps the typed lists. engine.data.categories.
-    categories_from: str = ""
+    # A list of files (cross-dataset: Objects365 + LVIS) gives every category of each; a name
+    # two files share exactly is one category.
+    categories_from: str | list[str] = ""
     # Which of them are base and which novel: lvis_frequency (base = frequent + common, novel =
     # rare), list (novel = the names in novel_list), ovr_cnn_coco (OVR-CNN's 48 / 17; COCO's other
-    # 15 are in neither), all_base.
+    # 15 are in neither), all_base, base_list (base = the names in base_list, novel = the others).
     split: str = ""
     # split=list: a text file of the novel categories' names as the dataset spells them, one a line.
     novel_list: str = ""
+    # split=base_list: a text file of the base categories, one a line, as the dataset spells them;
+    # "television_set = tv" where the real training set (recipe.real) calls it otherwise.
+    base_list: str = ""
     # Images per category: uniform (images_per_category each), per_group (budget_per_group's count
     # for each category of LVIS group r, c or f), inverse_frequency (proportional to 1 / the
     # category's image count in the dataset, each within [budget_floor, budget_ceiling], summing
@@ -758,8 +763,8 @@ def check_category_source(p: PromptConfig) -> None:
     none set where it would be ignored (a budget without categories_from would silently do nothing)."""
     if not p.categories_from:
         defaults = PromptConfig()
-        for key in ("split", "novel_list", "budget", "budget_per_group", "budget_total", "budget_floor",
-                    "budget_ceiling"):
+        for key in ("split", "novel_list", "base_list", "budget", "budget_per_group", "budget_total",
+                    "budget_floor", "budget_ceiling"):
             _require(getattr(p, key) == getattr(defaults, key),
                      f"prompts.{key} applies to categories read from a dataset; set prompts.categories_from "
                      f"to an annotation JSON, or remove prompts.{key}")
@@ -769,8 +774,14 @@ def check_category_source(p: PromptConfig) -> None:
              "keep one: remove prompts.base and prompts.novel, or prompts.categories_from")
     _require(p.split in SPLIT_RULES, f"prompts.split must be one of {', '.join(SPLIT_RULES)} with "
                                      f"prompts.categories_from, got {p.split!r}")
+    files = category_files(p)
+    _require(all(isinstance(f, str) and f.strip() for f in files),
+             "prompts.categories_from lists an empty file name; give each annotation JSON's path")
+    _require(len(set(files)) == len(files), "prompts.categories_from lists a file twice; list each file once")
     _require((p.split == "list") == bool(p.novel_list),
              "prompts.split=list reads the novel categories from prompts.novel_list: set both, or neither")
+    _require((p.split == "base_list") == bool(p.base_list),
+             "prompts.split=base_list reads the base categories from prompts.base_list: set both, or neither")
     _require(p.budget in BUDGET_RULES, f"prompts.budget must be one of {', '.join(BUDGET_RULES)}, got {p.budget!r}")
     per_group = p.budget == "per_group"
     _require(per_group == bool(p.budget_per_group),
@@ -794,6 +805,12 @@ def check_category_source(p: PromptConfig) -> None:
     _require(p.budget_ceiling == 0 or p.budget_floor <= p.budget_ceiling,
              f"prompts.budget_floor ({p.budget_floor}) is above prompts.budget_ceiling ({p.budget_ceiling}); "
              f"lower the floor or raise the ceiling")
+
+
+def category_files(p: PromptConfig) -> list[str]:
+    """prompts.categories_from as a list of files (one file may be written as a plain string)."""
+    return [p.categories_from] if isinstance(p.categories_from, str) and p.categories_from \
+        else list(p.categories_from or [])
 
 
 def check_names(section: str, lists: dict[str, list[str]]) -> None:

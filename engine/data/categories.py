@@ -12,6 +12,16 @@ parenthesised sense ("bat_(animal)") kept apart in `sense`, so a template can sa
 
 Every problem a user can fix (a missing or malformed file, an unknown rule, a list naming a
 category the file does not have, a budget that cannot add up) is a ConfigError of one line.
+
+Cross-dataset (paper table 3: trained on COCO-base, evaluated on Objects365 and LVIS): the
+categories come from the target files (prompts.categories_from: a list), and split=base_list names
+the base ones in a text file, each as its target file spells it, with the real training set's name
+where that differs ("television_set = tv"). An explicit list rather than name matching: COCO,
+Objects365 and LVIS spell the same thing differently ("tv", "Monitor/TV", "television_set") and
+one spelling several things ("mouse"), so a matcher would guess; a list is read, checked against
+the files and printed back by --dry-run. Names two files share exactly are one category; names
+that differ only in case or spelling ("Person", "person") stay two, because each dataset's
+evaluation scores its own spelling.
 """
 from __future__ import annotations
 
@@ -22,8 +32,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
-from engine.config import BUDGET_RULES, FREQUENCY_GROUPS, SPLIT_RULES, ConfigError, PromptConfig
-from engine.runtime.storage import read_bytes, read_json
+from engine.config import BUDGET_RULES, FREQUENCY_GROUPS, SPLIT_RULES, ConfigError, PromptConfig, category_files
+from engine.runtime.storage import file_version, read_bytes, read_json
 
 # OVR-CNN's open-vocabulary COCO split (Zareian et al., CVPR 2021), used by the InstaGen paper: 65
 # of COCO's 80 categories; the other 15 are in neither split.
@@ -56,6 +66,7 @@ class Category:
     image_count: Optional[int] = None  # images showing the category (the file's, or counted from annotations)
     instance_count: Optional[int] = None
     split: str = ""  # "base" | "novel" | "" (in neither: OVR-CNN leaves 15 COCO categories out)
+    real_name: str = ""  # split=base_list: the real training set's name for it, where that differs
     images: int = 0  # images to generate for it (assign_budgets); 0 for categories in neither split
 
 
@@ -71,9 +82,38 @@ def _words(text: str) -> str:
     return " ".join(text.replace("_", " ").split())
 
 
+# load_categories' results by (path, file_version): a recipe plans its categories once per stage
+# (and the dry run four times); Categories are small and frozen, so keeping them is safe, and a
+# file that changed has another version and is read again.
+_loaded: dict[tuple, tuple[Category, ...]] = {}
+
+
 def load_categories(path: str) -> list[Category]:
     """The categories of a COCO / LVIS / Objects365 annotation JSON (local path or fsspec URL),
     in id order."""
+    version = file_version(path)
+    if version is not None and (path, version) in _loaded:
+        return list(_loaded[(path, version)])
+    cats = _load_categories(path)
+    if version is not None:
+        _loaded[(path, version)] = tuple(cats)
+    return cats
+
+
+def load_category_files(paths: Sequence[str]) -> list[Category]:
+    """The categories of each file, file by file; a name an earlier file has is left out (one name,
+    one category: the first file's entry, with its frequency group and counts)."""
+    seen: set[str] = set()
+    out = []
+    for path in paths:
+        for c in load_categories(path):
+            if c.name not in seen:
+                seen.add(c.name)
+                out.append(c)
+    return out
+
+
+def _load_categories(path: str) -> list[Category]:
     hint = "set prompts.categories_from to a COCO, LVIS or Objects365 annotation JSON"
     try:
         data = read_json(path, "category file", ConfigError, hint)
@@ -139,13 +179,16 @@ def _count_from_annotations(cats: list[Category], annotations: list) -> list[Cat
             for c in cats]
 
 
-def split_categories(categories: Sequence[Category], rule: str, novel_list: str = "") -> list[Category]:
+def split_categories(categories: Sequence[Category], rule: str, novel_list: str = "",
+                     base_list: str = "") -> list[Category]:
     """Mark each category base or novel by `rule` (one of SPLIT_RULES):
     lvis_frequency: base = frequent + common, novel = rare;
     list: novel = the names in the text file `novel_list` (one a line, as the dataset spells them;
           blank lines and lines starting with # are skipped), base = the others;
     ovr_cnn_coco: OVR-CNN's 48 base / 17 novel; COCO's other 15 categories are in neither ("");
-    all_base: every category is base."""
+    all_base: every category is base;
+    base_list: base = the names in the text file `base_list` (as novel_list; a line "name = real
+          name" also sets the category's real_name), novel = the others."""
     if rule == "lvis_frequency":
         missing = [c.name for c in categories if not c.frequency]
         if missing:
@@ -163,29 +206,60 @@ def split_categories(categories: Sequence[Category], rule: str, novel_list: str 
                 for c in categories]
     if rule == "all_base":
         return [replace(c, split="base") for c in categories]
+    if rule == "base_list":
+        base = dict(_read_base_list(base_list, categories))
+        return [replace(c, split="base", real_name=base[c.name]) if c.name in base else replace(c, split="novel")
+                for c in categories]
     raise ConfigError(f"prompts.split must be one of {', '.join(SPLIT_RULES)}, got {rule!r}")
 
 
 def _read_names(path: str, categories: Sequence[Category]) -> list[str]:
+    names = _read_lines(path, "novel")
+    _require_names(names, categories, f"novel list {path!r}", "write names as the annotation file spells them")
+    return names
+
+
+def _read_base_list(path: str, categories: Sequence[Category]) -> list[tuple[str, str]]:
+    """(name, real name) per line of a base list: "name", or "name = real name" where the real
+    training set spells it otherwise (real name "" = the same)."""
+    pairs = []
+    for line in _read_lines(path, "base"):
+        parts = [p.strip() for p in line.split("=")]
+        if len(parts) > 2 or not all(parts):
+            raise ConfigError(f"base list {path!r}: line {line!r} is neither a name nor 'name = real name'; write "
+                              f"the category as the annotation file spells it, then = and the real training set's "
+                              f"name if that differs")
+        pairs.append((parts[0], parts[1] if len(parts) == 2 and parts[1] != parts[0] else ""))
+    dup = [n for n, k in Counter(n for n, _ in pairs).items() if k > 1]
+    if dup:
+        raise ConfigError(f"base list {path!r} names {dup[0]!r} twice; list each category once")
+    _require_names([n for n, _ in pairs], categories, f"base list {path!r}",
+                   "write names as the annotation file(s) in prompts.categories_from spell them")
+    return pairs
+
+
+def _read_lines(path: str, kind: str) -> list[str]:
+    """The names of a novel or base list: one a line; blank lines and # comments skipped."""
+    key = f"prompts.{kind}_list"
     if not path:
-        raise ConfigError("prompts.split=list needs prompts.novel_list: a text file of novel category names, "
-                          "one a line")
+        raise ConfigError(f"prompts.split={'list' if kind == 'novel' else 'base_list'} needs {key}: a text file "
+                          f"of {kind} category names, one a line")
     try:
         text = read_bytes(path).decode("utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"novel list {path!r} does not exist; set prompts.novel_list to a text file of novel "
-                          f"category names, one a line") from None
+        raise ConfigError(f"{kind} list {path!r} does not exist; set {key} to a text file of {kind} category "
+                          f"names, one a line") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"novel list {path!r} is not UTF-8 text; write one category name a line") from None
+        raise ConfigError(f"{kind} list {path!r} is not UTF-8 text; write one category name a line") from None
     except OSError as e:
-        raise ConfigError(f"novel list {path!r} cannot be read ({e.strerror or e}); check prompts.novel_list") from None
+        raise ConfigError(f"{kind} list {path!r} cannot be read ({e.strerror or e}); check {key}") from None
     names = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
-    dup = [n for n, k in Counter(names).items() if k > 1]
-    if dup:
-        raise ConfigError(f"novel list {path!r} names {dup[0]!r} twice; list each category once")
+    if kind == "novel":
+        dup = [n for n, k in Counter(names).items() if k > 1]
+        if dup:
+            raise ConfigError(f"novel list {path!r} names {dup[0]!r} twice; list each category once")
     if not names:
-        raise ConfigError(f"novel list {path!r} names no category; write one novel category name a line")
-    _require_names(names, categories, f"novel list {path!r}", "write names as the annotation file spells them")
+        raise ConfigError(f"{kind} list {path!r} names no category; write one {kind} category name a line")
     return names
 
 
@@ -292,10 +366,10 @@ def inverse_frequency_counts(image_counts: Sequence[int], total: int, floor: int
 
 
 def plan_categories(cfg: PromptConfig) -> list[Category]:
-    """The categories of cfg.categories_from, split and budgeted as the config says."""
+    """The categories of cfg.categories_from (one file or several), split and budgeted as the config says."""
     if not cfg.categories_from:
         raise ConfigError("prompts.categories_from is empty; set it to the annotation JSON to read categories from")
-    cats = split_categories(load_categories(cfg.categories_from), cfg.split, cfg.novel_list)
+    cats = split_categories(load_category_files(category_files(cfg)), cfg.split, cfg.novel_list, cfg.base_list)
     return assign_budgets(cats, cfg.budget, per_category=cfg.images_per_category, per_group=cfg.budget_per_group,
                           total=cfg.budget_total, floor=cfg.budget_floor, ceiling=cfg.budget_ceiling)
 

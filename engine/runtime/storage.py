@@ -8,7 +8,7 @@ import shutil
 import tempfile
 import uuid
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import fsspec
 
@@ -101,16 +101,63 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
+def file_version(path: str) -> Optional[tuple]:
+    """What changes when the file at `path` changes: (size, modification time, inode) locally, (size,
+    mtime / LastModified / ETag) where an object store gives one; None when nothing is there or
+    the store tells no version (then nothing may be remembered about the file)."""
+    try:
+        fs, target = fsspec.core.url_to_fs(os.fspath(path))
+        if is_local(fs):  # the inode too: a file replaced by a rename within one clock tick is another file
+            st = os.stat(target)
+            return (st.st_size, st.st_mtime_ns, st.st_ino) if os.path.isfile(target) else None
+        info = fs.info(target)
+    except (OSError, ValueError, ImportError):
+        return None
+    if info.get("type") != "file":
+        return None
+    stamp = next((info[k] for k in ("mtime", "LastModified", "ETag", "updated", "etag") if info.get(k)), None)
+    return None if stamp is None else (info.get("size"), str(stamp))
+
+
+# read_json's memo while a `parse_once()` block runs: {(path, file_version): parsed document}.
+_parsed: Optional[dict] = None
+
+
+@contextmanager
+def parse_once() -> Iterator[None]:
+    """Within the block, read_json parses each file once: a caller that checks a dataset, then
+    plans its categories, then checks it again, reads a 1 GB LVIS file once instead of three
+    times. The documents are shared between callers, so the code inside must not change them;
+    a file whose size or modification time changed is parsed again, and everything is dropped
+    when the outermost block ends (a long run must not keep gigabytes of JSON alive)."""
+    global _parsed
+    outer = _parsed is not None
+    if not outer:
+        _parsed = {}
+    try:
+        yield
+    finally:
+        if not outer:
+            _parsed = None
+
+
 def read_json(path: str, what: str, error: type[UserError], hint: str = "") -> Any:
     """The JSON document at `path`; a missing or malformed file raises `error` naming `what` it
-    should have been and, after a semicolon, `hint`: how to fix it. JSON is parsed as data only."""
+    should have been and, after a semicolon, `hint`: how to fix it. JSON is parsed as data only.
+    Inside `parse_once()` a file already parsed (same size and modification time) is not read again."""
+    key = (os.fspath(path), file_version(path)) if _parsed is not None else None
+    if key is not None and key[1] is not None and key in _parsed:
+        return _parsed[key]
     hint = f"; {hint}" if hint else ""
     try:
         raw = read_bytes(path)
     except FileNotFoundError:
         raise error(f"{what} {os.fspath(path)!r} does not exist{hint}") from None
     try:
-        return json.loads(raw)
+        data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise error(f"{what} {os.fspath(path)!r} is not valid JSON ({e}); was it cut off while being "
                     f"written or downloaded?") from None
+    if key is not None and key[1] is not None and _parsed is not None:
+        _parsed[key] = data
+    return data
