@@ -91,12 +91,14 @@ def test_export_is_the_shards_records_in_order_and_their_jpeg_bytes(dataset, tmp
     """Shards are exported by parallel tasks; the result is what one reader going through the
     shards in order would write: annotation ids running on across shards, images as stored."""
     cfg, _, out = dataset
-    images, annotations = [], []
+    images, annotations, labels = [], [], []
     cat_id = {name: i + 1 for i, name in enumerate(cfg.prompts.base + cfg.prompts.novel)}
     for sample in iter_samples(shard_urls(out), decode=False):
         meta = json.loads(sample["json"])
         images.append({"id": meta["id"], "file_name": f"images/{sample['__key__']}.jpg", "width": meta["width"],
-                       "height": meta["height"], "prompt": meta["prompt"], "seed": meta["seed_used"]})
+                       "height": meta["height"], "prompt": meta["prompt"], "seed": meta["seed_used"],
+                       "image_category_ids": sorted(cat_id[c] for c in set(meta["categories"]))})
+        labels.append({"file_name": f"images/{sample['__key__']}.jpg", "categories": sorted(set(meta["categories"]))})
         for (x0, y0, x1, y1), label, score, who in zip(meta["boxes"], meta["labels"], meta["scores"],
                                                       meta["labellers"]):
             annotations.append({"id": len(annotations) + 1, "image_id": meta["id"], "category_id": cat_id[label],
@@ -110,7 +112,10 @@ def test_export_is_the_shards_records_in_order_and_their_jpeg_bytes(dataset, tmp
     assert len({a["image_id"] // cfg.output.shard_size for a in annotations}) > 1, "boxes of one shard only"
     for sample in iter_samples(shard_urls(out), decode=False):
         assert (dest / "images" / f"{sample['__key__']}.jpg").read_bytes() == sample["jpg"]
-    assert sorted(os.listdir(dest)) == ["coco.json", "images", "lvis.json", "preview.png"]
+    assert sorted(os.listdir(dest)) == ["coco.json", "image_labels.jsonl", "images", "lvis.json", "preview.png"]
+    # Image-level labels (the prompted categories, boxed or not), also as one JSON line per image.
+    assert [json.loads(line) for line in open(dest / "image_labels.jsonl")] == labels
+    assert all(labels[k]["categories"] for k in range(len(labels)))
     lvis = json.load(open(dest / "lvis.json"))
     assert [a["id"] for a in lvis["annotations"]] == [a["id"] for a in annotations]
     for image, sample in zip(lvis["images"], iter_samples(shard_urls(out), decode=False)):

@@ -30,6 +30,7 @@ from engine.runtime.cluster import connect, quiet_data_context, raise_as_one_lin
 from engine.runtime.storage import replace_folder, url_of
 
 STAGING = ".export-"  # prefix of the hidden folder an export is staged in
+IMAGE_LABELS = "image_labels.jsonl"  # one line per image: its file and prompted categories
 
 
 def lvis_frequency(image_count: int) -> str:
@@ -39,7 +40,8 @@ def lvis_frequency(image_count: int) -> str:
 
 def export(output: str, dest: Optional[str] = None, write_images: bool = True,
            preview_images: int = 16, ray: Optional[RayConfig] = None) -> dict:
-    """Write coco.json, lvis.json, images/ and preview.png for the shards under `output`."""
+    """Write coco.json, lvis.json, image_labels.jsonl, images/ and preview.png for the shards under
+    `output`."""
     import ray as ray_lib
 
     store, entries = finished_shards(output)  # a whole output, or one line saying what is wrong
@@ -78,18 +80,21 @@ def export(output: str, dest: Optional[str] = None, write_images: bool = True,
         for name, categories_json in (("coco", cats), ("lvis", lvis_cats)):
             with fs.open(f"{staging}/{name}.json", "wb") as f:  # the staging folder is the temporary
                 join_parts(f, fs, [f"{staging}/parts/{i:06d}.{name}" for i in order], info, categories_json)
+        with fs.open(f"{staging}/{IMAGE_LABELS}", "wb") as f:
+            for i in order:
+                f.write(fs.cat_file(f"{staging}/parts/{i:06d}.labels"))
         fs.pipe_file(f"{staging}/preview.png", contact_sheet(preview_tiles(store, entries, preview_images, novel)))
         # Every shard was whole: move the export into place.
         if write_images:
             replace_folder(fs, f"{staging}/images", f"{root}/images")
-        for name in ("coco.json", "lvis.json", "preview.png"):
+        for name in ("coco.json", "lvis.json", IMAGE_LABELS, "preview.png"):
             fs.mv(f"{staging}/{name}", f"{root}/{name}")
     except Exception as e:
         raise_as_one_line(e)
     finally:
         fs.rm(staging, recursive=True)
     return {"images": images, "annotations": annotations, "coco": f"{dest}/coco.json",
-            "lvis": f"{dest}/lvis.json", "preview": f"{dest}/preview.png"}
+            "lvis": f"{dest}/lvis.json", "image_labels": f"{dest}/{IMAGE_LABELS}", "preview": f"{dest}/preview.png"}
 
 
 def export_shard(row: dict, output: str, staging: str, categories: list[str], write_images: bool) -> dict:
@@ -101,7 +106,7 @@ def export_shard(row: dict, output: str, staging: str, categories: list[str], wr
     data = store.read_shard(entry)  # raises if it differs from its manifest entry
     cat_id = {name: k + 1 for k, name in enumerate(categories)}
     fs, root = fsspec.core.url_to_fs(staging)
-    images, annotations, unboxed = [], [], []
+    images, annotations, unboxed, image_labels = [], [], [], []
     per_cat_images, per_cat_boxes = [0] * len(categories), [0] * len(categories)
     for sample in samples_in_tar(data):
         key, meta = sample["__key__"], json.loads(bytes(sample["json"]))
@@ -109,8 +114,13 @@ def export_shard(row: dict, output: str, staging: str, categories: list[str], wr
         if write_images:
             with fs.open(f"{root}/{file_name}", "wb") as f:  # inside the staging folder: no temporary needed
                 f.write(sample["jpg"])
+        # Image-level labels: the categories the prompt asked for, whether or not a box was found,
+        # for detectors trained from image labels only (ImaginaryNet's weakly supervised setting).
+        prompted = sorted(c for c in set(meta.get("categories", ())) if c in cat_id)
         images.append({"id": int(meta["id"]), "file_name": file_name, "width": meta["width"],
-                       "height": meta["height"], "prompt": meta["prompt"], "seed": meta["seed_used"]})
+                       "height": meta["height"], "prompt": meta["prompt"], "seed": meta["seed_used"],
+                       "image_category_ids": sorted(cat_id[c] for c in prompted)})
+        image_labels.append({"file_name": file_name, "categories": prompted})
         masks = meta.get("masks") or [None] * len(meta["boxes"])  # the mask stage's, where it ran
         for j, (box, label, score, who) in enumerate(zip(meta["boxes"], meta["labels"], meta["scores"],
                                                          meta["labellers"])):
@@ -141,6 +151,7 @@ def export_shard(row: dict, output: str, staging: str, categories: list[str], wr
     for name, records in (("coco-images", images), ("coco-annotations", annotations),
                           ("lvis-images", lvis_images), ("lvis-annotations", lvis_annotations)):
         fs.pipe_file(f"{root}/parts/{entry['index']:06d}.{name}", ", ".join(map(json.dumps, records)).encode())
+    fs.pipe_file(f"{root}/parts/{entry['index']:06d}.labels", "".join(json.dumps(r) + "\n" for r in image_labels).encode())
     return {"images": len(images), "annotations": len(annotations),
             "per_cat_images": json.dumps(per_cat_images), "per_cat_boxes": json.dumps(per_cat_boxes)}
 
