@@ -177,6 +177,53 @@ def test_the_preview_marks_refused_images_and_boxes():
     assert "refused image" not in [label for _, label, _ in kept.boxes]
 
 
+def pool_source(tmp_path, scored: bool = True) -> str:
+    """A masked output of one shard: a usable image with three boxes of CLIP scores 0.1, 0.3 and
+    0.5 (masks filling their boxes), and an image the filter refused, with the same boxes."""
+    import io
+    from engine.data import masks as rle
+    jpg = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(jpg, format="JPEG")
+    boxes = [[0, 0, 16, 16], [16, 16, 40, 40], [40, 40, 64, 64]]
+    out = str(tmp_path / ("scored" if scored else "unscored"))
+    store = ShardStore(out)
+    claim = store.prepare({"fingerprint": "src", "categories": ["dog"]})
+    samples = []
+    for k, image_score in enumerate((0.3, 0.1)):
+        meta = record(boxes, ["dog"] * 3, ["dog"], id=k)
+        if scored:
+            meta = apply(meta, {"dog": image_score}, [0.1, 0.3, 0.5], FilterConfig(min_box_score=-1))
+        full = [np.zeros((64, 64), bool) for _ in boxes]
+        for mask, (x0, y0, x1, y1) in zip(full, boxes):
+            mask[y0:y1, x0:x1] = True
+        meta.update(masks=[rle.encode(m) for m in full], mask_scores=[0.9] * 3, mask_fill=[1.0] * 3,
+                    mask_status=["ok"] * 3, mask_prompt="box")
+        samples.append({"__key__": f"{k:09d}", "jpg": jpg.getvalue(), "json": json.dumps(meta)})
+    store.write_shard(0, samples, [], claim)
+    return out
+
+
+def test_the_instance_pool_filters_on_clip_scores_and_skips_refused_images(tmp_path):
+    from dataclasses import asdict
+    from engine.generation.pool import pool_shard
+    source = pool_source(tmp_path)
+    dest = str(tmp_path / "pool")
+    cfg = PoolConfig(min_fill=0.0, min_area=1, min_clip=0.25)
+    claim = ShardStore(dest).prepare({"fingerprint": "pool"})
+    entry = ShardStore(source).finished()[0]
+    written = json.loads(pool_shard({"entry": json.dumps(entry)}, source, dest, asdict(cfg), claim)["entry"])
+    assert written["keys"] == ["000000000-001", "000000000-002"]  # 0.3 and 0.5 pass, 0.1 does not
+    assert written["rejected"]["clip"] == 1 and written["rejected"]["refused_image"] == 3
+    assert [s["json"]["clip_score"] for s in iter_samples(shard_urls(dest))] == [0.3, 0.5]
+
+
+def test_a_pool_min_clip_on_an_output_without_scores_is_one_line(tmp_path):
+    source = pool_source(tmp_path, scored=False)
+    with pytest.raises(PoolError, match="min_clip.*filter.enabled=true") as e:
+        build_pool(source, str(tmp_path / "p"), PoolConfig(min_clip=0.1))
+    assert "\n" not in str(e.value) and not (tmp_path / "p").exists()
+
+
 # -- the stage in generate, on Ray -----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -258,33 +305,6 @@ def test_trainers_and_export_skip_refused_images(filtered, tmp_path):
     assert len(coco["annotations"]) == summary.boxes
     assert sorted(os.listdir(tmp_path / "export" / "images")) == sorted(f"{i:09d}.jpg" for i in usable)
     assert os.path.getsize(result["preview"]) > 0
-
-
-def test_the_instance_pool_filters_on_clip_scores(filtered, tmp_path):
-    cfg, _, out, _ = filtered
-    records = {s["__key__"]: s["json"] for s in iter_samples(shard_urls(out))}
-    kept_scores = sorted(s for r in records.values() if "refused_image" not in r
-                         for s, m in zip(r["clip_scores"], r["masks"]) if m is not None)
-    min_clip = kept_scores[len(kept_scores) // 2]
-    summary = build_pool(out, str(tmp_path / "pool"), PoolConfig(min_fill=0.0, min_area=1, min_clip=min_clip))
-    assert summary.rejected["refused_image"] == sum(len(r["boxes"]) for r in records.values() if "refused_image" in r)
-    assert summary.rejected["clip"] == sum(s < min_clip for s in kept_scores) > 0
-    instances = [s["json"] for s in iter_samples(shard_urls(str(tmp_path / "pool")))]
-    assert instances and all(i["clip_score"] >= min_clip for i in instances)
-    assert all("refused_image" not in records[i["source"]["key"]] for i in instances)
-
-
-def test_a_pool_min_clip_on_an_output_without_scores_is_one_line(filtered, tmp_path):
-    _, _, out, _ = filtered
-    copy = tmp_path / "noclip"
-    shutil.copytree(out, copy)
-    for path in (copy / "manifest").glob("shard-*.json"):
-        entry = json.loads(path.read_text())
-        entry.pop("filter")
-        path.write_text(json.dumps(entry))
-    with pytest.raises(PoolError, match="min_clip.*filter.enabled=true") as e:
-        build_pool(str(copy), str(tmp_path / "p"), PoolConfig(min_clip=0.1))
-    assert "\n" not in str(e.value) and not (tmp_path / "p").exists()
 
 
 def test_the_filter_is_part_of_the_run_fingerprint():

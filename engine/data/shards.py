@@ -5,6 +5,7 @@ Layout under the output path (local or any fsspec URL such as s3://bucket/run):
     run.json                      what produced this output (config fingerprint), to refuse mixing runs
     shards/shard-000000.tar       <key>.jpg, <key>.latent.npy, <key>.json [, <key>.features.npz]
     manifest/shard-000000.json    written only after its tar is whole: keys, dropped ids, counts
+                                  (and the keys of images the quality filter refused, apart)
 
 A shard is written under a temporary name and renamed when whole; its manifest entry comes after
 the rename. A crash at any point leaves either no entry (the shard is redone on rerun, and a
