@@ -35,6 +35,7 @@ from engine.generation.export import export
 from engine.generation.pool import build_pool
 from engine.generation.pipeline import generate
 from engine.generation.layouts import make_plan
+from engine.models.clip import check_clip_folder
 from engine.models.diffusion import check_source
 from engine.recipe import STAGES, Recipe
 from engine.toyworld.loop import load_ablation_config, run_loop
@@ -48,6 +49,8 @@ def cmd_generate(args) -> None:
     cfg = load_config(args.config, args.overrides)
     check_source(cfg.model, layout=bool(cfg.layout.annotations),
                  inpaint=bool(cfg.layout.annotations) and cfg.layout.mode == "inpainting")
+    if cfg.filter.enabled:
+        check_clip_folder(cfg.filter.model)
     if args.dry_run:
         plan = make_plan(cfg)
         print(f"config {args.config} is valid: {len(plan)} prompts of {len(plan.categories)} categories in "

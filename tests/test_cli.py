@@ -156,6 +156,8 @@ CORPUS = {
     "hub id": (GEN + ["model.source=CompVis/stable-diffusion-v1-4"], None, "model-hub id"),
     "checkpoint without configs": (GEN + ["model.source=FILE"], ("sd.ckpt", b"\0" * 64), "config_source"),
     "folder without index": (GEN + ["model.source=OUT"], None, "model_index.json"),
+    "filter folder not a CLIP": (GEN + ["filter.enabled=true", "filter.model=OUT"],
+                                 ("config.json", '{"model_type": "sam"}'), "not a CLIP model"),
     # damaged outputs
     "damaged run.json": (["export", "--output", "OUT"], ("run.json", "{nope"), "run.json is damaged"),
     # evaluation input

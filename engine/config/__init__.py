@@ -11,6 +11,7 @@ from engine.config.sections import (
                                     CopyPasteConfig,
                                     DetectorConfig,
                                     EvalSetConfig,
+                                    FilterConfig,
                                     FinetuneConfig,
                                     GroundingConfig,
                                     GroundingConfigError,
@@ -20,6 +21,7 @@ from engine.config.sections import (
                                     LayoutConfig,
                                     LossConfig,
                                     MaskConfig,
+                                    NO_MIN_CLIP,
                                     ModelConfig,
                                     OutputConfig,
                                     PoolConfig,
@@ -36,8 +38,8 @@ from engine.config.sections import (
 from engine.errors import ConfigError
 
 __all__ = ["AnnotationConfig", "AugmentConfig", "BUDGET_RULES", "Config", "ConfigError", "CopyPasteConfig", "DETECTOR_ATTENTION",
-           "DetectorConfig", "EvalSetConfig", "FREQUENCY_GROUPS", "FinetuneConfig", "GroundingConfig", "GroundingConfigError",
-           "GroundingTrainConfig", "GroundingTrainError", "HaveConfig", "LayoutConfig", "LossConfig", "MaskConfig", "ModelConfig", "OutputConfig",
+           "DetectorConfig", "EvalSetConfig", "FREQUENCY_GROUPS", "FilterConfig", "FinetuneConfig", "GroundingConfig", "GroundingConfigError",
+           "GroundingTrainConfig", "GroundingTrainError", "HaveConfig", "LayoutConfig", "LossConfig", "MaskConfig", "NO_MIN_CLIP", "ModelConfig", "OutputConfig",
            "PoolConfig", "PromptConfig", "RayConfig", "RealDataConfig", "RecipeSection", "SPLIT_RULES", "SynthesisConfig",
            "TinyDetectorConfig", "TinyModelConfig", "TrainRunConfig",
            "category_files", "fingerprint", "from_dict", "load_config", "to_dict", "unshared"]

@@ -175,6 +175,39 @@ class MaskConfig:
 
 
 @dataclass
+class FilterConfig:
+    """The optional quality filter of generation (engine.generation.filter): CLIP scores each image
+    against its prompted categories and each box's crop against its label (cosine similarity, in
+    [-1, 1]: engine.models.clip). A box under min_box_score leaves the labels for the record's
+    `refused` list; an image whose worst prompted category scores under min_image_score stays in
+    its shard, marked refused, and no trainer or export uses it."""
+    enabled: bool = False
+    model: str = "tiny"  # "tiny" (a random CLIP: noise, for tests and the demo) or a local CLIPModel folder
+    # For OpenAI's CLIP ViT-B/32 and L/14 a matching image and text score about 0.25-0.35 and an
+    # unrelated pair 0.1-0.15; another model needs its own thresholds (look at the scores recorded).
+    min_image_score: float = 0.2
+    min_box_score: float = 0.2
+    num_actors: int = 0  # 0 = one on CPU, as many as the annotation actors on GPU
+    gpus_per_actor: float = 0.5
+    seed: int = 0  # the tiny CLIP's random weights
+
+    def validate(self) -> None:
+        for key in ("min_image_score", "min_box_score"):
+            value = getattr(self, key)
+            _require(-1.0 <= value <= 1.0, f"filter.{key} is a cosine similarity and must lie in [-1, 1] "
+                                           f"(-1 refuses nothing), got {value}")
+        _require(self.num_actors >= 0 and self.gpus_per_actor > 0,
+                 "filter.num_actors must be >= 0 and filter.gpus_per_actor > 0")
+        _require(self.model == "tiny" or "://" not in self.model,
+                 f"filter.model {self.model!r} must be 'tiny' or a local folder saved with CLIPModel.save_pretrained "
+                 f"and CLIPProcessor.save_pretrained")
+
+
+# pool.min_clip's value that filters nothing: a cosine similarity is never below -1.
+NO_MIN_CLIP = -1.0
+
+
+@dataclass
 class PoolConfig:
     """`instagen pool`: cut-outs of the masked objects of a generation output, filtered."""
     min_iou: float = 0.0  # predicted IoU of the instance's mask
@@ -182,10 +215,15 @@ class PoolConfig:
     min_area: int = 64  # mask pixels; smaller instances are too small to paste
     min_score: float = 0.0  # the labeller's score of the box
     categories: list[str] = field(default_factory=list)  # empty = every category
+    # The CLIP score of the box's crop against its label (the source generated with
+    # filter.enabled=true); NO_MIN_CLIP = not filtered.
+    min_clip: float = NO_MIN_CLIP
 
     def validate(self) -> None:
         _require(0.0 <= self.min_iou <= 1.0 and self.min_fill >= 0 and self.min_area >= 1 and self.min_score >= 0,
                  "pool.min_iou must lie in [0, 1], pool.min_fill and pool.min_score >= 0, pool.min_area >= 1")
+        _require(-1.0 <= self.min_clip <= 1.0,
+                 f"pool.min_clip is a CLIP cosine similarity and must lie in [-1, 1] (-1 = off), got {self.min_clip}")
         check_names("pool", {"categories": self.categories})
 
 
@@ -698,6 +736,7 @@ class Config:
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     annotation: AnnotationConfig = field(default_factory=AnnotationConfig)
     masks: MaskConfig = field(default_factory=MaskConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     layout: LayoutConfig = field(default_factory=LayoutConfig)  # off unless layout.annotations is set
     ray: RayConfig = field(default_factory=RayConfig)
@@ -749,6 +788,7 @@ def _validate(cfg: Config) -> None:
     check_template("prompts.template_single", p.template_single, ("c1", "d1"))
     check_output_path("output.path", o.path)
     cfg.masks.validate()
+    cfg.filter.validate()
     cfg.layout.validate()
     _require(a.labeller not in ("layout", "layout+detector") or bool(cfg.layout.annotations),
              f"annotation.labeller={a.labeller} labels each image with the boxes of its layout; set layout.annotations "

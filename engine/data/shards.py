@@ -5,6 +5,7 @@ Layout under the output path (local or any fsspec URL such as s3://bucket/run):
     run.json                      what produced this output (config fingerprint), to refuse mixing runs
     shards/shard-000000.tar       <key>.jpg, <key>.latent.npy, <key>.json [, <key>.features.npz]
     manifest/shard-000000.json    written only after its tar is whole: keys, dropped ids, counts
+                                  (and the keys of images the quality filter refused, apart)
 
 A shard is written under a temporary name and renamed when whole; its manifest entry comes after
 the rename. A crash at any point leaves either no entry (the shard is redone on rerun, and a
@@ -38,6 +39,22 @@ MEMBER_SUFFIXES = ("jpg", "latent.npy", "json", "features.npz")
 
 class ShardError(UserError, RuntimeError):
     pass
+
+
+def usable(record: dict) -> bool:
+    """False for an image the quality filter refused (engine.generation.filter): it stays in its
+    shard, for the record and the preview, and its manifest entry lists it under `refused_keys`,
+    but no trainer, export or pool may use it."""
+    return "refused_image" not in record
+
+
+def filter_counts(records: list[dict]) -> dict:
+    """The quality filter's verdicts on these sample records, per reason: a shard's manifest entry
+    holds them."""
+    images = Counter(r["refused_image"]["reason"] if not usable(r) else "kept" for r in records)
+    boxes = Counter(b["reason"] for r in records for b in r.get("refused", []) if "clip" in b)
+    boxes["kept"] = sum(len(r["clip_scores"]) for r in records)
+    return {"images": {"kept": 0, **images}, "boxes": dict(boxes)}
 
 
 def shard_name(index: int) -> str:
@@ -211,16 +228,23 @@ class ShardStore:
             write_atomic(fs, self._path("run.json"), json.dumps(claim, indent=2).encode())
         write_atomic(fs, self._path("shards", shard_name(index)), data)
         records = [json.loads(s["json"]) for s in samples]
-        boxes = sum(len(r.get("boxes", ())) for r in records)
+        # `keys` and `boxes` are what readers may use: an image the quality filter refused is
+        # listed apart, in `refused_keys`.
+        keys = [s["__key__"] for s, r in zip(samples, records) if usable(r)]
+        boxes = sum(len(r.get("boxes", ())) for r in records if usable(r))
         if extra is None:
             extra = {}
             if any("mask_status" in r for r in records):
                 extra["masks"] = status_counts(records)
-            # Layout boxes that verification refused, per reason (labeller layout+detector).
+            # Boxes refused, per reason: by layout verification (labeller layout+detector) or by
+            # the quality filter.
             refused = Counter(r["reason"] for rec in records for r in rec.get("refused", []))
             if refused:
                 extra["refused"] = dict(sorted(refused.items()))
-        entry = ShardEntry(index, [s["__key__"] for s in samples], sorted(dropped), boxes, len(data),
+            if any("clip_image" in r for r in records):
+                extra["filter"] = filter_counts(records)
+                extra["refused_keys"] = [s["__key__"] for s, r in zip(samples, records) if not usable(r)]
+        entry = ShardEntry(index, keys, sorted(dropped), boxes, len(data),
                            hashlib.sha256(data).hexdigest(), extra or None)
         write_atomic(fs, self._path("manifest", f"shard-{index:06d}.json"), json.dumps(entry.as_dict()).encode())
         return entry

@@ -13,7 +13,8 @@ from PIL import Image, ImageDraw, ImageFont
 Colour = tuple[int, int, int]
 # The paper's figures: base categories green, novel ones orange.
 BASE_COLOUR, NOVEL_COLOUR = (40, 220, 80), (255, 140, 0)
-# Layout boxes a verifying detector refused (engine.generation.annotation, layout+detector).
+# What was refused: layout boxes a verifying detector refused (engine.generation.annotation,
+# layout+detector), boxes and images the quality filter refused (engine.generation.filter).
 REFUSED_COLOUR = (230, 30, 60)
 
 

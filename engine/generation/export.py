@@ -24,7 +24,7 @@ from PIL import Image
 
 from engine.config import RayConfig
 from engine.data.masks import decode as decode_mask
-from engine.data.shards import ShardError, ShardStore, finished_shards, samples_in_tar
+from engine.data.shards import ShardError, ShardStore, finished_shards, samples_in_tar, usable
 from engine.data.sheet import BASE_COLOUR, NOVEL_COLOUR, REFUSED_COLOUR, Tile, contact_sheet
 from engine.runtime.cluster import connect, quiet_data_context, raise_as_one_line
 from engine.runtime.storage import replace_folder, url_of
@@ -110,6 +110,8 @@ def export_shard(row: dict, output: str, staging: str, categories: list[str], wr
     per_cat_images, per_cat_boxes = [0] * len(categories), [0] * len(categories)
     for sample in samples_in_tar(data):
         key, meta = sample["__key__"], json.loads(bytes(sample["json"]))
+        if not usable(meta):  # refused by the quality filter: in the preview only
+            continue
         file_name = f"images/{key}.jpg"
         if write_images:
             with fs.open(f"{root}/{file_name}", "wb") as f:  # inside the staging folder: no temporary needed
@@ -186,11 +188,16 @@ def preview_tiles(store: ShardStore, entries: dict[int, dict], n: int, novel: se
 
 def preview_tile(image: Image.Image, meta: dict, novel: set) -> Tile:
     """A generated image with its boxes and scores (base green, novel orange, as in the paper's
-    figures), its prompt and box count beneath."""
+    figures), its prompt and box count beneath. What was refused is drawn in its own colour: boxes
+    (by layout verification or the CLIP filter) and, outlined whole, an image the filter refused."""
     boxes = [(box, f"{label} {score:.2f}", NOVEL_COLOUR if label in novel else BASE_COLOUR)
              for box, label, score in zip(meta["boxes"], meta["labels"], meta["scores"])]
-    # Layout boxes that verification refused (labeller layout+detector), in their own colour.
     refused = meta.get("refused", [])
-    boxes += [(r["bbox"], f"{r['category']} refused", REFUSED_COLOUR) for r in refused]
+    boxes += [(r["bbox"], f"{r['category']} refused" + (f" clip {r['clip']:.2f}" if "clip" in r else ""),
+               REFUSED_COLOUR) for r in refused]
     lines = [meta["prompt"][:40], f"{len(meta['boxes'])} boxes" + (f", {len(refused)} refused" if refused else "")]
+    if not usable(meta):
+        why = meta["refused_image"]
+        boxes.append(([0, 0, image.width, image.height], "refused image", REFUSED_COLOUR))
+        lines.append(f"refused: clip {why['clip']:.2f} ({why['category'][:20]})")
     return Tile(image, boxes, lines)

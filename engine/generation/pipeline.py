@@ -1,4 +1,4 @@
-"""The main job: shards -> synthesis actors -> annotation actors -> shard writers.
+"""The main job: shards -> synthesis actors -> annotation actors [-> quality filter] [-> masks] -> shard writers.
 
 Work is planned in shards: shard i holds prompt rows [i*shard_size, (i+1)*shard_size). Only
 shards missing from the manifest are generated, so rerunning the same command after an
@@ -18,11 +18,13 @@ from engine.config import Config, fingerprint
 from engine.data.shards import ShardError, ShardStore, ShardWriter
 from engine.generation.annotation import Annotator, build_labeller, check_labeller
 from engine.generation.captions import Captioner, caption_pool
+from engine.generation.filter import QualityFilter, plan_filter_pool
 from engine.generation.layouts import make_plan
 from engine.generation.masks import Masker, plan_mask_pool
 from engine.generation.prompts import ROWS_VERSION, PromptPlan
 from engine.generation.synthesis import Synthesizer
 from engine.models.captioner import load_captioner
+from engine.models.clip import build_clip, check_clip_folder
 from engine.models.diffusion import check_source, load_pipeline
 from engine.models.segmenter import build_segmenter
 from engine.runtime.cluster import (
@@ -44,6 +46,7 @@ class Summary:
     dropped: int
     wall_s: float
     output: str
+    refused: int = 0  # images the quality filter refused: in the shards, marked, used by no reader
 
     @property
     def images_per_s(self) -> float:
@@ -52,6 +55,7 @@ class Summary:
     def line(self) -> str:
         return (f"{self.images} images, {self.boxes} boxes, {self.shards} shards "
                 f"({self.shards_written} written now), {self.dropped} dropped, "
+                f"{f'{self.refused} refused by the filter, ' if self.refused else ''}"
                 f"{self.wall_s:.1f} s, {self.images_per_s:.2f} images/s -> {self.output}")
 
 
@@ -69,6 +73,9 @@ def run_fingerprint(cfg: Config, plan: PromptPlan) -> str:
                         "shard_size": cfg.output.shard_size, "rows": ROWS_VERSION,
                         # only when on, so that outputs without masks keep their fingerprints
                         **({"masks": asdict(cfg.masks)} if cfg.masks.enabled else {}),
+                        # Its thresholds decide which samples are usable; its actors' resources do not.
+                        **({"filter": {k: v for k, v in asdict(cfg.filter).items()
+                                       if k not in ("num_actors", "gpus_per_actor")}} if cfg.filter.enabled else {}),
                         # Layout rows: their config (less the caption batch size, which changes no
                         # sample) and the dataset's qualifying images and boxes.
                         **({"layout": [{k: v for k, v in asdict(cfg.layout).items() if k != "caption_batch_size"},
@@ -120,12 +127,16 @@ def generate(cfg: Config) -> Summary:
     if todo:
         # Everything a user can get wrong is checked before the first byte is written.
         check_labeller(cfg.annotation)
+        if cfg.filter.enabled:
+            check_clip_folder(cfg.filter.model)
         check_source(cfg.model, layout=_layouts(plan), inpaint=_layouts(plan) and cfg.layout.mode == "inpainting")
         connect(cfg.ray)
         resources, nodes = cluster_state()
         synth, annot = plan_pools(resources, nodes, cfg.synthesis.num_actors, cfg.synthesis.gpus_per_actor,
                                   cfg.annotation.num_actors, cfg.annotation.gpus_per_actor,
                                   cfg.ray.allow_autoscale)
+        if cfg.filter.enabled:
+            synth, filt = plan_filter_pool(cfg.filter, synth, annot)
         _probe_models(cfg, categories, synth, _layouts(plan))
         claim = store.prepare(run_info)
         store.remove_temporaries()
@@ -139,6 +150,9 @@ def generate(cfg: Config) -> Summary:
                     compute=ray.data.ActorPoolStrategy(size=synth.size), **synth.remote_args())
         ds = ds.map(Annotator, fn_constructor_args=(cfg.annotation, categories, threads_for(annot.num_cpus)),
                     compute=ray.data.ActorPoolStrategy(size=annot.size), **annot.remote_args())
+        if cfg.filter.enabled:  # before the masks: a refused box is never segmented
+            ds = ds.map(QualityFilter, fn_constructor_args=(cfg.filter, threads_for(filt.num_cpus)),
+                        compute=ray.data.ActorPoolStrategy(size=filt.size), **filt.remote_args())
         if cfg.masks.enabled:
             masks = plan_mask_pool(cfg.masks, annot)
             ds = ds.map(Masker, fn_constructor_args=(cfg.masks, threads_for(masks.num_cpus)),
@@ -155,7 +169,8 @@ def generate(cfg: Config) -> Summary:
                     continue
                 entry = json.loads(row["entry"])
                 written[entry["index"]] = entry
-                progress.update(images=entry["samples"] + len(entry["dropped"]), shards=1)
+                progress.update(images=entry["samples"] + len(entry["dropped"]) + len(entry.get("refused_keys", ())),
+                                shards=1)
         except Exception as e:
             store.discard_unclaimed()
             raise_as_one_line(e)
@@ -171,7 +186,8 @@ def generate(cfg: Config) -> Summary:
     return Summary(images=sum(e["samples"] for e in entries.values()),
                    boxes=sum(e["boxes"] for e in entries.values()), shards=len(entries),
                    shards_written=len(written), dropped=sum(len(e["dropped"]) for e in entries.values()),
-                   wall_s=time.time() - start, output=cfg.output.path)
+                   wall_s=time.time() - start, output=cfg.output.path,
+                   refused=sum(len(e.get("refused_keys", ())) for e in entries.values()))
 
 
 def _load_models(cfg: Config, categories: list[str], layout: bool = False) -> None:
@@ -181,6 +197,8 @@ def _load_models(cfg: Config, categories: list[str], layout: bool = False) -> No
     build_labeller(cfg.annotation, categories)
     if cfg.masks.enabled:
         build_segmenter(cfg.masks.model, cfg.masks.seed)
+    if cfg.filter.enabled:
+        build_clip(cfg.filter.model, cfg.filter.seed)
 
 
 def _probe_models(cfg: Config, categories: list[str], synth, layout: bool = False) -> None:

@@ -2,18 +2,20 @@
 
 `instagen pool --from OUTPUT --output POOL` reads the shards of an output generated with
 `masks.enabled=true` and writes, for every box whose mask passes the `pool` filters (mask
-quality, size, the labeller's score, the categories), one instance:
+quality, size, the labeller's score, the categories, and the CLIP score of the box's crop where
+the source was generated with `filter.enabled=true`), one instance:
 
     <key>.png    the object cut out: RGBA, its mask bounding box, alpha = the mask
     <key>.json   category, score (the labeller's), mask_score (SAM's predicted IoU), mask_fill,
-                 area (mask pixels), mask (RLE of the cut-out's size), source (output, key, box
+                 clip_score (where the source has one), area (mask pixels), mask (RLE of the cut-out's size), source (output, key, box
                  index, box, mask box)
 
 Pool shard i holds the instances of source shard i, keys `<source key>-<box index>`, so a pool is
 a pure function of its source and its filters: deterministic, and resumable the way generate is
 (the same ShardStore: tar, then manifest entry; run.json refuses a pool of other settings). Each
 manifest entry lists its instances' categories (`labels`, parallel to `keys`), counts them per
-category and the rejected boxes per reason;
+category and the rejected boxes per reason (the boxes of an image the quality filter refused as
+`refused_image`);
 `pool.json` sums them when the pool is whole. Copy-paste training (engine.training.copy_paste)
 samples from those counts.
 """
@@ -27,15 +29,15 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
-from engine.config import PoolConfig, RayConfig, fingerprint
+from engine.config import NO_MIN_CLIP, PoolConfig, RayConfig, fingerprint
 from engine.data import masks as rle
-from engine.data.shards import ShardError, ShardStore, finished_shards, samples_in_tar
+from engine.data.shards import ShardError, ShardStore, finished_shards, samples_in_tar, usable
 from engine.runtime.cluster import connect, quiet_data_context, raise_as_one_line
 from engine.runtime.storage import write_file
 
 POOL_SUFFIXES = ("png", "json")
 POOL_VERSION = 1  # bump when an instance's content changes for the same source and filters
-REJECT_REASONS = ("no_mask", "category", "score", "mask_score", "fill", "area")
+REJECT_REASONS = ("refused_image", "no_mask", "category", "score", "mask_score", "clip", "fill", "area")
 
 
 class PoolError(ShardError):
@@ -74,7 +76,12 @@ def build_pool(source: str, output: str, cfg: PoolConfig, ray: RayConfig | None 
     if unknown:
         raise PoolError(f"pool.categories names {unknown[0]!r}, which {source!r} never generated; its categories "
                         f"are {', '.join(src_run['categories'])}")
-    run_info = {"fingerprint": fingerprint({"source": src_run["fingerprint"], "pool": asdict(cfg),
+    if cfg.min_clip != NO_MIN_CLIP and not any("filter" in e for e in src_entries.values()):
+        raise PoolError(f"pool.min_clip filters on CLIP box scores, and {source!r} has none; generate it with "
+                        f"filter.enabled=true (into a new output.path), or leave pool.min_clip at {NO_MIN_CLIP}")
+    # min_clip only when set, so that pools built before it existed keep their fingerprints
+    settings = {k: v for k, v in asdict(cfg).items() if k != "min_clip" or v != NO_MIN_CLIP}
+    run_info = {"fingerprint": fingerprint({"source": src_run["fingerprint"], "pool": settings,
                                             "version": POOL_VERSION}),
                 "kind": "instance pool", "source": source, "categories": src_run["categories"],
                 "base": src_run.get("base", []), "novel": src_run.get("novel", []), "pool": asdict(cfg)}
@@ -124,6 +131,9 @@ def pool_shard(row: dict, source: str, output: str, cfg: dict, claim) -> dict:
     per_category: dict[str, int] = {}
     for sample in samples_in_tar(data):
         key, meta = sample["__key__"], json.loads(bytes(sample["json"]))
+        if not usable(meta):  # the quality filter refused the whole image
+            rejected["refused_image"] += len(meta["boxes"])
+            continue
         image = None
         for j, box in enumerate(meta["boxes"]):
             why = reject(meta, j, filters)
@@ -159,6 +169,8 @@ def reject(meta: dict, j: int, filters: PoolConfig) -> str:
         return "score"
     if meta["mask_scores"][j] < filters.min_iou:
         return "mask_score"
+    if filters.min_clip != NO_MIN_CLIP and meta["clip_scores"][j] < filters.min_clip:
+        return "clip"
     if meta["mask_fill"][j] < filters.min_fill:
         return "fill"
     return ""
@@ -172,7 +184,8 @@ def cut_out(image: np.ndarray, mask: np.ndarray, meta: dict, j: int, key: str, s
     png = io.BytesIO()
     Image.fromarray(rgba, "RGBA").save(png, format="PNG")
     record = {"category": meta["labels"][j], "score": meta["scores"][j], "mask_score": meta["mask_scores"][j],
-              "mask_fill": meta["mask_fill"][j], "area": int(crop.sum()), "width": x1 - x0, "height": y1 - y0,
+              "mask_fill": meta["mask_fill"][j], **({"clip_score": meta["clip_scores"][j]} if "clip_scores" in meta else {}),
+              "area": int(crop.sum()), "width": x1 - x0, "height": y1 - y0,
               "mask": rle.encode(crop),
               "source": {"output": source, "key": key, "box": j, "bbox": meta["boxes"][j],
                          "mask_bbox": [x0, y0, x1, y1], "prompt": meta["prompt"]}}

@@ -56,7 +56,7 @@ from engine.config import (
     load_config,
     to_dict,
 )
-from engine.data.shards import iter_samples, shard_urls
+from engine.data.shards import iter_samples, shard_urls, usable
 from engine.data.sheet import BASE_COLOUR, NOVEL_COLOUR, Tile, contact_sheet
 from engine.evaluation.detector import evaluate_detector
 from engine.evaluation.metrics import evaluate_coco
@@ -402,7 +402,7 @@ def draw_samples(shard_paths: tuple[str, str], base: list[str], path: str, per_s
     paper's figures), first `per_set` images of the base set, then of the novel set."""
     tiles = []
     for shards in shard_paths:
-        for i, s in enumerate(iter_samples(shard_urls(shards))):
+        for i, s in enumerate(x for x in iter_samples(shard_urls(shards)) if usable(x["json"])):
             if i == per_set:
                 break
             rec = s["json"]

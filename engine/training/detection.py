@@ -54,7 +54,7 @@ from engine.data.datasets import (
     load_detection_dataset,
     open_image,
 )
-from engine.data.shards import ShardError, finished_shards, iter_samples
+from engine.data.shards import ShardError, finished_shards, iter_samples, usable
 from engine.errors import UserError
 from engine.models.detectors import DETECTORS, build_detector
 from engine.runtime.cluster import connect
@@ -113,6 +113,8 @@ def synthetic_pool(paths: list[str], detector_categories: list[str], complete_on
             for url in urls.values():
                 for sample in iter_samples([url], decode=False):
                     record = json.loads(sample["json"])
+                    if not usable(record):  # refused by the quality filter (not in the entry's keys either)
+                        continue
                     labels |= set(record["labels"])
                     if complete_only and not set(record.get("categories", [])) <= set(record["labels"]):
                         incomplete += 1

@@ -36,7 +36,7 @@ from engine.config import (
     RayConfig,
     from_dict,
 )
-from engine.data.shards import decode_sample, finished_shards, shard_urls
+from engine.data.shards import decode_sample, finished_shards, shard_urls, usable
 from engine.models.diffusion import check_source, finetuned_from, load_pipeline
 from engine.models.grounding.features import Featurizer
 from engine.models.grounding.head import (
@@ -119,7 +119,10 @@ def read_rows(url: str, allowed: list[str], alpha: float):
         raw = {k: v for k, v in raw.items() if k != "jpg"}  # the image is not needed to train
         return sample_to_row(decode_sample(raw), allowed_set, alpha)
 
-    return ray.data.read_webdataset(urls, decoder=None, suffixes=["latent.npy", "json"]).map(to_row)
+    def kept(raw: dict) -> bool:  # an image the quality filter refused is not trained on
+        return usable(json.loads(bytes(raw["json"])))
+
+    return ray.data.read_webdataset(urls, decoder=None, suffixes=["latent.npy", "json"]).filter(kept).map(to_row)
 
 
 # ------------------------------------------------------------------------------------------------
