@@ -12,6 +12,7 @@ from engine.config.sections import (
                                     DetectorConfig,
                                     EvalSetConfig,
                                     FinetuneConfig,
+                                    ExpandConfig,
                                     GroundingConfig,
                                     GroundingConfigError,
                                     GroundingTrainConfig,
@@ -35,7 +36,7 @@ from engine.config.sections import (
 from engine.errors import ConfigError
 
 __all__ = ["AnnotationConfig", "AugmentConfig", "BUDGET_RULES", "Config", "ConfigError", "CopyPasteConfig", "DETECTOR_ATTENTION",
-           "DetectorConfig", "EvalSetConfig", "FREQUENCY_GROUPS", "FinetuneConfig", "GroundingConfig", "GroundingConfigError",
+           "DetectorConfig", "EvalSetConfig", "ExpandConfig", "FREQUENCY_GROUPS", "FinetuneConfig", "GroundingConfig", "GroundingConfigError",
            "GroundingTrainConfig", "GroundingTrainError", "HaveConfig", "LayoutConfig", "LossConfig", "MaskConfig", "ModelConfig", "OutputConfig",
            "PoolConfig", "PromptConfig", "RayConfig", "RealDataConfig", "RecipeSection", "SPLIT_RULES", "SynthesisConfig",
            "TinyDetectorConfig", "TinyModelConfig", "TrainRunConfig",

@@ -113,7 +113,8 @@ class ShardStore:
         fresh = self.run_info() is None
         if fresh and self.fs.isdir(self.root):
             foreign = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False))
-            foreign = [name for name in foreign if name not in ("shards", "manifest")]
+            # expansions/: prompt expansions an attempt cached before it wrote a shard.
+            foreign = [name for name in foreign if name not in ("shards", "manifest", "expansions")]
             if foreign:
                 raise ShardError(f"output path {self.url!r} is a folder that holds other files ({', '.join(foreign[:3])}"
                                  f"{', ...' if len(foreign) > 3 else ''}) and no InstaGen output; choose a new or "
@@ -220,6 +221,12 @@ class ShardStore:
             refused = Counter(r["reason"] for rec in records for r in rec.get("refused", []))
             if refused:
                 extra["refused"] = dict(sorted(refused.items()))
+            # Prompt expansion (engine.generation.expansion): how each written sample's prompt came about.
+            expansions = [r["expansion"] for r in records if "expansion" in r]
+            if expansions:
+                extra["expansion"] = {"expanded": sum(e["status"] == "expanded" for e in expansions),
+                                      "retried": sum(e["tries"] > 1 for e in expansions),
+                                      "fell_back": sum(e["status"] == "fell_back" for e in expansions)}
         entry = ShardEntry(index, [s["__key__"] for s in samples], sorted(dropped), boxes, len(data),
                            hashlib.sha256(data).hexdigest(), extra or None)
         write_atomic(fs, self._path("manifest", f"shard-{index:06d}.json"), json.dumps(entry.as_dict()).encode())
