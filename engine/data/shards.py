@@ -130,7 +130,8 @@ class ShardStore:
         fresh = self.run_info() is None
         if fresh and self.fs.isdir(self.root):
             foreign = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False))
-            foreign = [name for name in foreign if name not in ("shards", "manifest")]
+            # expansions/: prompt expansions an attempt cached before it wrote a shard.
+            foreign = [name for name in foreign if name not in ("shards", "manifest", "expansions")]
             if foreign:
                 raise ShardError(f"output path {self.url!r} is a folder that holds other files ({', '.join(foreign[:3])}"
                                  f"{', ...' if len(foreign) > 3 else ''}) and no InstaGen output; choose a new or "
@@ -244,6 +245,12 @@ class ShardStore:
             if any("clip_image" in r for r in records):
                 extra["filter"] = filter_counts(records)
                 extra["refused_keys"] = [s["__key__"] for s, r in zip(samples, records) if not usable(r)]
+            # Prompt expansion (engine.generation.expansion): how each written sample's prompt came about.
+            expansions = [r["expansion"] for r in records if "expansion" in r]
+            if expansions:
+                extra["expansion"] = {"expanded": sum(e["status"] == "expanded" for e in expansions),
+                                      "retried": sum(e["tries"] > 1 for e in expansions),
+                                      "fell_back": sum(e["status"] == "fell_back" for e in expansions)}
         entry = ShardEntry(index, keys, sorted(dropped), boxes, len(data),
                            hashlib.sha256(data).hexdigest(), extra or None)
         write_atomic(fs, self._path("manifest", f"shard-{index:06d}.json"), json.dumps(entry.as_dict()).encode())

@@ -327,6 +327,10 @@ class Annotator:
             # A layout row records where its layout came from (source image, boxes, jitter drawn),
             # and the layout boxes verification refused, with the reason (labeller layout+detector).
             extra = {"layout": json.loads(row["layout"][i])["source"]} if "layout" in row else {}
+            if "expansion" in row:  # the prompt was written by the language model (or fell back)
+                expansion = json.loads(row["expansion"][i])
+                extra["template_prompt"] = expansion.pop("template")
+                extra["expansion"] = {"status": expansion["status"], "tries": expansion["tries"]}
             refused = [{"bbox": b["bbox"], "category": b["category"], "reason": b["refused"], "iou": b["iou"]}
                        for b in boxes if "refused" in b]
             if refused:

@@ -18,6 +18,7 @@ from engine.config import Config, fingerprint
 from engine.data.shards import ShardError, ShardStore, ShardWriter
 from engine.generation.annotation import Annotator, build_labeller, check_labeller
 from engine.generation.captions import Captioner, caption_pool
+from engine.generation.expansion import uncached
 from engine.generation.filter import QualityFilter, plan_filter_pool
 from engine.generation.layouts import make_plan
 from engine.generation.masks import Masker, plan_mask_pool
@@ -26,6 +27,7 @@ from engine.generation.synthesis import Synthesizer
 from engine.models.captioner import load_captioner
 from engine.models.clip import build_clip, check_clip_folder
 from engine.models.diffusion import check_source, load_pipeline
+from engine.models.language import load_language_model
 from engine.models.segmenter import build_segmenter
 from engine.runtime.cluster import (
     cluster_state,
@@ -62,7 +64,9 @@ class Summary:
 def run_fingerprint(cfg: Config, plan: PromptPlan) -> str:
     """What decides the samples: a resumed run must agree on all of it, down to the categories and
     budgets a dataset file gave (the file may change under the same path)."""
-    return fingerprint({"model": asdict(cfg.model), "prompts": asdict(cfg.prompts),
+    # Prompt expansion only when on, so that outputs without it keep their fingerprints.
+    prompts = {k: v for k, v in asdict(cfg.prompts).items() if k != "expand" or cfg.prompts.expand.enabled}
+    return fingerprint({"model": asdict(cfg.model), "prompts": prompts,
                         "categories": [plan.categories, plan.counts, plan.words],
                         "synthesis": {k: v for k, v in asdict(cfg.synthesis).items()
                                       if k not in ("batch_size", "num_actors", "gpus_per_actor")},
@@ -137,7 +141,9 @@ def generate(cfg: Config) -> Summary:
                                   cfg.ray.allow_autoscale)
         if cfg.filter.enabled:
             synth, filt = plan_filter_pool(cfg.filter, synth, annot)
-        _probe_models(cfg, categories, synth, _layouts(plan))
+        # The language model is needed (and probed) only for shards whose expansions are not cached.
+        expand = cfg.prompts.expand.enabled and not _layouts(plan) and bool(uncached(cfg.output.path, todo))
+        _probe_models(cfg, categories, synth, _layouts(plan), expand)
         claim = store.prepare(run_info)
         store.remove_temporaries()
         quiet_data_context()
@@ -146,7 +152,8 @@ def generate(cfg: Config) -> Summary:
             synth, capt = caption_pool(synth, annot)
             ds = ds.map(Captioner, fn_constructor_args=(cfg.layout, plan, size, threads_for(capt.num_cpus)),
                         compute=ray.data.ActorPoolStrategy(size=capt.size), **capt.remote_args())
-        ds = ds.map(Synthesizer, fn_constructor_args=(cfg.model, cfg.synthesis, plan, size, threads_for(synth.num_cpus)),
+        ds = ds.map(Synthesizer, fn_constructor_args=(cfg.model, cfg.synthesis, plan, size, threads_for(synth.num_cpus),
+                                                      cfg.prompts.expand, cfg.output.path),
                     compute=ray.data.ActorPoolStrategy(size=synth.size), **synth.remote_args())
         ds = ds.map(Annotator, fn_constructor_args=(cfg.annotation, categories, threads_for(annot.num_cpus)),
                     compute=ray.data.ActorPoolStrategy(size=annot.size), **annot.remote_args())
@@ -190,8 +197,10 @@ def generate(cfg: Config) -> Summary:
                    refused=sum(len(e.get("refused_keys", ())) for e in entries.values()))
 
 
-def _load_models(cfg: Config, categories: list[str], layout: bool = False) -> None:
+def _load_models(cfg: Config, categories: list[str], layout: bool = False, expand: bool = False) -> None:
     load_pipeline(cfg.model, layout=layout, inpaint=layout and cfg.layout.mode == "inpainting")
+    if expand:
+        load_language_model(cfg.prompts.expand.model)
     if layout and cfg.layout.captioner:
         load_captioner(cfg.layout.captioner)
     build_labeller(cfg.annotation, categories)
@@ -201,12 +210,12 @@ def _load_models(cfg: Config, categories: list[str], layout: bool = False) -> No
         build_clip(cfg.filter.model, cfg.filter.seed)
 
 
-def _probe_models(cfg: Config, categories: list[str], synth, layout: bool = False) -> None:
+def _probe_models(cfg: Config, categories: list[str], synth, layout: bool = False, expand: bool = False) -> None:
     """Load the generator and the labeller once, in one task with a synthesis actor's resources,
     before anything is written: a model that cannot load (a damaged folder or checkpoint, a
     checkpoint refused for its pickles) is then one line, not a pool of dying actors."""
     import ray
     try:
-        ray.get(ray.remote(_load_models).options(max_retries=0, **synth.remote_args()).remote(cfg, categories, layout))
+        ray.get(ray.remote(_load_models).options(max_retries=0, **synth.remote_args()).remote(cfg, categories, layout, expand))
     except Exception as e:
         raise_as_one_line(e)

@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.config import ModelConfig, SynthesisConfig
+from engine.config import ExpandConfig, ModelConfig, SynthesisConfig
 from engine.config.sections import GLIGEN_MAX_OBJECTS
 from engine.data.datasets import open_image
+from engine.generation.expansion import Expander
 from engine.generation.layouts import Layout
 from engine.generation.prompts import PromptPlan, PromptSpec
 from engine.models.diffusion import UNetFeatureTap, load_pipeline
@@ -189,7 +190,7 @@ class Synthesizer:
     """
 
     def __init__(self, model_cfg: ModelConfig, synth_cfg: SynthesisConfig, prompts: PromptPlan,
-                 shard_size: int, threads: int = 0):
+                 shard_size: int, threads: int = 0, expand: Optional[ExpandConfig] = None, output: str = ""):
         if threads:
             torch.set_num_threads(threads)
         self.cfg, self.prompts, self.shard_size = synth_cfg, prompts, shard_size
@@ -200,12 +201,20 @@ class Synthesizer:
         self.pipe = load_pipeline(model_cfg, layout=self.layouts, inpaint=self.inpaint)
         self.model_id = model_cfg.source
         self.batches = 0
+        # Prompt expansion (engine.generation.expansion): texts checked against this pipeline's
+        # text encoder window, cached under the output folder.
+        self.expander, self.output = None, output
+        if expand is not None and expand.enabled and not self.layouts:
+            self.expander = Expander(expand, prompts.words, self.pipe.tokenizer, str(self.pipe.unet.device))
 
     def __call__(self, row: dict) -> dict:
         index = int(row["shard"])
         specs = list(self.prompts.rows(index * self.shard_size, (index + 1) * self.shard_size))
         if "captions" in row:  # the caption stage (engine.generation.captions) wrote the prompts
             specs = [replace(s, text=t) for s, t in zip(specs, json.loads(row["captions"]))]
+        expansion = None
+        if self.expander:
+            specs, expansion = self.expander.expand_shard(self.output, index, specs)
         out = {"shard": index, "id": [s.id for s in specs], "seed": [s.seed for s in specs],
                "text": [s.text for s in specs], "categories": [json.dumps(list(s.categories)) for s in specs],
                "model_id": self.model_id, "status": [], "seed_used": [], "jpg": [], "latent": []}
@@ -213,6 +222,8 @@ class Synthesizer:
             out["features"] = []
         if self.layouts:
             out["layout"] = [s.layout.to_json() for s in specs]
+        if expansion is not None:
+            out["expansion"] = [json.dumps(r) for r in expansion]
         for start in range(0, len(specs), self.cfg.batch_size):
             for name, values in self.draw_rows(specs[start:start + self.cfg.batch_size]).items():
                 out[name] += values
