@@ -143,6 +143,9 @@ class Recipe:
                      synthesis=c.synthesis,
                      annotation=dataclasses.replace(c.annotation, labeller=labeller, model=self.teacher_model,
                                                     head=head),
+                     # The CLIP filter in every generation stage (the head trains only on what it
+                     # keeps); masks for the final set only, the one an instance pool is built from.
+                     filter=c.filter, masks=c.masks if stage == "final" else dataclasses.replace(c.masks, enabled=False),
                      output=OutputConfig(path=self.path("synthetic", stage), shard_size=c.output.shard_size), ray=c.ray)
         cfg.validate()
         return cfg

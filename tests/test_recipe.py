@@ -57,6 +57,16 @@ def test_coco_ovd_dry_run(coco, tmp_path, capsys):
     assert not (tmp_path / "work").exists()  # a dry run writes nothing
 
 
+def test_generation_stages_take_the_filter_and_the_final_set_the_masks(coco, tmp_path):
+    cfg = load_config(os.path.join(ROOT, "configs", "coco_ovd.yaml"),
+                      coco_paths(coco, tmp_path / "work") + ["filter.enabled=true", "filter.model=tiny",
+                                                             "masks.enabled=true", "masks.model=tiny"])
+    recipe = Recipe(cfg, log=lambda m: None)
+    stages = {s: recipe.generation_config(s, "") for s in ("base", "novel_raw", "final")}
+    assert all(g.filter.enabled and g.filter.model == "tiny" for g in stages.values())
+    assert [s for s, g in stages.items() if g.masks.enabled] == ["final"]
+
+
 def test_coco_sparse_dry_run(coco, tmp_path, capsys):
     ann, _ = coco
     out = dry_run(capsys, "coco_sparse.yaml", coco_paths(coco, tmp_path / "work") + [f"prompts.categories_from={ann}"])
