@@ -370,6 +370,26 @@ class Annotator:
         return out
 
 
+class RecordStage:
+    """Base of the Ray Data actors that rework each annotated sample's JSON record after the
+    Annotator (masks, the CLIP filter): `update(record, jpeg)` returns the new record, from the
+    JPEG as stored, the image every later reader sees. Dropped samples ("") pass untouched."""
+
+    def __init__(self, threads: int = 0):
+        if threads:
+            torch.set_num_threads(threads)
+
+    def update(self, record: dict, jpeg: bytes) -> dict:
+        raise NotImplementedError
+
+    def __call__(self, row: dict) -> dict:
+        records = list(row["json"])
+        for i, record in enumerate(records):
+            if record:
+                records[i] = json.dumps(self.update(json.loads(record), row["jpg"][i]))
+        return {**row, "json": records}
+
+
 def columns(boxes: list[dict]) -> dict[str, list]:
     """A sample's boxes as the parallel lists its JSON record holds."""
     return {"boxes": [b["bbox"] for b in boxes], "labels": [b["category"] for b in boxes],

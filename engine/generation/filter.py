@@ -17,14 +17,12 @@ entry lists it under `refused_keys`, not `keys`, and every reader skips it
 from __future__ import annotations
 
 import io
-import json
 import math
 
-import torch
 from PIL import Image
 
 from engine.config import FilterConfig
-from engine.generation.annotation import columns
+from engine.generation.annotation import RecordStage, columns
 from engine.models.clip import build_clip
 from engine.runtime.cluster import PoolPlan
 
@@ -69,25 +67,17 @@ def apply(meta: dict, image_scores: dict[str, float], box_scores: list[float], c
     return out
 
 
-class QualityFilter:
-    """A Ray Data actor: scores and filters each JSON record of a shard row (see module docstring).
-    It scores the JPEG as stored, the image every later reader sees."""
+class QualityFilter(RecordStage):
+    """A Ray Data actor: scores and filters each JSON record of a shard row (see module docstring)."""
 
     def __init__(self, cfg: FilterConfig, threads: int = 0):
-        if threads:
-            torch.set_num_threads(threads)
+        super().__init__(threads)
         self.cfg = cfg
         self.scorer = build_clip(cfg.model, cfg.seed)
 
-    def __call__(self, row: dict) -> dict:
-        records = list(row["json"])
-        for i, record in enumerate(records):
-            if not record:  # a dropped sample
-                continue
-            meta = json.loads(record)
-            image = Image.open(io.BytesIO(row["jpg"][i])).convert("RGB")
-            records[i] = json.dumps(apply(meta, *self.score(image, meta), self.cfg))
-        return {**row, "json": records}
+    def update(self, meta: dict, jpeg: bytes) -> dict:
+        image = Image.open(io.BytesIO(jpeg)).convert("RGB")
+        return apply(meta, *self.score(image, meta), self.cfg)
 
     def score(self, image: Image.Image, meta: dict) -> tuple[dict[str, float], list[float]]:
         """({prompted category: image score}, [score of each box's crop against its label]), in one

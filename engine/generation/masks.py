@@ -11,14 +11,13 @@ statuses (engine.data.shards).
 from __future__ import annotations
 
 import io
-import json
 
 import numpy as np
-import torch
 from PIL import Image
 
 from engine.config import MaskConfig
 from engine.data import masks as rle
+from engine.generation.annotation import RecordStage
 from engine.models.segmenter import build_segmenter
 from engine.runtime.cluster import PoolPlan
 
@@ -46,29 +45,19 @@ def judge(mask: np.ndarray, score: float, box: list[float], cfg: MaskConfig) -> 
     return "ok", fill
 
 
-class Masker:
-    """A Ray Data actor: adds the masks to each JSON record of a shard row (see module docstring).
-    It segments the JPEG as stored, the image every later reader cuts out."""
+class Masker(RecordStage):
+    """A Ray Data actor: adds the masks to each JSON record of a shard row (see module docstring)."""
 
     def __init__(self, cfg: MaskConfig, threads: int = 0):
-        if threads:
-            torch.set_num_threads(threads)
+        super().__init__(threads)
         self.cfg = cfg
         self.segmenter = build_segmenter(cfg.model, cfg.seed)
 
-    def __call__(self, row: dict) -> dict:
-        records = list(row["json"])
-        for i, record in enumerate(records):
-            if not record:  # a dropped sample
-                continue
-            meta = json.loads(record)
-            if not meta["boxes"]:
-                meta.update(masks=[], mask_scores=[], mask_fill=[], mask_status=[], mask_prompt="box")
-                records[i] = json.dumps(meta)
-                continue
-            image = np.asarray(Image.open(io.BytesIO(row["jpg"][i])).convert("RGB"))
-            records[i] = json.dumps({**meta, **self.segment(image, meta["boxes"])})
-        return {**row, "json": records}
+    def update(self, meta: dict, jpeg: bytes) -> dict:
+        if not meta["boxes"]:
+            return {**meta, "masks": [], "mask_scores": [], "mask_fill": [], "mask_status": [], "mask_prompt": "box"}
+        image = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+        return {**meta, **self.segment(image, meta["boxes"])}
 
     def segment(self, image: np.ndarray, boxes: list[list[float]]) -> dict:
         if self.cfg.prompt == "background" and len(boxes) == 1:
