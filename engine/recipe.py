@@ -10,7 +10,9 @@
     head_st     the head self-trained on the novel images (EMA teacher, score >= beta)
     final       the final synthetic set: every category, base boxes by the teacher, novel by the head
     detector    a detector trained on the real base set + the final synthetic set
-    evaluate    the detector scored on detector.eval_annotations (COCO: AP50 base / novel; LVIS: AP,
+    synthetic_only  (recipe.synthetic_only) a detector trained on the final synthetic set alone, no
+                real image: ImaginaryNet's setting (seed 004), with the engine's boxes
+    evaluate    each detector scored on detector.eval_annotations (COCO: AP50 base / novel; LVIS: AP,
                 AP50, APr / APc / APf) and on each recipe.evaluate dataset; WORKDIR/results.json
 
 Each stage calls the function its own command calls (finetune, train-detector, generate,
@@ -39,6 +41,7 @@ from typing import Callable, Optional
 from engine.config import (
     Config,
     ConfigError,
+    CopyPasteConfig,
     DetectorConfig,
     GroundingTrainConfig,
     ModelConfig,
@@ -62,7 +65,7 @@ from engine.training.finetune import finetune
 from engine.training.grounding import train_grounding
 
 STAGES = ("real", "finetune", "teacher", "base", "novel_raw", "head_sup", "head_st", "final", "detector",
-          "evaluate")
+          "synthetic_only", "evaluate")
 GENERATION_STAGES = {"base": "base", "novel_raw": "novel", "final": "all"}  # stage -> prompts.generate
 # What results.json keeps of each evaluation: COCO-OVD's base / novel AP50, LVIS's frequency groups.
 COCO_METRICS = ("AP", "AP50", "AP50_base", "AP50_novel")
@@ -159,13 +162,15 @@ class Recipe:
                       prompts=PromptConfig(base=self.base, novel=self.novel), finetune=fc, ray=self.cfg.ray)
 
     def detector_config(self, name: str, section: DetectorConfig, synthetic: list[str]) -> DetectorConfig:
-        """Trained on the real base set (+ `synthetic`); `teacher` on base categories only."""
+        """Trained on the real base set (+ `synthetic`); `teacher` on base categories only;
+        `synthetic_only` on `synthetic` alone."""
         ann, root = self.real_files()
         teacher = name == "teacher"
         coco_eval = section.eval_format == "coco"
+        mix = 1.0 if name == "synthetic_only" else section.mix_ratio if synthetic else 0.0
         dc = dataclasses.replace(
             section, real_annotations=ann, real_image_root=root, real_format=self.cfg.recipe.real.format,
-            synthetic=synthetic, mix_ratio=section.mix_ratio if synthetic else 0.0,
+            synthetic=synthetic, mix_ratio=mix, copy_paste=section.copy_paste if mix < 1 else CopyPasteConfig(),
             categories=self.base if teacher else (section.categories or self.base + self.novel),
             # COCO-OVD's AP50 base / novel; without novel categories, plain COCO AP.
             base=self.base if coco_eval and self.novel else [],
@@ -187,13 +192,26 @@ class Recipe:
             epochs=g.epochs if novel_shards else g.transfer_epoch, run=self.run_settings(g.run, name))
         return gc
 
-    def eval_sets(self, dc: DetectorConfig) -> dict[str, DetectorConfig]:
-        """The detector's evaluation config per dataset: its own eval set, then each `evaluate` one."""
-        sets = {"detector": dc} if dc.eval_annotations else {}
-        for e in self.cfg.recipe.evaluate:
-            sets[e.name] = dataclasses.replace(dc, eval_annotations=e.annotations, eval_image_root=e.image_root,
-                                               eval_format=e.format, base=[], novel=[],
-                                               eval_dir=self.path("eval", e.name))
+    def detectors(self) -> dict[str, DetectorConfig]:
+        """The detectors the recipe trains and evaluates: real + synthetic, and synthetic only."""
+        out = {"detector": self.detector_config("detector", self.cfg.detector, self.synthetic)}
+        if self.cfg.recipe.synthetic_only:
+            out["synthetic_only"] = self.detector_config("synthetic_only", self.cfg.detector, self.synthetic)
+        return out
+
+    def eval_sets(self) -> dict[str, DetectorConfig]:
+        """Each detector's evaluation config per dataset: its own eval set, then each `evaluate`
+        one: `detector` (its own) and `<dataset>` for the real + synthetic detector (results.json's
+        keys since the first recipe), `synthetic_only/detector` and `synthetic_only/<dataset>`."""
+        sets = {}
+        for trained, dc in self.detectors().items():
+            prefix = "" if trained == "detector" else f"{trained}/"
+            if dc.eval_annotations:
+                sets[prefix + "detector"] = dc
+            for e in self.cfg.recipe.evaluate:
+                sets[prefix + e.name] = dataclasses.replace(
+                    dc, eval_annotations=e.annotations, eval_image_root=e.image_root, eval_format=e.format,
+                    base=[], novel=[], eval_dir=self.path("eval", prefix + e.name))
         return sets
 
     # -- the checks (--dry-run, and before a run) ----------------------------------------------
@@ -226,8 +244,7 @@ class Recipe:
         if not c.recipe.have.synthetic and self.novel:
             self.grounding_config("head_sup", "", "").validate()
             self.grounding_config("head_st", self.path("synthetic", "novel_raw"), self.path("models", "head_sup")).validate()
-        dc = self.detector_config("detector", c.detector, self.synthetic)
-        sets = self.eval_sets(dc)
+        sets = self.eval_sets()
         if not sets:
             raise ConfigError("nothing to evaluate on: set detector.eval_annotations and detector.eval_image_root, "
                               "or list datasets in recipe.evaluate")
@@ -255,6 +272,8 @@ class Recipe:
             return "recipe.have.synthetic " + ", ".join(h.synthetic)
         if stage in ("base", "novel_raw", "head_sup", "head_st") and not self.novel:
             return "no novel categories: the teacher labels the final set"
+        if stage == "synthetic_only" and not self.cfg.recipe.synthetic_only:
+            return "recipe.synthetic_only is off"
         return ""
 
     def plan(self) -> list[dict]:
@@ -271,9 +290,17 @@ class Recipe:
                     key = f"{split}/{self.frequency[cat]}" if self.frequency.get(cat) else split
                     groups[key] = groups.get(key, 0) + n
                 row |= {"images": len(p), "categories": len(p.categories), "groups": dict(sorted(groups.items())),
-                        "gpu_hours": len(p) / (self.cfg.recipe.images_per_s * self.cfg.recipe.utilisation) / 3600}
+                        "gpu_hours": len(p) / (self.cfg.recipe.images_per_s * self.cfg.recipe.utilisation) / 3600,
+                        "also": self.generation_extras(stage)}
             out.append(row)
         return out
+
+    def generation_extras(self, stage: str) -> list[str]:
+        """What a generation stage does besides drawing and labelling, as its config says."""
+        g = self.generation_config(stage, "")
+        return ([f"prompts expanded by {g.prompts.expand.model}"] if g.prompts.expand.enabled else []) + \
+            ([f"CLIP filter {g.filter.model}"] if g.filter.enabled else []) + \
+            ([f"masks by {g.masks.model}"] if g.masks.enabled else [])
 
     def plan_lines(self) -> list[str]:
         lines, total = [], 0.0
@@ -285,7 +312,8 @@ class Recipe:
                 total += row["gpu_hours"]
                 groups = ", ".join(f"{k} {v}" for k, v in row["groups"].items())
                 lines.append(f"  {row['stage']:<10} {row['images']} images of {row['categories']} categories "
-                             f"({groups}); {row['gpu_hours']:.1f} GPU-hours")
+                             f"({groups}); {row['gpu_hours']:.1f} GPU-hours"
+                             + "".join(f"; {step}" for step in row["also"]))
             else:
                 lines.append(f"  {row['stage']:<10} runs")
         lines.append(f"  generation: {total:.1f} GPU-hours at {self.cfg.recipe.images_per_s} images/s per GPU and "
@@ -329,7 +357,7 @@ class Recipe:
             stage("finetune", {"finetune": to_dict(fcfg.finetune), "model": to_dict(fcfg.model)}, tune,
                   [fcfg.finetune.output_dir, self.path("ray", "finetune")], ["real"])
         if not c.recipe.have.teacher:
-            stage(*self._detector_stage("teacher", c.recipe.teacher, [], ["real"]))
+            stage(*self._detector_stage("teacher", self.detector_config("teacher", c.recipe.teacher, []), ["real"]))
         if not c.recipe.have.synthetic and self.novel:
             stage(*self._generate_stage("base", "", ["finetune", "teacher"]))
             stage(*self._generate_stage("novel_raw", "", ["finetune"]))
@@ -339,14 +367,12 @@ class Recipe:
         if not c.recipe.have.synthetic:
             head = self.path("models", "head_st") if self.novel else ""
             stage(*self._generate_stage("final", head, ["finetune", "head_st", "teacher"]))
-        dc = self.detector_config("detector", c.detector, self.synthetic)
         synthetic_keys = {"have_synthetic": list(c.recipe.have.synthetic)}
-        stage("detector", {"detector": to_dict(dc), **synthetic_keys},
-              lambda: {"steps": train_detector(dc, c.ray).steps},
-              [dc.output_dir, self.path("ray", "detector")], ["real", "final"])
-        sets = self.eval_sets(dc)
+        for name, dc in self.detectors().items():
+            stage(*self._detector_stage(name, dc, ["real", "final"], synthetic_keys))
+        sets = self.eval_sets()
         results = stage("evaluate", {k: to_dict(v) for k, v in sets.items()}, lambda: self.evaluate(sets),
-                        [self.path("eval")], ["detector"])
+                        [self.path("eval")], list(self.detectors()))
         if only is not None and only != "evaluate":
             return {"name": c.name, "ran": only}
         record = Stages(self.ws, lambda m: None).record
@@ -423,12 +449,10 @@ class Recipe:
         return name, {"grounding": to_dict(gc), "model": to_dict(model)}, run, \
             [gc.output, self.path("ray", name)], after
 
-    def _detector_stage(self, name: str, section: DetectorConfig, synthetic: list[str], after: list[str]):
-        dc = self.detector_config(name, section, synthetic)
-
+    def _detector_stage(self, name: str, dc: DetectorConfig, after: list[str], inputs: Optional[dict] = None):
         def run() -> dict:
             return {"steps": train_detector(dc, self.cfg.ray).steps}
-        return name, {"detector": to_dict(dc)}, run, [dc.output_dir, self.path("ray", name)], after
+        return name, {"detector": to_dict(dc), **(inputs or {})}, run, [dc.output_dir, self.path("ray", name)], after
 
     def evaluate(self, sets: dict[str, DetectorConfig]) -> dict:
         results = {}
@@ -447,8 +471,10 @@ def format_results(results: dict) -> str:
         rows = [(n, m) for n, m in results.items() if m["format"] == fmt]
         if not rows:
             continue
-        lines += [f"| evaluated on | {' | '.join(keys)} |", "|---" * (len(keys) + 1) + "|"]
-        lines += [f"| {n} | " + " | ".join("n/a" if m[k] is None else f"{100 * m[k]:.1f}" for k in keys) + " |"
-                  for n, m in rows]
+        lines += [f"| trained on | evaluated on | {' | '.join(keys)} |", "|---" * (len(keys) + 2) + "|"]
+        for n, m in rows:
+            trained, _, dataset = n.rpartition("/")  # eval_sets' keys
+            lines.append(f"| {'synthetic only' if trained else 'real + synthetic'} | {dataset} | "
+                         + " | ".join("n/a" if m[k] is None else f"{100 * m[k]:.1f}" for k in keys) + " |")
         lines.append("")
     return "\n".join(lines).rstrip("\n")

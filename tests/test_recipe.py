@@ -67,6 +67,18 @@ def test_generation_stages_take_the_filter_and_the_final_set_the_masks(coco, tmp
     assert [s for s, g in stages.items() if g.masks.enabled] == ["final"]
 
 
+def test_dry_run_names_what_each_generation_stage_does_besides_drawing(coco, tmp_path, capsys):
+    out = dry_run(capsys, "coco_ovd.yaml", coco_paths(coco, tmp_path / "work") + [
+        "prompts.expand.enabled=true", "prompts.expand.model=smollm2", "filter.enabled=true", "filter.model=tiny",
+        "masks.enabled=true", "masks.model=tiny", "recipe.synthetic_only=true"])
+    lines = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert lines["base"].endswith("GPU-hours; prompts expanded by smollm2; CLIP filter tiny")
+    assert lines["final"].endswith("; prompts expanded by smollm2; CLIP filter tiny; masks by tiny")
+    assert lines["synthetic_only"].strip() == "synthetic_only runs"
+    assert "synthetic_only skipped: recipe.synthetic_only is off" in dry_run(capsys, "coco_ovd.yaml",
+                                                                             coco_paths(coco, tmp_path / "work"))
+
+
 def test_coco_sparse_dry_run(coco, tmp_path, capsys):
     ann, _ = coco
     out = dry_run(capsys, "coco_sparse.yaml", coco_paths(coco, tmp_path / "work") + [f"prompts.categories_from={ann}"])
@@ -235,7 +247,7 @@ def ci_config(tmp_path, train: str, val: str, root: str) -> dict:
         "ray": {"num_cpus": 2},
         "recipe": {"workdir": str(tmp_path / "work"),
                    "real": {"annotations": train, "image_root": root, "format": "lvis", "fraction": 0.75, "seed": 3},
-                   "have": {"teacher": "tiny"}},
+                   "have": {"teacher": "tiny"}, "synthetic_only": True},
     }
 
 
@@ -294,7 +306,7 @@ def test_recipe_end_to_end_resumes_after_a_failed_stage(lvis_small, local_ray, t
     status = dict(m.split(": ", 1) for m in messages if m.endswith("running") or "skipped" in m)
     assert [n for n, s in status.items() if "skipped" in s] == ["real", "finetune", "base"]
     assert [n for n, s in status.items() if s == "running"] == [
-        "novel_raw", "head_sup", "head_st", "final", "detector", "evaluate"]
+        "novel_raw", "head_sup", "head_st", "final", "detector", "synthetic_only", "evaluate"]
     record = json.load(open(os.path.join(ws, "stages.json")))
     # The interrupted stage resumed through its own shards: all of them were already written.
     assert record["novel_raw"]["result"]["shards_written"] == 0 and record["novel_raw"]["result"]["images"] == 6
@@ -316,6 +328,13 @@ def test_recipe_end_to_end_resumes_after_a_failed_stage(lvis_small, local_ray, t
     assert set(saved["results"]["detector"]) >= {"AP", "AP50", "APr", "APc", "APf"}
     assert saved == json.loads(json.dumps(results))
     assert os.path.exists(os.path.join(ws, "eval", "detector", "report.md"))
+    # ImaginaryNet's setting: a detector of every category trained on the synthetic set alone.
+    assert set(saved["results"]) == {"detector", "synthetic_only/detector"}
+    assert saved["results"]["synthetic_only/detector"]["report"] == os.path.join(ws, "eval", "synthetic_only", "report.md")
+    assert os.path.exists(saved["results"]["synthetic_only/detector"]["report"])
+    trained = json.load(open(os.path.join(ws, "models", "synthetic_only", "config.json")))
+    assert len(trained["id2label"]) == 12
+    assert "| synthetic only | detector |" in saved["table"] and "| real + synthetic | detector |" in saved["table"]
 
     # --from evaluate: that stage runs again, nothing before it.
     messages.clear()

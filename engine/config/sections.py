@@ -734,6 +734,10 @@ class RecipeSection:
     have: HaveConfig = field(default_factory=HaveConfig)
     teacher: DetectorConfig = field(default_factory=lambda: DetectorConfig(run=TrainRunConfig(name="teacher")))
     evaluate: list[EvalSetConfig] = field(default_factory=list)
+    # ImaginaryNet's setting (seed 004): one more detector, `synthetic_only`, trained on the final
+    # synthetic set alone (detector.mix_ratio=1, no real image), evaluated beside the real +
+    # synthetic one on every evaluation set.
+    synthetic_only: bool = False
     # docs/scale.md, section 5: images/s of one GPU (bench/generate_gpu.py; the published anchor
     # for SD 1.x on an A100 is 0.6-1.5) and the share of GPU time spent drawing.
     images_per_s: float = 1.0
