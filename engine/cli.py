@@ -79,7 +79,7 @@ def cmd_export(args) -> None:
     check_output_path("export --output", args.output)
     if args.dest:
         check_output_path("export --dest", args.dest)
-    result = export(args.output, dest=args.dest, write_images=not args.no_images)
+    result = export(args.output, dest=args.dest, write_images=not args.no_images, extra=args.extra)
     print(f"[export] {result['images']} images, {result['annotations']} boxes -> {result['coco']}, "
           f"{result['lvis']}, preview {result['preview']}")
 
@@ -192,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", required=True, help="the generate job's output.path")
     e.add_argument("--dest", default=None, help="where to write (default: the output path itself)")
     e.add_argument("--no-images", action="store_true", help="write JSON and preview only")
+    e.add_argument("--extra", default="keep", help="prompts.extra's categories: keep (as their own), drop "
+                                                   "(left out), map (relabelled to their targets)")
 
     p = command("pool", cmd_pool, "cut the masked instances of a generate output into an instance pool "
                                   "(WebDataset shards of RGBA cut-outs) for copy-paste training", config="")

@@ -100,7 +100,8 @@ class ExpandConfig:
 class PromptConfig:
     base: list[str] = field(default_factory=list)
     novel: list[str] = field(default_factory=list)
-    # Which categories to generate: "base", "novel", "all", or an explicit list in `categories`.
+    # Which categories to generate: "base", "novel", "all" (with the extra ones), "extra", or an
+    # explicit list in `categories`.
     generate: str = "base"
     categories: list[str] = field(default_factory=list)
     images_per_category: int = 4
@@ -132,6 +133,13 @@ class PromptConfig:
     budget_floor: int = 0
     budget_ceiling: int = 0  # 0 = no ceiling
     expand: ExpandConfig = field(default_factory=ExpandConfig)
+    # Category diversity (DiverGen, seed 002: LVIS's 1,203 + ImageNet's classes, 1,453 in all): a
+    # text file of extra categories beyond base + novel, one a line, "name" or "name = target" (a
+    # base or novel category it stands for). Generated with generate=all or extra and labelled like
+    # novel ones (by a labeller that labels any category: the head, owlv2...), kept in the shards
+    # under their own names; `instagen export --extra keep|drop|map` keeps them, leaves them out,
+    # or relabels each to its target (those without one left out).
+    extra: str = ""
 
 
 @dataclass
@@ -788,8 +796,14 @@ class Config:
 
 def _validate(cfg: Config) -> None:
     p, s, a, o = cfg.prompts, cfg.synthesis, cfg.annotation, cfg.output
-    _require(p.generate in ("base", "novel", "all", "list"),
-             f"prompts.generate must be base, novel, all or list, got {p.generate!r}")
+    _require(p.generate in ("base", "novel", "all", "extra", "list"),
+             f"prompts.generate must be base, novel, all, extra or list, got {p.generate!r}")
+    _require(not (p.extra and cfg.layout.annotations),
+             "prompts.extra adds categories to prompt rows, and layout.annotations makes layout rows instead; "
+             "leave one of them empty")
+    _require(p.generate != "extra" or bool(p.extra),
+             "prompts.generate=extra draws the categories of prompts.extra, which is empty; set it to a text "
+             "file of extra category names, one a line")
     _require(p.images_per_category >= 1, "prompts.images_per_category must be >= 1")
     _require(p.max_categories in (1, 2), "prompts.max_categories must be 1 or 2")
     _require(s.height % 8 == 0 and s.width % 8 == 0 and s.height > 0 and s.width > 0,

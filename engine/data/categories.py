@@ -238,9 +238,33 @@ def _read_base_list(path: str, categories: Sequence[Category]) -> list[tuple[str
     return pairs
 
 
+def read_extra(path: str, known: Sequence[str]) -> dict[str, str]:
+    """prompts.extra: extra category -> the base / novel category it stands for ("" = none), in
+    the file's order."""
+    out: dict[str, str] = {}
+    for line in _read_lines(path, "extra"):
+        parts = [p.strip() for p in line.split("=")]
+        if len(parts) > 2 or not all(parts):
+            raise ConfigError(f"extra list {path!r}: line {line!r} is neither a name nor 'name = target'; write the "
+                              f"extra category, then = and the base or novel category it stands for, if any")
+        name, target = parts[0], parts[1] if len(parts) == 2 else ""
+        if name in out:
+            raise ConfigError(f"extra list {path!r} names {name!r} twice; list each category once")
+        if name in known:
+            raise ConfigError(f"extra list {path!r} names {name!r}, which is already a base or novel category; "
+                              f"list only categories beyond them")
+        if target and target not in known:
+            close = difflib.get_close_matches(target, list(known), n=1)
+            raise ConfigError(f"extra list {path!r}: target {target!r} of {name!r} is not a base or novel category"
+                              f"{f' (did you mean {close[0]!r}?)' if close else ''}; map each extra category to "
+                              f"one of them, or to nothing")
+        out[name] = target
+    return out
+
+
 def _read_lines(path: str, kind: str) -> list[str]:
-    """The names of a novel or base list: one a line; blank lines and # comments skipped."""
-    key = f"prompts.{kind}_list"
+    """The names of a novel, base or extra list: one a line; blank lines and # comments skipped."""
+    key = "prompts.extra" if kind == "extra" else f"prompts.{kind}_list"
     if not path:
         raise ConfigError(f"prompts.split={'list' if kind == 'novel' else 'base_list'} needs {key}: a text file "
                           f"of {kind} category names, one a line")

@@ -1,7 +1,9 @@
 """Export: COCO and LVIS-style JSON built from the shards, the images as files, a preview sheet.
 
 Boxes in shards are xyxy pixels; COCO wants [x, y, width, height]. Category ids follow the run's
-category order (base, then novel), starting at 1 as COCO does.
+category order (base, then novel, then prompts.extra's), starting at 1 as COCO does. Extra
+categories (category diversity) are kept, left out, or relabelled to the category each stands for
+(`extra`: keep | drop | map), as DiverGen maps its 1,453 training categories to LVIS's 1,203.
 
 Export is a Ray Data job so that no process holds the dataset: one task per shard checks the
 shard against its manifest's checksum, copies its JPEGs byte for byte (no decode, no second lossy
@@ -31,6 +33,16 @@ from engine.runtime.storage import replace_folder, url_of
 
 STAGING = ".export-"  # prefix of the hidden folder an export is staged in
 IMAGE_LABELS = "image_labels.jsonl"  # one line per image: its file and prompted categories
+EXTRA_RULES = ("keep", "drop", "map")
+
+
+def export_names(run: dict, extra: str) -> dict[str, Optional[str]]:
+    """Each category of the run -> its name in the export, or None where it is left out."""
+    if extra not in EXTRA_RULES:
+        raise ShardError(f"export --extra {extra!r}: choose keep, drop or map")
+    targets = run.get("extra", {})
+    return {c: c if c not in targets or extra == "keep" else (targets[c] or None if extra == "map" else None)
+            for c in run["categories"]}
 
 
 def lvis_frequency(image_count: int) -> str:
@@ -39,16 +51,17 @@ def lvis_frequency(image_count: int) -> str:
 
 
 def export(output: str, dest: Optional[str] = None, write_images: bool = True,
-           preview_images: int = 16, ray: Optional[RayConfig] = None) -> dict:
+           preview_images: int = 16, ray: Optional[RayConfig] = None, extra: str = "keep") -> dict:
     """Write coco.json, lvis.json, image_labels.jsonl, images/ and preview.png for the shards under
-    `output`."""
+    `output`; `extra` says what becomes of prompts.extra's categories (EXTRA_RULES)."""
     import ray as ray_lib
 
     store, entries = finished_shards(output)  # a whole output, or one line saying what is wrong
     run = store.run_info()
     dest = (dest or output).rstrip("/")
-    categories = list(run["categories"])
-    novel = set(run.get("novel", []))
+    names = export_names(run, extra)
+    categories = list(dict.fromkeys(n for n in names.values() if n))
+    novel, extras = set(run.get("novel", [])), set(run.get("extra", {}))
     order = sorted(entries)
     first_ann = [0, *accumulate(entries[i]["boxes"] for i in order)]
     fs, root = fsspec.core.url_to_fs(dest)
@@ -64,7 +77,7 @@ def export(output: str, dest: Optional[str] = None, write_images: bool = True,
             [{"entry": json.dumps(entries[i]), "first_ann": first_ann[k]} for k, i in enumerate(order)],
             override_num_blocks=len(order))
         stats = tasks.map(export_shard, num_cpus=0.5, fn_kwargs={
-            "output": output, "staging": url_of(fs, staging), "categories": categories, "write_images": write_images})
+            "output": output, "staging": url_of(fs, staging), "names": names, "write_images": write_images})
         images = annotations = 0
         per_cat_images, per_cat_boxes = [0] * len(categories), [0] * len(categories)
         for row in stats.iter_rows():
@@ -72,7 +85,8 @@ def export(output: str, dest: Optional[str] = None, write_images: bool = True,
             annotations += row["annotations"]
             per_cat_images = [a + b for a, b in zip(per_cat_images, json.loads(row["per_cat_images"]))]
             per_cat_boxes = [a + b for a, b in zip(per_cat_boxes, json.loads(row["per_cat_boxes"]))]
-        cats = [{"id": k + 1, "name": n, "split": "novel" if n in novel else "base"} for k, n in enumerate(categories)]
+        cats = [{"id": k + 1, "name": n, "split": "novel" if n in novel else "extra" if n in extras else "base"}
+                for k, n in enumerate(categories)]
         info = {"description": f"InstaGen synthetic dataset {run.get('name', '')}"}
         lvis_cats = [{**c, "synset": c["name"].replace(" ", "_"), "image_count": per_cat_images[k],
                       "instance_count": per_cat_boxes[k], "frequency": lvis_frequency(per_cat_images[k])}
@@ -97,14 +111,16 @@ def export(output: str, dest: Optional[str] = None, write_images: bool = True,
             "lvis": f"{dest}/lvis.json", "image_labels": f"{dest}/{IMAGE_LABELS}", "preview": f"{dest}/preview.png"}
 
 
-def export_shard(row: dict, output: str, staging: str, categories: list[str], write_images: bool) -> dict:
+def export_shard(row: dict, output: str, staging: str, names: dict[str, Optional[str]], write_images: bool) -> dict:
     """A Ray task: one shard's records into `staging`/parts/<index>.<coco|lvis>-<images|annotations>
     and, if asked, its JPEGs into `staging`/images/, after checking the shard against its manifest
-    entry."""
+    entry. `names`: export_names'."""
     entry = json.loads(row["entry"])
     store = ShardStore(output)
     data = store.read_shard(entry)  # raises if it differs from its manifest entry
-    cat_id = {name: k + 1 for k, name in enumerate(categories)}
+    categories = list(dict.fromkeys(n for n in names.values() if n))
+    ids = {name: k + 1 for k, name in enumerate(categories)}
+    cat_id = {c: ids[n] for c, n in names.items() if n}  # the run's names -> exported ids
     fs, root = fsspec.core.url_to_fs(staging)
     images, annotations, unboxed, image_labels = [], [], [], []
     per_cat_images, per_cat_boxes = [0] * len(categories), [0] * len(categories)
@@ -118,17 +134,19 @@ def export_shard(row: dict, output: str, staging: str, categories: list[str], wr
                 f.write(sample["jpg"])
         # Image-level labels: the categories the prompt asked for, whether or not a box was found,
         # for detectors trained from image labels only (ImaginaryNet's weakly supervised setting).
-        prompted = sorted(c for c in set(meta.get("categories", ())) if c in cat_id)
+        prompted = {cat_id[c] for c in meta.get("categories", ()) if c in cat_id}
         images.append({"id": int(meta["id"]), "file_name": file_name, "width": meta["width"],
                        "height": meta["height"], "prompt": meta["prompt"], "seed": meta["seed_used"],
-                       "image_category_ids": sorted(cat_id[c] for c in prompted)})
-        image_labels.append({"file_name": file_name, "categories": prompted})
+                       "image_category_ids": sorted(prompted)})
+        image_labels.append({"file_name": file_name, "categories": sorted(categories[i - 1] for i in prompted)})
         masks = meta.get("masks") or [None] * len(meta["boxes"])  # the mask stage's, where it ran
         for j, (box, label, score, who) in enumerate(zip(meta["boxes"], meta["labels"], meta["scores"],
                                                          meta["labellers"])):
-            if label not in cat_id:
+            if label not in names:
                 raise ShardError(f"sample {key} has a box of category {label!r}, which this run does not "
                                  f"know; the shard does not belong to {output!r}")
+            if label not in cat_id:  # an extra category the export leaves out
+                continue
             x0, y0, x1, y1 = box
             annotation = {"id": row["first_ann"] + len(annotations) + 1, "image_id": int(meta["id"]),
                           "category_id": cat_id[label], "bbox": [x0, y0, x1 - x0, y1 - y0],
@@ -139,9 +157,10 @@ def export_shard(row: dict, output: str, staging: str, categories: list[str], wr
                 annotation.update(segmentation=masks[j], area=int(mask.sum()), mask_score=meta["mask_scores"][j])
             annotations.append(annotation)
             per_cat_boxes[cat_id[label] - 1] += 1
-        for label in set(meta["labels"]):
-            per_cat_images[cat_id[label] - 1] += 1
-        unboxed.append(sorted(cat_id[c] for c in set(meta.get("categories", ())) - set(meta["labels"]) if c in cat_id))
+        boxed = {cat_id[label] for label in meta["labels"] if label in cat_id}
+        for i in boxed:
+            per_cat_images[i - 1] += 1
+        unboxed.append(sorted(prompted - boxed))
     # LVIS's federated labels say per image which categories are known absent (neg) and which are
     # present but not all boxed (not exhaustive). A generated image was labelled for its prompt's
     # categories only: a prompted category without a box was drawn, most likely, and missed by the

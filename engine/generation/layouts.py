@@ -153,6 +153,7 @@ class LayoutPlan:
         self.starts = list(accumulate(self.counts, initial=0))
         self.base, self.novel = list(ds.categories), list(self.borrowed)
         self.words: dict = {}
+        self.extra: dict = {}  # prompts.extra does not apply to layout rows
         self.instances = {c: instances[c] for c in wanted}
         self.summary = {"layouts": {"images_qualifying": len(candidates), "images_refused": dict(self.refused),
                                     "rows": dict(zip(self.categories, self.counts)),

@@ -65,9 +65,10 @@ def run_fingerprint(cfg: Config, plan: PromptPlan) -> str:
     """What decides the samples: a resumed run must agree on all of it, down to the categories and
     budgets a dataset file gave (the file may change under the same path)."""
     # Prompt expansion only when on, so that outputs without it keep their fingerprints.
-    prompts = {k: v for k, v in asdict(cfg.prompts).items() if k != "expand" or cfg.prompts.expand.enabled}
+    prompts = {k: v for k, v in asdict(cfg.prompts).items()
+               if not (k == "expand" and not cfg.prompts.expand.enabled or k == "extra" and not v)}
     return fingerprint({"model": asdict(cfg.model), "prompts": prompts,
-                        "categories": [plan.categories, plan.counts, plan.words],
+                        "categories": [plan.categories, plan.counts, plan.words] + ([plan.extra] if plan.extra else []),
                         "synthesis": {k: v for k, v in asdict(cfg.synthesis).items()
                                       if k not in ("batch_size", "num_actors", "gpus_per_actor")},
                         "annotation": {"labeller": cfg.annotation.labeller, "model": cfg.annotation.model,
@@ -119,6 +120,8 @@ def generate(cfg: Config) -> Summary:
     n_shards = (len(plan) + size - 1) // size
     run_info = {"fingerprint": run_fingerprint(cfg, plan), "name": cfg.name, "categories": categories,
                 "base": plan.base, "novel": plan.novel, "prompts": len(plan), "shard_size": size}
+    if plan.extra:
+        run_info["extra"] = plan.extra
     if plan.summary:
         run_info["plan"] = plan.summary
     store = ShardStore(cfg.output.path)

@@ -18,7 +18,7 @@ from itertools import accumulate
 from typing import Iterator
 
 from engine.config import ConfigError, PromptConfig
-from engine.data.categories import plan_categories, plan_summary
+from engine.data.categories import plan_categories, plan_summary, read_extra
 
 # Part of every run's fingerprint: bump it when the rows a config yields change, so that an
 # output written with the old rows is never resumed with the new ones.
@@ -75,6 +75,8 @@ class PromptPlan:
             budget = {}
             self.words = {}
             self.summary = None
+        # prompts.extra (category diversity): name -> the base / novel category it stands for, or "".
+        self.extra = read_extra(cfg.extra, self.base + self.novel) if cfg.extra else {}
         self.categories = self._targets()
         self.counts = [budget.get(c, cfg.images_per_category) for c in self.categories]
         self.starts = list(accumulate(self.counts, initial=0))
@@ -82,8 +84,9 @@ class PromptPlan:
 
     def _targets(self) -> list[str]:
         """The categories this run generates, checked against the known base/novel sets."""
-        cfg, known = self.cfg, self.base + self.novel
-        cats = {"base": self.base, "novel": self.novel, "all": known}.get(cfg.generate, list(cfg.categories))
+        cfg, known = self.cfg, self.base + self.novel + list(self.extra)
+        cats = {"base": self.base, "novel": self.novel, "all": known, "extra": list(self.extra)}.get(
+            cfg.generate, list(cfg.categories))
         unknown = [c for c in cats if c not in known]
         if cfg.generate == "list" and known and unknown:
             raise ConfigError(f"unknown category {unknown[0]!r} in prompts.categories; known categories are "
