@@ -37,6 +37,7 @@ from engine.generation.pipeline import generate
 from engine.generation.layouts import make_plan
 from engine.models.clip import check_clip_folder
 from engine.models.diffusion import check_source
+from engine.models.open_vocab import KINDS as OPEN_VOCAB, check_open_vocab_folder
 from engine.recipe import STAGES, Recipe
 from engine.toyworld.loop import load_ablation_config, run_loop
 from engine.toyworld.world import draw_world
@@ -51,6 +52,8 @@ def cmd_generate(args) -> None:
                  inpaint=bool(cfg.layout.annotations) and cfg.layout.mode == "inpainting")
     if cfg.filter.enabled:
         check_clip_folder(cfg.filter.model)
+    if cfg.annotation.labeller in OPEN_VOCAB:  # the zero-shot detector's folder, as the CLIP's
+        check_open_vocab_folder(cfg.annotation.labeller, cfg.annotation.open_vocab)
     if args.dry_run:
         plan = make_plan(cfg)
         print(f"config {args.config} is valid: {len(plan)} prompts of {len(plan.categories)} categories in "

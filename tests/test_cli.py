@@ -53,7 +53,7 @@ def test_every_user_error_class_derives_from_user_error():
     names = {c.__name__ for c in subclasses(UserError)}
     assert {"ConfigError", "ShardError", "DatasetError", "DetectionDataError", "DetectorError", "EvaluationError",
             "ModelLoadError", "ResourceError", "AnnotationError", "TrainingConfigError", "GroundingConfigError",
-            "GroundingTrainError"} <= names
+            "GroundingTrainError", "OpenVocabError"} <= names
 
 
 # The corpus of bad input, by class (docs/reliability.md counts them): each case is a sub-command,
@@ -158,6 +158,12 @@ CORPUS = {
     "folder without index": (GEN + ["model.source=OUT"], None, "model_index.json"),
     "filter folder not a CLIP": (GEN + ["filter.enabled=true", "filter.model=OUT"],
                                  ("config.json", '{"model_type": "sam"}'), "not a CLIP model"),
+    "open-vocab folder missing": (GEN + ["annotation.labeller=owlv2", "annotation.open_vocab=OUT/none"], None,
+                                  "annotation.open_vocab"),
+    "open-vocab folder is a CLIP": (["generate", "--config", "configs/tiny.yaml", "output.path=OUT/run",
+                                     "annotation.labeller=grounding_dino", "annotation.open_vocab=OUT"],
+                                    ("config.json", '{"model_type": "clip"}'),
+                                    "holds a clip, not a GroundingDinoForObjectDetection"),
     # damaged outputs
     "damaged run.json": (["export", "--output", "OUT"], ("run.json", "{nope"), "run.json is damaged"),
     # evaluation input

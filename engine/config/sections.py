@@ -173,6 +173,14 @@ class AnnotationConfig:
     # labeller layout+detector: a layout box is kept where a teacher detection of its category
     # (score >= alpha) overlaps it by at least this IoU (Gen2Det's check).
     verify_iou: float = 0.5
+    # labeller owlv2 / grounding_dino: the zero-shot detector's local folder (engine.models.open_vocab:
+    # Owlv2ForObjectDetection or GroundingDinoForObjectDetection with its processor, save_pretrained),
+    # which boxes every prompted category by name. A box is kept at score >= box_threshold
+    # (GroundingDINO's authors: 0.35; OWLv2's scores run lower); GroundingDINO also needs its
+    # label's tokens to score text_threshold on average (its authors: 0.25).
+    open_vocab: str = ""
+    box_threshold: float = 0.3
+    text_threshold: float = 0.25
     batch_size: int = 8
     num_actors: int = 0
     gpus_per_actor: float = 0.5
@@ -815,6 +823,11 @@ def _validate(cfg: Config) -> None:
     _require(s.on_nonfinite in ("regenerate", "drop"),
              f"synthesis.on_nonfinite must be regenerate or drop, got {s.on_nonfinite!r}")
     _require(0.0 <= a.alpha <= 1.0 and 0.0 <= a.beta <= 1.0, "annotation.alpha and beta must lie in [0, 1]")
+    _require(0.0 <= a.box_threshold <= 1.0 and 0.0 <= a.text_threshold <= 1.0,
+             f"annotation.box_threshold and text_threshold must lie in [0, 1], got {a.box_threshold} and {a.text_threshold}")
+    _require(a.open_vocab == "" or "://" not in a.open_vocab,
+             f"annotation.open_vocab {a.open_vocab!r} must be a local folder (the detector and its processor, "
+             f"saved with save_pretrained)")
     _require(o.shard_size >= 1, "output.shard_size must be >= 1")
     _require(cfg.model.dtype in ("auto", "float32", "float16", "bfloat16"),
              f"model.dtype must be auto, float32, float16 or bfloat16, got {cfg.model.dtype!r}")

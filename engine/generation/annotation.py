@@ -10,6 +10,9 @@ labeller says where:
 - "grounding_head": every prompted category boxed by the grounding head (score >= beta);
 - "teacher+head": the categories the head was trained on as base go to the teacher, the others
   (novel) to the head, as the paper generates its synthetic dataset; each box says which made it;
+- "owlv2" / "grounding_dino": every prompted category boxed by a zero-shot open-vocabulary
+  detector loaded from `annotation.open_vocab` (engine.models.open_vocab; score >= box_threshold):
+  the auto-labelling most teams use, the baseline InstaGen's head is compared against;
 - "layout": the boxes of the layout GLIGEN drew the image from (engine.generation.layouts);
 - "layout+detector": those boxes, each kept only where the teacher agrees (Gen2Det's check);
 - "none": images and latents without boxes (novel images for the head's self-training).
@@ -32,11 +35,13 @@ from PIL import Image
 from engine.config import AnnotationConfig, ModelConfig, TinyDetectorConfig, from_dict
 from engine.errors import UserError
 from engine.generation.layouts import Layout
+from engine.data.categories import normalise_name
 from engine.models.boxes import box_iou, clip_box, nms
 from engine.models.detectors import DetectorError, build_detector, load_detector
 from engine.models.diffusion import load_pipeline
 from engine.models.grounding.features import Featurizer
 from engine.models.grounding.head import load_grounding_head, predictions
+from engine.models.open_vocab import KINDS as OPEN_VOCAB, OpenVocabError, check_open_vocab_folder, load_open_vocab
 from engine.runtime.faults import maybe_crash
 
 BOX_FORMAT = "xyxy in pixels, origin at the top-left corner"
@@ -80,6 +85,12 @@ def check_labeller(cfg: AnnotationConfig) -> None:
                               f"`instagen train-grounding` wrote")
     if not 0 <= cfg.verify_iou <= 1:
         raise AnnotationError(f"annotation.verify_iou must lie in [0, 1], got {cfg.verify_iou}")
+    if cfg.labeller in OPEN_VOCAB:
+        try:  # from config.json and the file list alone: cheap enough before Ray starts
+            check_open_vocab_folder(cfg.labeller, cfg.open_vocab)
+        except OpenVocabError as e:
+            raise AnnotationError(str(e)) from None
+        return  # annotation.model (the teacher) is not used
     if cfg.model != "tiny" and not os.path.isdir(cfg.model) and cfg.labeller not in ("grounding_head", "none", "layout"):
         raise AnnotationError(f"annotation.model {cfg.model!r} is not a local folder; point it at a "
                               f"detector saved with save_pretrained, or use 'tiny'")
@@ -127,6 +138,41 @@ class DetectorLabeller:
                     for b in boxes if self.to_category.get(b["category"]) in wanted]
             labelled.append(per_category_nms(kept, self.nms_iou, self.max_per_category))
         return labelled
+
+
+class OpenVocabLabeller:
+    """A zero-shot detector (OWLv2 or GroundingDINO, engine.models.open_vocab) asked, per image,
+    for the categories its prompt named, by their prompt names ("bat" for "bat_(animal)"); a box
+    takes the name it matched, as the category's dataset name. Boxes at score >= box_threshold,
+    then per-category NMS as the other labellers'."""
+
+    def __init__(self, cfg: AnnotationConfig, categories: list[str]):
+        self.name = cfg.labeller
+        try:
+            self.detector = load_open_vocab(cfg.labeller, cfg.open_vocab)
+        except OpenVocabError as e:
+            raise AnnotationError(str(e)) from None
+        self.box_threshold, self.text_threshold = cfg.box_threshold, cfg.text_threshold
+        self.nms_iou, self.max_per_category = cfg.nms_iou, cfg.max_per_category
+
+    def label(self, images: list[np.ndarray], categories: list[list[str]]) -> list[list[dict]]:
+        wanted = [list(dict.fromkeys(c)) for c in categories]
+        names = [[normalise_name(c)[0] for c in cats] for cats in wanted]
+        found = self.detector.detect([np.asarray(im) for im in images], names, self.box_threshold, self.text_threshold)
+        labelled = []
+        for cats, boxes in zip(wanted, found):
+            kept = []
+            for box, k, score in boxes:
+                x0, y0, x1, y1 = (round(v, 2) for v in box)
+                if x1 > x0 and y1 > y0:  # a box of less than a hundredth of a pixel is none
+                    kept.append({"bbox": [x0, y0, x1, y1], "category": cats[k], "score": round(score, 4),
+                                 "labeller": self.name})
+            labelled.append(per_category_nms(kept, self.nms_iou, self.max_per_category))
+        return labelled
+
+
+for _kind in OPEN_VOCAB:
+    register_labeller(_kind)(OpenVocabLabeller)
 
 
 def per_category_nms(boxes: list[dict], iou: float, per_category: int = 0) -> list[dict]:

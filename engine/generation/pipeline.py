@@ -28,6 +28,7 @@ from engine.models.captioner import load_captioner
 from engine.models.clip import build_clip, check_clip_folder
 from engine.models.diffusion import check_source, load_pipeline
 from engine.models.language import load_language_model
+from engine.models.open_vocab import KINDS as OPEN_VOCAB
 from engine.models.segmenter import build_segmenter
 from engine.runtime.cluster import (
     cluster_state,
@@ -74,7 +75,10 @@ def run_fingerprint(cfg: Config, plan: PromptPlan) -> str:
                         "annotation": {"labeller": cfg.annotation.labeller, "model": cfg.annotation.model,
                                        "alpha": cfg.annotation.alpha, "beta": cfg.annotation.beta,
                                        **({"verify_iou": cfg.annotation.verify_iou}
-                                          if cfg.annotation.labeller == "layout+detector" else {})},
+                                          if cfg.annotation.labeller == "layout+detector" else {}),
+                                       # only for the zero-shot detectors, so that other outputs keep their fingerprints
+                                       **({k: getattr(cfg.annotation, k) for k in ("open_vocab", "box_threshold", "text_threshold")}
+                                          if cfg.annotation.labeller in OPEN_VOCAB else {})},
                         "shard_size": cfg.output.shard_size, "rows": ROWS_VERSION,
                         # only when on, so that outputs without masks keep their fingerprints
                         **({"masks": asdict(cfg.masks)} if cfg.masks.enabled else {}),
