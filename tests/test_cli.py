@@ -131,6 +131,16 @@ CORPUS = {
     "escape in a name": (GEN + ['prompts.base=["cat\\u001b[31m", dog]'], None, "control character"),
     "blank name": (GEN + ['prompts.base=[" ", dog]'], None, "prompts.base"),
     "unknown scheduler": (GEN + ["model.scheduler=foo"], None, "model.scheduler"),
+    # several generators (models:)
+    "shares not summing to one": (GEN + ["models=[{source: tiny, share: 0.5}, {source: tiny, share: 0.4}]"], None,
+                                  "sum to 0.9, not 1"),
+    "a zero share": (GEN + ["models=[{source: tiny, share: 0}, {source: tiny, share: 1}]"], None,
+                     "models[0].share must be > 0"),
+    "no generators": (GEN + ["models=[]"], None, "models is an empty list"),
+    "model and models": (GEN + ["model.scheduler=euler", "models=[{source: tiny, share: 1}]"], None,
+                         "model and models are both given"),
+    "a generator's source missing": (GEN + ["models=[{source: tiny, share: 0.5}, {source: OUT/sd, share: 0.5}]"],
+                                     None, "models[1].source"),
     "wrong type": (GEN + ["synthesis.steps=many"], None, "synthesis.steps"),
     "unknown key": (GEN + ["synthesis.stepz=3"], None, "synthesis.stepz"),
     # output paths

@@ -163,11 +163,13 @@ def generate(cfg: Config) -> Summary:
         if owners is None:
             ds = _synthesis(ray, cfg, plan, size, todo, cfg.model, synth, annot)
         else:
-            # A pool per generator that has shards left to draw, its actors its share of synth's.
-            busy = sorted({owners[i] for i in todo})
-            pools = split_pool(synth, [cfg.models[g].share for g in busy])
+            # A pool per generator, its actors its share of synth's. The split is the config's,
+            # whatever is left to draw (a generator done already gets no pool), so that a resumed
+            # shard is drawn by actors of the same size (torch threads) as in the first attempt.
+            pools = split_pool(synth, [g.share for g in cfg.models])
             branches = [_synthesis(ray, cfg, plan, size, [i for i in todo if owners[i] == g], cfg.models[g],
-                                   pool, annot, generator=g) for g, pool in zip(busy, pools)]
+                                   pools[g], annot, generator=g)
+                        for g in sorted({owners[i] for i in todo})]
             ds = branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
         ds = ds.map(Annotator, fn_constructor_args=(cfg.annotation, categories, threads_for(annot.num_cpus)),
                     compute=ray.data.ActorPoolStrategy(size=annot.size), **annot.remote_args())
