@@ -141,6 +141,9 @@ CORPUS = {
                          "model and models are both given"),
     "a generator's source missing": (GEN + ["models=[{source: tiny, share: 0.5}, {source: OUT/sd, share: 0.5}]"],
                                      None, "models[1].source"),
+    "recipe given several generators": (["recipe", "--dry-run", "--config", "configs/tiny.yaml", "recipe.workdir=OUT",
+                                         "models=[{source: tiny, share: 0.5}, {source: tiny, share: 0.5}]"], None,
+                                        "recipe (which fine-tunes the generator it draws with) uses one generator"),
     "wrong type": (GEN + ["synthesis.steps=many"], None, "synthesis.steps"),
     "unknown key": (GEN + ["synthesis.stepz=3"], None, "synthesis.stepz"),
     # output paths
