@@ -78,6 +78,16 @@ def test_the_list_is_in_the_fingerprint(tmp_path):
     assert len(prints) == 3
 
 
+def test_dry_run_prints_each_generators_plan(tmp_path, capsys, monkeypatch):
+    from engine.cli import main
+    monkeypatch.chdir(ROOT)
+    assert main(["generate", "--dry-run", "--config", "configs/tiny.yaml", *SMALL, f"output.path={tmp_path / 'o'}",
+                 "models=[{source: tiny, share: 0.25}, {source: tiny, share: 0.75, tiny: {seed: 1}}]"]) == 0
+    assert "generators: [0] tiny (share 0.25) 1 shards / 2 images, [1] tiny (share 0.75) 3 shards / 6 images" \
+        in capsys.readouterr().out
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.fixture(scope="module")
 def two(local_ray, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("gens") / "run")
