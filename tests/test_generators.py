@@ -34,8 +34,9 @@ def test_largest_remainder_gives_exact_counts():
     assert largest_remainder(4, [0.25, 0.75]) == [1, 3]
     assert largest_remainder(7, [1 / 3, 1 / 3, 1 / 3]) == [3, 2, 2]  # a tie goes to the earlier one
     assert largest_remainder(10, [0.15, 0.15, 0.7]) == [2, 1, 7]
-    for n in range(0, 40):
+    for n in (*range(0, 40), 10**6):
         assert sum(largest_remainder(n, [0.1, 0.2, 0.3, 0.4])) == n
+        assert sum(largest_remainder(n, [0.5 + 5e-7, 0.5])) == n  # shares a hair above 1 in sum
 
 
 def test_shard_assignment_is_the_configs_and_spread():

@@ -43,10 +43,11 @@ def largest_remainder(total: int, shares: list[float]) -> list[int]:
     """`total` split in proportion to `shares` (summing to 1) into whole numbers summing to `total`:
     each gets the floor of its quota, and the units left go to the largest remainders (the
     earlier generator on a tie)."""
-    quotas = [total * s for s in shares]
+    whole = sum(shares)  # 1 to within SHARE_TOLERANCE: normalised, so the quotas never sum above total
+    quotas = [total * s / whole for s in shares]
     counts = [math.floor(q) for q in quotas]
     order = sorted(range(len(shares)), key=lambda g: (-(quotas[g] - counts[g]), g))
-    for g in order[:total - sum(counts)]:
+    for g in order[:max(0, total - sum(counts))]:
         counts[g] += 1
     return counts
 
