@@ -33,10 +33,10 @@ from engine.evaluation.metrics import (
 )
 from engine.generation.export import export
 from engine.generation.pool import build_pool
+from engine.generation.generators import check_generators, planned_images, shard_owners, single_model
 from engine.generation.pipeline import generate
 from engine.generation.layouts import make_plan
 from engine.models.clip import check_clip_folder
-from engine.models.diffusion import check_source
 from engine.models.open_vocab import KINDS as OPEN_VOCAB, check_open_vocab_folder
 from engine.recipe import STAGES, Recipe
 from engine.toyworld.loop import load_ablation_config, run_loop
@@ -48,16 +48,22 @@ from engine.training.grounding import train_grounding
 
 def cmd_generate(args) -> None:
     cfg = load_config(args.config, args.overrides)
-    check_source(cfg.model, layout=bool(cfg.layout.annotations),
-                 inpaint=bool(cfg.layout.annotations) and cfg.layout.mode == "inpainting")
+    check_generators(cfg, layout=bool(cfg.layout.annotations),
+                     inpaint=bool(cfg.layout.annotations) and cfg.layout.mode == "inpainting")
     if cfg.filter.enabled:
         check_clip_folder(cfg.filter.model)
     if cfg.annotation.labeller in OPEN_VOCAB:  # the zero-shot detector's folder, as the CLIP's
         check_open_vocab_folder(cfg.annotation.labeller, cfg.annotation.open_vocab)
     if args.dry_run:
         plan = make_plan(cfg)
+        n_shards = (len(plan) + cfg.output.shard_size - 1) // cfg.output.shard_size
         print(f"config {args.config} is valid: {len(plan)} prompts of {len(plan.categories)} categories in "
-              f"{(len(plan) + cfg.output.shard_size - 1) // cfg.output.shard_size} shards -> {cfg.output.path}")
+              f"{n_shards} shards -> {cfg.output.path}")
+        owners = shard_owners(cfg, n_shards)
+        if owners is not None:  # several generators: the shards and images each draws
+            images = planned_images(owners, len(plan), cfg.output.shard_size, len(cfg.models))
+            print("  generators: " + ", ".join(f"[{g}] {m.source} (share {m.share:g}) {owners.count(g)} shards / "
+                                               f"{images[g]} images" for g, m in enumerate(cfg.models)))
         if getattr(plan, "layouts", False):  # layout rows: what qualified, and the rows per category
             info = plan.summary["layouts"]
             print(f"  layouts: {info['images_qualifying']} images qualify (refused: {info['images_refused'] or 'none'}); "
@@ -97,6 +103,7 @@ def cmd_pool(args) -> None:
 
 def cmd_finetune(args) -> None:
     cfg = load_config(args.config, args.overrides)
+    single_model(cfg, "instagen finetune")
     if args.dry_run:
         fc, rows, skipped, n_images = prepare(cfg)
         print(f"[finetune] config valid: {n_images} base-category images, {len(rows)} crops planned; "
@@ -108,7 +115,8 @@ def cmd_finetune(args) -> None:
 
 def cmd_train_grounding(args) -> None:
     cfg = load_config(args.config, args.overrides)
-    print(f"[train-grounding] {train_grounding(cfg.grounding, cfg.model, cfg.ray).line()}")
+    model = single_model(cfg, "instagen train-grounding (whose head reads one generator's UNet)")
+    print(f"[train-grounding] {train_grounding(cfg.grounding, model, cfg.ray).line()}")
 
 
 def cmd_train_detector(args) -> None:

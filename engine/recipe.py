@@ -55,6 +55,7 @@ from engine.data.categories import plan_categories
 from engine.data.datasets import DatasetError, check_dataset
 from engine.data.shards import finished_shards
 from engine.evaluation.detector import check_evaluation_inputs, evaluate_detector
+from engine.generation.generators import single_model
 from engine.generation.pipeline import generate
 from engine.generation.prompts import PromptPlan
 from engine.models.diffusion import check_source
@@ -88,6 +89,7 @@ class Recipe:
     def _prepare(self) -> None:
         cfg = self.cfg
         cfg.recipe.validate()
+        single_model(cfg, "instagen recipe (which fine-tunes the generator it draws with)")
         if cfg.grounding.transfer_epoch >= cfg.grounding.epochs:
             raise ConfigError(f"grounding.transfer_epoch ({cfg.grounding.transfer_epoch}) must be below "
                               f"grounding.epochs ({cfg.grounding.epochs}): self-training needs epochs after it")

@@ -62,6 +62,10 @@ def test_generate_writes_whole_shards(dataset):
             assert label in row.categories and score >= cfg.annotation.alpha
             assert 0 <= box[0] < box[2] <= 64 and 0 <= box[1] < box[3] <= 64
         assert set(meta["labellers"]) <= {"detector"}
+        assert "generator" not in meta  # one `model`: records as they always were (tests/test_generators.py)
+    assert not any("generator" in json.load(open(os.path.join(out, "manifest", f)))
+                   for f in os.listdir(os.path.join(out, "manifest")))
+    assert "generators" not in json.load(open(os.path.join(out, "run.json")))
 
 
 def test_ray_data_reads_the_shards(dataset):

@@ -14,6 +14,7 @@ from engine.config.sections import (
                                     FilterConfig,
                                     FinetuneConfig,
                                     ExpandConfig,
+                                    GeneratorConfig,
                                     GroundingConfig,
                                     GroundingConfigError,
                                     GroundingTrainConfig,
@@ -39,7 +40,7 @@ from engine.config.sections import (
 from engine.errors import ConfigError
 
 __all__ = ["AnnotationConfig", "AugmentConfig", "BUDGET_RULES", "Config", "ConfigError", "CopyPasteConfig", "DETECTOR_ATTENTION",
-           "DetectorConfig", "EvalSetConfig", "ExpandConfig", "FREQUENCY_GROUPS", "FilterConfig", "FinetuneConfig", "GroundingConfig", "GroundingConfigError",
+           "DetectorConfig", "EvalSetConfig", "ExpandConfig", "FREQUENCY_GROUPS", "FilterConfig", "FinetuneConfig", "GeneratorConfig", "GroundingConfig", "GroundingConfigError",
            "GroundingTrainConfig", "GroundingTrainError", "HaveConfig", "LayoutConfig", "LossConfig", "MaskConfig", "NO_MIN_CLIP", "ModelConfig", "OutputConfig",
            "PoolConfig", "PromptConfig", "RayConfig", "RealDataConfig", "RecipeSection", "SPLIT_RULES", "SynthesisConfig",
            "TinyDetectorConfig", "TinyModelConfig", "TrainRunConfig",

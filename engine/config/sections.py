@@ -67,6 +67,13 @@ class ModelConfig:
 
 
 @dataclass
+class GeneratorConfig(ModelConfig):
+    """One generator of a build with several (`models:`, after DiverGen's generative model
+    diversity): a `model` section plus its share of the images."""
+    share: float = 0.0  # > 0; the shares of all generators sum to 1
+
+
+@dataclass
 class ExpandConfig:
     """Prompt expansion (engine/generation/expansion.py): a local causal language model turns each
     prompt row's categories into a scene description, sampled from the row's seed, checked, cached."""
@@ -783,6 +790,19 @@ class RecipeSection:
 class Config:
     name: str = "tiny"
     model: ModelConfig = field(default_factory=ModelConfig)
+    # Several generators in one build (instead of `model`, which must then be left at its
+    # defaults): a list of model sections, each with its `share` of the images, e.g.
+    #   models: [{source: tiny, share: 0.5}, {source: /models/sd2, share: 0.5, scheduler: euler}]
+    # Whole shards are assigned to generators: the number each gets is its share of the shards
+    # (largest remainder), which shards a seeded shuffle of prompts.seed decides, so a rerun of
+    # the same config assigns the same shards. Each generator has its own synthesis actor pool:
+    # the synthesis actors (synthesis.num_actors, or as many as the cluster fits) are divided in
+    # proportion to the shares (largest remainder), at least one each; where that makes more actors
+    # than there were, each actor's CPUs / GPUs shrink so that together they take what the one pool
+    # would have (two generators on one GPU share it). Samples record their generator's index
+    # (`generator`), manifest entries their shard's. The recipe, finetune and train-grounding
+    # take one generator (`model`).
+    models: Optional[list[GeneratorConfig]] = None
     prompts: PromptConfig = field(default_factory=PromptConfig)
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     annotation: AnnotationConfig = field(default_factory=AnnotationConfig)
@@ -829,13 +849,8 @@ def _validate(cfg: Config) -> None:
              f"annotation.open_vocab {a.open_vocab!r} must be a local folder (the detector and its processor, "
              f"saved with save_pretrained)")
     _require(o.shard_size >= 1, "output.shard_size must be >= 1")
-    _require(cfg.model.dtype in ("auto", "float32", "float16", "bfloat16"),
-             f"model.dtype must be auto, float32, float16 or bfloat16, got {cfg.model.dtype!r}")
-    _require(cfg.model.attention in ("auto", "sdpa", "xformers"),
-             f"model.attention must be auto, sdpa or xformers, got {cfg.model.attention!r}")
-
-    _require(cfg.model.scheduler in SCHEDULERS,
-             f"model.scheduler {cfg.model.scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
+    check_model("model", cfg.model)
+    check_generators(cfg)
     _require(s.guidance >= 0, f"synthesis.guidance must be >= 0 (1 = no guidance), got {s.guidance}")
     _require(1 <= s.jpeg_quality <= 100, f"synthesis.jpeg_quality must lie in [1, 100], got {s.jpeg_quality}")
     _require(s.max_regenerations >= 0 and s.gpus_per_actor > 0 and a.gpus_per_actor > 0,
@@ -862,6 +877,39 @@ def _validate(cfg: Config) -> None:
 
 
 SCHEDULERS = ("ddim", "pndm", "euler", "dpm")
+
+
+def check_model(key: str, m: ModelConfig) -> None:
+    _require(m.dtype in ("auto", "float32", "float16", "bfloat16"),
+             f"{key}.dtype must be auto, float32, float16 or bfloat16, got {m.dtype!r}")
+    _require(m.attention in ("auto", "sdpa", "xformers"),
+             f"{key}.attention must be auto, sdpa or xformers, got {m.attention!r}")
+    _require(m.scheduler in SCHEDULERS,
+             f"{key}.scheduler {m.scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
+
+
+# How far the generators' shares may sum from 1.
+SHARE_TOLERANCE = 1e-6
+
+
+def check_generators(cfg: Config) -> None:
+    """`models`: a non-empty list of generators with positive shares summing to 1, given instead of
+    `model` (whose sources are checked before Ray starts, by engine.generation.generators)."""
+    if cfg.models is None:
+        return
+    _require(bool(cfg.models), "models is an empty list; list at least one generator with its share "
+                               "(e.g. models: [{source: tiny, share: 1.0}]), or use model: for one")
+    _require(cfg.model == ModelConfig(),
+             "model and models are both given; models lists every generator (each with the model settings "
+             "and a share): move the model settings into its entries and remove model")
+    for i, g in enumerate(cfg.models):
+        _require(g.share > 0, f"models[{i}].share must be > 0 (its share of the images), got {g.share}; "
+                              f"remove a generator that should draw nothing")
+        check_model(f"models[{i}]", g)
+    total = sum(g.share for g in cfg.models)
+    _require(abs(total - 1.0) <= SHARE_TOLERANCE,
+             f"the shares of models sum to {total:g}, not 1 "
+             f"({' + '.join(f'{g.share:g}' for g in cfg.models)}); give each generator its fraction of the images")
 
 
 def check_category_source(p: PromptConfig) -> None:

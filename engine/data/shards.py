@@ -217,12 +217,13 @@ class ShardStore:
     # -- writing ---------------------------------------------------------------------------------
     def write_shard(self, index: int, samples: list[dict], dropped: list[int],
                     claim: Optional[dict] = None, suffixes: tuple[str, ...] = MEMBER_SUFFIXES,
-                    extra: Optional[dict] = None) -> ShardEntry:
+                    extra: Optional[dict] = None, generator: Optional[int] = None) -> ShardEntry:
         """samples: dicts with "__key__" and the member payloads (bytes) by suffix. Safe to call
         from many workers at once, each with its own shard: every file is written whole under its
         final name, the tar before its manifest entry. `claim` (from prepare) is written as
         run.json first unless a sibling writer already did: the same bytes either way. `suffixes`:
-        the members a sample may have (an instance pool's differ); `extra`: counts the entry adds."""
+        the members a sample may have (an instance pool's differ); `extra`: counts the entry adds;
+        `generator`: in a build with several, the index of the one that drew the shard."""
         data = pack_tar(samples, suffixes)
         fs = failing_fs(self.fs, index)
         if claim is not None and not fs.exists(self._path("run.json")):
@@ -251,6 +252,8 @@ class ShardStore:
                 extra["expansion"] = {"expanded": sum(e["status"] == "expanded" for e in expansions),
                                       "retried": sum(e["tries"] > 1 for e in expansions),
                                       "fell_back": sum(e["status"] == "fell_back" for e in expansions)}
+        if generator is not None:
+            extra = {**extra, "generator": generator}
         entry = ShardEntry(index, keys, sorted(dropped), boxes, len(data),
                            hashlib.sha256(data).hexdigest(), extra or None)
         write_atomic(fs, self._path("manifest", f"shard-{index:06d}.json"), json.dumps(entry.as_dict()).encode())
@@ -284,7 +287,8 @@ class ShardWriter:
             samples.append(sample)
         index = int(row["shard"])
         try:
-            entry = self.store.write_shard(index, samples, dropped, self.claim)
+            entry = self.store.write_shard(index, samples, dropped, self.claim,
+                                           generator=int(row["generator"]) if "generator" in row else None)
         except OSError as e:
             # Returned, not raised: the other shards in flight are still written, and a run that
             # fails inside Ray Data keeps its actors (and their CPUs) for as long as the error

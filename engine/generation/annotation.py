@@ -385,7 +385,10 @@ class Annotator:
             records.append(json.dumps({
                 "id": int(row["id"][i]), "prompt": str(row["text"][i]), "categories": json.loads(row["categories"][i]),
                 "seed": int(row["seed"][i]), "seed_used": int(row["seed_used"][i]),
-                "model_id": str(row["model_id"]), "width": int(w), "height": int(h),
+                "model_id": str(row["model_id"]),
+                # the index in `models` of the generator that drew it (a build with several only)
+                **({"generator": int(row["generator"])} if "generator" in row else {}),
+                "width": int(w), "height": int(h),
                 "box_format": BOX_FORMAT, **columns(boxes), **extra}))
         return {**row, "json": records}
 

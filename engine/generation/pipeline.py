@@ -13,6 +13,7 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 from engine.config import Config, fingerprint
 from engine.data.shards import ShardError, ShardStore, ShardWriter
@@ -20,13 +21,14 @@ from engine.generation.annotation import Annotator, build_labeller, check_labell
 from engine.generation.captions import Captioner, caption_pool
 from engine.generation.expansion import uncached
 from engine.generation.filter import QualityFilter, plan_filter_pool
+from engine.generation.generators import check_generators, generators, planned_images, shard_owners, split_pool
 from engine.generation.layouts import make_plan
 from engine.generation.masks import Masker, plan_mask_pool
 from engine.generation.prompts import ROWS_VERSION, PromptPlan
 from engine.generation.synthesis import Synthesizer
 from engine.models.captioner import load_captioner
 from engine.models.clip import build_clip, check_clip_folder
-from engine.models.diffusion import check_source, load_pipeline
+from engine.models.diffusion import load_pipeline
 from engine.models.language import load_language_model
 from engine.models.open_vocab import KINDS as OPEN_VOCAB
 from engine.models.segmenter import build_segmenter
@@ -50,6 +52,7 @@ class Summary:
     wall_s: float
     output: str
     refused: int = 0  # images the quality filter refused: in the shards, marked, used by no reader
+    per_generator: Optional[list[int]] = None  # images each generator drew (a build with `models`)
 
     @property
     def images_per_s(self) -> float:
@@ -59,6 +62,7 @@ class Summary:
         return (f"{self.images} images, {self.boxes} boxes, {self.shards} shards "
                 f"({self.shards_written} written now), {self.dropped} dropped, "
                 f"{f'{self.refused} refused by the filter, ' if self.refused else ''}"
+                f"{'by generator ' + ' / '.join(map(str, self.per_generator)) + ', ' if self.per_generator else ''}"
                 f"{self.wall_s:.1f} s, {self.images_per_s:.2f} images/s -> {self.output}")
 
 
@@ -68,7 +72,11 @@ def run_fingerprint(cfg: Config, plan: PromptPlan) -> str:
     # Prompt expansion only when on, so that outputs without it keep their fingerprints.
     prompts = {k: v for k, v in asdict(cfg.prompts).items()
                if not (k == "expand" and not cfg.prompts.expand.enabled or k == "extra" and not v)}
-    return fingerprint({"model": asdict(cfg.model), "prompts": prompts,
+    # A build with several generators: the list, shares included (which decide the assignment of
+    # shards), in place of the one model, so that single-model outputs keep their fingerprints.
+    models = ({"models": [asdict(g) for g in cfg.models]} if cfg.models is not None
+              else {"model": asdict(cfg.model)})
+    return fingerprint({**models, "prompts": prompts,
                         "categories": [plan.categories, plan.counts, plan.words] + ([plan.extra] if plan.extra else []),
                         "synthesis": {k: v for k, v in asdict(cfg.synthesis).items()
                                       if k not in ("batch_size", "num_actors", "gpus_per_actor")},
@@ -128,6 +136,11 @@ def generate(cfg: Config) -> Summary:
         run_info["extra"] = plan.extra
     if plan.summary:
         run_info["plan"] = plan.summary
+    owners = shard_owners(cfg, n_shards)  # each shard's generator; None with one model
+    if owners is not None:
+        planned = planned_images(owners, len(plan), size, len(cfg.models))
+        run_info["generators"] = [{"source": g.source, "share": g.share, "shards": owners.count(k),
+                                   "images": planned[k]} for k, g in enumerate(cfg.models)]
     store = ShardStore(cfg.output.path)
     store.check_same_run(run_info)
     done = store.finished()
@@ -140,7 +153,7 @@ def generate(cfg: Config) -> Summary:
         check_labeller(cfg.annotation)
         if cfg.filter.enabled:
             check_clip_folder(cfg.filter.model)
-        check_source(cfg.model, layout=_layouts(plan), inpaint=_layouts(plan) and cfg.layout.mode == "inpainting")
+        check_generators(cfg, layout=_layouts(plan), inpaint=_layouts(plan) and cfg.layout.mode == "inpainting")
         connect(cfg.ray)
         resources, nodes = cluster_state()
         synth, annot = plan_pools(resources, nodes, cfg.synthesis.num_actors, cfg.synthesis.gpus_per_actor,
@@ -154,14 +167,17 @@ def generate(cfg: Config) -> Summary:
         claim = store.prepare(run_info)
         store.remove_temporaries()
         quiet_data_context()
-        ds = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
-        if _layouts(plan) and cfg.layout.captioner:  # BLIP-2 captions as the layouts' prompts
-            synth, capt = caption_pool(synth, annot)
-            ds = ds.map(Captioner, fn_constructor_args=(cfg.layout, plan, size, threads_for(capt.num_cpus)),
-                        compute=ray.data.ActorPoolStrategy(size=capt.size), **capt.remote_args())
-        ds = ds.map(Synthesizer, fn_constructor_args=(cfg.model, cfg.synthesis, plan, size, threads_for(synth.num_cpus),
-                                                      cfg.prompts.expand, cfg.output.path),
-                    compute=ray.data.ActorPoolStrategy(size=synth.size), **synth.remote_args())
+        if owners is None:
+            ds = _synthesis(ray, cfg, plan, size, todo, cfg.model, synth, annot)
+        else:
+            # A pool per generator, its actors its share of synth's. The split is the config's,
+            # whatever is left to draw (a generator done already gets no pool), so that a resumed
+            # shard is drawn by actors of the same size (torch threads) as in the first attempt.
+            pools = split_pool(synth, [g.share for g in cfg.models])
+            branches = [_synthesis(ray, cfg, plan, size, [i for i in todo if owners[i] == g], cfg.models[g],
+                                   pools[g], annot, generator=g)
+                        for g in sorted({owners[i] for i in todo})]
+            ds = branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
         ds = ds.map(Annotator, fn_constructor_args=(cfg.annotation, categories, threads_for(annot.num_cpus)),
                     compute=ray.data.ActorPoolStrategy(size=annot.size), **annot.remote_args())
         if cfg.filter.enabled:  # before the masks: a refused box is never segmented
@@ -197,15 +213,37 @@ def generate(cfg: Config) -> Summary:
             raise RuntimeError(f"generation ended with shards {missing[:5]} unwritten; rerun the same command "
                                f"to finish them")
     entries = {**done, **written}
+    per_generator = None
+    if owners is not None:
+        per_generator = [0] * len(cfg.models)
+        for e in entries.values():
+            per_generator[owners[e["index"]]] += e["samples"]
     return Summary(images=sum(e["samples"] for e in entries.values()),
                    boxes=sum(e["boxes"] for e in entries.values()), shards=len(entries),
                    shards_written=len(written), dropped=sum(len(e["dropped"]) for e in entries.values()),
                    wall_s=time.time() - start, output=cfg.output.path,
-                   refused=sum(len(e.get("refused_keys", ())) for e in entries.values()))
+                   refused=sum(len(e.get("refused_keys", ())) for e in entries.values()),
+                   per_generator=per_generator)
+
+
+def _synthesis(ray, cfg: Config, plan, size: int, shards: list[int], model, synth, annot,
+               generator: Optional[int] = None):
+    """The rows of `shards` drawn by `model` in a synthesis actor pool of its own (after a caption
+    pool of their own for captioned layouts); `generator`: its index in `models`, which the rows
+    then carry to the sample records and the manifest."""
+    ds = ray.data.from_items([{"shard": i} for i in shards], override_num_blocks=len(shards))
+    if _layouts(plan) and cfg.layout.captioner:  # BLIP-2 captions as the layouts' prompts
+        synth, capt = caption_pool(synth, annot)
+        ds = ds.map(Captioner, fn_constructor_args=(cfg.layout, plan, size, threads_for(capt.num_cpus)),
+                    compute=ray.data.ActorPoolStrategy(size=capt.size), **capt.remote_args())
+    return ds.map(Synthesizer, fn_constructor_args=(model, cfg.synthesis, plan, size, threads_for(synth.num_cpus),
+                                                    cfg.prompts.expand, cfg.output.path, generator),
+                  compute=ray.data.ActorPoolStrategy(size=synth.size), **synth.remote_args())
 
 
 def _load_models(cfg: Config, categories: list[str], layout: bool = False, expand: bool = False) -> None:
-    load_pipeline(cfg.model, layout=layout, inpaint=layout and cfg.layout.mode == "inpainting")
+    for model in generators(cfg):  # one after the other: only one is held at a time
+        load_pipeline(model, layout=layout, inpaint=layout and cfg.layout.mode == "inpainting")
     if expand:
         load_language_model(cfg.prompts.expand.model)
     if layout and cfg.layout.captioner:

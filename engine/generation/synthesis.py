@@ -187,10 +187,13 @@ class Synthesizer:
     `seed_used`, `model_id`, `jpg` (bytes), `latent` (npy bytes) and, if asked for, `features`
     (npz bytes). Dropped samples carry no image and are never written. A whole shard travels as
     one row so that the stages after this one see it whole, in whatever order shards finish.
+    In a build with several generators (engine.generation.generators) the row also carries
+    `generator`, the index of this actor's model in `models`.
     """
 
     def __init__(self, model_cfg: ModelConfig, synth_cfg: SynthesisConfig, prompts: PromptPlan,
-                 shard_size: int, threads: int = 0, expand: Optional[ExpandConfig] = None, output: str = ""):
+                 shard_size: int, threads: int = 0, expand: Optional[ExpandConfig] = None, output: str = "",
+                 generator: Optional[int] = None):
         if threads:
             torch.set_num_threads(threads)
         self.cfg, self.prompts, self.shard_size = synth_cfg, prompts, shard_size
@@ -200,6 +203,7 @@ class Synthesizer:
         self.inpaint = bool(self.layouts) and prompts.cfg.mode == "inpainting"
         self.pipe = load_pipeline(model_cfg, layout=self.layouts, inpaint=self.inpaint)
         self.model_id = model_cfg.source
+        self.generator = generator
         self.batches = 0
         # Prompt expansion (engine.generation.expansion): texts checked against this pipeline's
         # text encoder window, cached under the output folder.
@@ -218,6 +222,8 @@ class Synthesizer:
         out = {"shard": index, "id": [s.id for s in specs], "seed": [s.seed for s in specs],
                "text": [s.text for s in specs], "categories": [json.dumps(list(s.categories)) for s in specs],
                "model_id": self.model_id, "status": [], "seed_used": [], "jpg": [], "latent": []}
+        if self.generator is not None:
+            out["generator"] = self.generator
         if self.cfg.keep_features:
             out["features"] = []
         if self.layouts:
