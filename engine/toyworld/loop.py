@@ -23,6 +23,8 @@ train_detector, evaluate_detector), on a world small enough for a 2-core CPU
       grounding_head   + pretrained generator's base + novel_sup images
       self_training    + pretrained generator's base + novel_st images
       fine_tuning      + fine-tuned generator's base + novel_st images
+      synthetic_only   the last synthetic row's images alone, no real image (ImaginaryNet's
+                       setting, seed 004); a row only when `rows` lists it
 
 Each stage records a fingerprint of its inputs in WORKDIR/stages.json: a rerun skips stages that
 finished with the same inputs, and a stage interrupted half-way resumes through its job's own
@@ -69,10 +71,12 @@ from engine.training.detection import train_detector
 from engine.training.finetune import finetune
 from engine.training.grounding import train_grounding
 
-ROWS = ("real_only", "grounding_head", "self_training", "fine_tuning")
+ROWS = ("real_only", "grounding_head", "self_training", "fine_tuning", "synthetic_only")
+DEFAULT_ROWS = ROWS[:4]  # table 4's rows; synthetic_only costs one more detector per seed
 METRICS = ("AP50", "AP50_base", "AP50_novel")
 ROW_TITLES = {"real_only": "real only", "grounding_head": "+ grounding head",
               "self_training": "+ self-training", "fine_tuning": "+ fine-tuning",
+              "synthetic_only": "synthetic only (no real image)",
               "random_boxes": "random boxes (chance)"}
 
 
@@ -82,7 +86,7 @@ class AblationConfig:
     `workdir`; categories come from the world."""
     name: str = "toy_world"
     workdir: str = "outputs/toy_world"
-    rows: list[str] = field(default_factory=lambda: list(ROWS))
+    rows: list[str] = field(default_factory=lambda: list(DEFAULT_ROWS))
     world: WorldConfig = field(default_factory=WorldConfig)
     model: ModelConfig = field(default_factory=ModelConfig)  # the untrained generator's sizes
     pretrain_vae: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(train="vae"))
@@ -108,6 +112,9 @@ class AblationConfig:
         unknown = [r for r in self.rows if r not in ROWS]
         if unknown or not self.rows:
             raise ConfigError(f"rows {unknown or self.rows} are not table rows; choose from {', '.join(ROWS)}")
+        if "synthetic_only" in self.rows and not {"self_training", "fine_tuning"} & set(self.rows):
+            raise ConfigError("rows: synthetic_only trains on the images of the self_training or fine_tuning row; "
+                              "list one of them too")
         if self.pretrain_vae.train != "vae" or self.pretrain_unet.train != "unet" or self.finetune.train != "unet":
             raise ConfigError("pretrain_vae trains the vae, pretrain_unet and finetune the unet: leave their "
                               "`train` keys out")
@@ -208,13 +215,14 @@ class Loop:
         self.stages.run(name, {"grounding": to_dict(gc)}, run, [out, self.path("ray", name)], after)
         return out
 
-    def detector(self, row: str, synthetic: list[str], after: list[str]) -> dict:
-        """A table row: every category, real base boxes plus `synthetic` shards, one detector per
-        seed; the row holds their mean, standard deviation and each seed's result."""
+    def detector(self, row: str, synthetic: list[str], after: list[str], synthetic_only: bool = False) -> dict:
+        """A table row: every category, real base boxes plus `synthetic` shards (or those alone),
+        one detector per seed; the row holds their mean, standard deviation and each seed's result."""
         runs = {}
         for seed in self.cfg.detector_seeds:
             section = dataclasses.replace(self.cfg.detector, seed=seed,
-                                          tiny=dataclasses.replace(self.cfg.detector.tiny, seed=seed))
+                                          tiny=dataclasses.replace(self.cfg.detector.tiny, seed=seed),
+                                          **({"mix_ratio": 1.0} if synthetic_only else {}))
             name = f"detector_{row}" + (f"_seed{seed}" if seed else "")
             runs[str(seed)] = self._detector_stage(name, section, synthetic, self.base + self.novel, self.novel, after)
         return seed_summary(runs)
@@ -294,6 +302,10 @@ def run_loop(cfg: AblationConfig, log: Callable[[str], None] = lambda m: print(f
         samples = (base, novel_st)
     elif "self_training" in want:
         samples = (loop.path("synthetic", "pretrained_base"), loop.path("synthetic", "pretrained_novel_st"))
+    if "synthetic_only" in want:
+        rows["synthetic_only"] = loop.detector("synthetic_only", list(samples),
+                                               ["finetuned_novel_st" if "fine_tuning" in want else "pretrained_novel_st"],
+                                               synthetic_only=True)
 
     test_ann, _ = loop.split("test")
     rows["random_boxes"] = random_box_baseline(test_ann, loop.base, loop.novel, cfg.random_boxes,
