@@ -7,6 +7,8 @@ from engine.config.sections import (
                                     SPLIT_RULES,
                                     AnnotationConfig,
                                     AugmentConfig,
+                                    ClipTowersConfig,
+                                    ClipTrainConfig,
                                     Config,
                                     CopyPasteConfig,
                                     DetectorConfig,
@@ -39,7 +41,7 @@ from engine.config.sections import (
 )
 from engine.errors import ConfigError
 
-__all__ = ["AnnotationConfig", "AugmentConfig", "BUDGET_RULES", "Config", "ConfigError", "CopyPasteConfig", "DETECTOR_ATTENTION",
+__all__ = ["AnnotationConfig", "AugmentConfig", "BUDGET_RULES", "ClipTowersConfig", "ClipTrainConfig", "Config", "ConfigError", "CopyPasteConfig", "DETECTOR_ATTENTION",
            "DetectorConfig", "EvalSetConfig", "ExpandConfig", "FREQUENCY_GROUPS", "FilterConfig", "FinetuneConfig", "GeneratorConfig", "GroundingConfig", "GroundingConfigError",
            "GroundingTrainConfig", "GroundingTrainError", "HaveConfig", "LayoutConfig", "LossConfig", "MaskConfig", "NO_MIN_CLIP", "ModelConfig", "OutputConfig",
            "PoolConfig", "PromptConfig", "RayConfig", "RealDataConfig", "RecipeSection", "SPLIT_RULES", "SynthesisConfig",

@@ -718,6 +718,74 @@ class GroundingTrainConfig:
 
 
 @dataclass
+class ClipTowersConfig:
+    """Sizes of a CLIPModel trained from scratch (engine.training.clip): a ViT image tower and a
+    causal text tower, each `layers` deep, over a word-level tokenizer of the captions."""
+    image_size: int = 64
+    patch_size: int = 8
+    hidden_size: int = 96  # both towers
+    layers: int = 3  # both towers
+    heads: int = 4
+    projection_dim: int = 64
+    max_length: int = 16  # tokens per text, start and end included
+
+
+@dataclass
+class ClipTrainConfig:
+    """A CLIP trained contrastively on image-caption pairs (engine.training.clip), written where
+    `filter.model` can load it. With `eval_annotations`, the trainer also measures zero-shot
+    accuracy on the boxes of that COCO split."""
+    enabled: bool = False  # the toy world trains one only when true (engine.toyworld.loop)
+    captions: str = ""  # COCO captions JSON (images + annotations with `caption`)
+    image_root: str = ""
+    eval_annotations: str = ""  # COCO instances JSON whose boxes are classified zero-shot ("" = none)
+    eval_image_root: str = ""
+    eval_base: list[str] = field(default_factory=list)  # category names counted as base / novel
+    eval_novel: list[str] = field(default_factory=list)
+    template: str = "a photograph of {name}"  # a category as text, in the captions' own style
+    output_dir: str = "outputs/clip/model"
+    towers: ClipTowersConfig = field(default_factory=ClipTowersConfig)
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 50
+    max_steps: int = 1000
+    batch_size: int = 128  # per worker: the negatives of each pair are the rest of its worker's batch
+    clip: float = 1.0  # gradient clipping
+    seed: int = 0
+    run: TrainRunConfig = field(default_factory=lambda: TrainRunConfig(
+        storage_path="outputs/clip/ray", name="clip", cpus_per_worker=1.0, zero_stage=0, data_cpus=0.0,
+        checkpoint_every=500))
+
+    def validate(self) -> None:
+        t = self.towers
+        _require(bool(self.captions) and bool(self.image_root),
+                 "clip.captions and clip.image_root must name a COCO captions JSON and its image folder")
+        _require(bool(self.eval_annotations) == bool(self.eval_image_root),
+                 "clip.eval_annotations and clip.eval_image_root go together: set both or neither")
+        check_template("clip.template", self.template, ("name",))
+        for key in ("image_size", "patch_size", "hidden_size", "layers", "heads", "projection_dim"):
+            _require(getattr(t, key) >= 1, f"clip.towers.{key} must be >= 1, got {getattr(t, key)}")
+        _require(t.image_size % t.patch_size == 0,
+                 f"clip.towers.image_size ({t.image_size}) must be a multiple of clip.towers.patch_size ({t.patch_size})")
+        _require(t.hidden_size % t.heads == 0,
+                 f"clip.towers.hidden_size ({t.hidden_size}) must be divisible by clip.towers.heads ({t.heads})")
+        _require(t.max_length >= 3, f"clip.towers.max_length must be >= 3 (start, a word, end), got {t.max_length}")
+        _require(self.lr > 0 and self.weight_decay >= 0, f"clip.lr must be > 0 and clip.weight_decay >= 0, "
+                                                         f"got {self.lr} and {self.weight_decay}")
+        _require(self.max_steps >= 1, f"clip.max_steps must be >= 1, got {self.max_steps}")
+        _require(0 <= self.warmup_steps <= self.max_steps,
+                 f"clip.warmup_steps ({self.warmup_steps}) must lie in [0, max_steps={self.max_steps}]")
+        # One pair alone in a batch has no negative: the loss would be 0 whatever the model.
+        _require(self.batch_size >= 2, f"clip.batch_size must be >= 2 (the rest of a batch are the negatives), "
+                                       f"got {self.batch_size}")
+        _require(self.seed >= 0, f"clip.seed must be >= 0, got {self.seed}")
+        self.run.validate("clip")
+        check_output_path("clip.output_dir", self.output_dir)
+        _require("://" not in self.output_dir, f"clip.output_dir {self.output_dir!r} must be a local folder: "
+                                               f"filter.model loads a CLIP from one")
+
+
+@dataclass
 class RealDataConfig:
     """The recipe's real detection training set (COCO, LVIS or Objects365 JSON and its images)."""
     annotations: str = ""

@@ -101,9 +101,11 @@ class ClipScorer:
         self.processor = processor
 
     @torch.no_grad()
-    def scores(self, images: Sequence[Image.Image], categories: Sequence[str]) -> torch.Tensor:
-        """(images, categories): the cosine similarity of each image with each category's text."""
-        texts = [CATEGORY_TEXT.format(c) for c in categories]
+    def scores(self, images: Sequence[Image.Image], categories: Sequence[str],
+               template: str = CATEGORY_TEXT) -> torch.Tensor:
+        """(images, categories): the cosine similarity of each image with each category's text
+        (`template` with the category's name in it)."""
+        texts = [template.format(c) for c in categories]
         inputs = self.processor(text=texts, images=list(images), return_tensors="pt", padding=True, truncation=True)
         out = self.model(**{k: v.to(self.device) for k, v in inputs.items()})
         # CLIPModel returns both embeddings already L2-normalised: their product is the cosine.

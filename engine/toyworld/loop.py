@@ -6,6 +6,9 @@ train_detector, evaluate_detector), on a world small enough for a 2-core CPU
 (engine.toyworld.world): coloured shapes named like "red circle", some categories never annotated.
 
     world          draw pretrain (captions), train (base boxes only) and test (all boxes) splits
+    clip           a CLIP on the pretraining pictures and captions, scored zero-shot on the test
+                   split's boxes (results["clip"]); the quality filter's model for this world.
+                   Only with clip.enabled: true
     pretrain_vae   the VAE, from scratch on the pretraining images    } the world's stand-in for
     pretrain_unet  the UNet on their captions, text from MiniLM       } a pretrained SD
     finetune       the UNet fine-tuned on the base detection images (paper 3.2)
@@ -44,6 +47,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from engine.config import (
     AnnotationConfig,
+    ClipTrainConfig,
     Config,
     ConfigError,
     DetectorConfig,
@@ -67,6 +71,7 @@ from engine.runtime.cluster import connect
 from engine.runtime.stages import Stages
 from engine.runtime.storage import write_file
 from engine.toyworld.world import WorldConfig, draw_world
+from engine.training.clip import train_clip
 from engine.training.detection import train_detector
 from engine.training.finetune import finetune
 from engine.training.grounding import train_grounding
@@ -106,6 +111,8 @@ class AblationConfig:
     # base between seeds on the same data (run 7, real only: 13.2-36.2), so one seed cannot rank
     # the rows.
     detector_seeds: list[int] = field(default_factory=lambda: [0])
+    # The world's own CLIP (stage `clip`); its data paths are filled in from the world.
+    clip: ClipTrainConfig = field(default_factory=ClipTrainConfig)
 
     def validate(self) -> None:
         self.world.validate()
@@ -130,6 +137,9 @@ class AblationConfig:
             raise ConfigError(f"grounding.transfer_epoch ({self.grounding.transfer_epoch}) must be below "
                               f"grounding.epochs ({self.grounding.epochs}): the self-trained head needs epochs "
                               f"after the transfer")
+        if self.clip.enabled:  # the paths the stage fills in, so that only the user's keys are judged
+            dataclasses.replace(self.clip, captions="world/pretrain/captions.json", image_root="world/pretrain",
+                                eval_annotations="", eval_image_root="", output_dir="models/clip").validate()
 
 
 class Loop:
@@ -154,6 +164,22 @@ class Loop:
     def world(self) -> dict:
         return self.stages.run("world", dataclasses.asdict(self.cfg.world),
                                lambda: draw_world(self.world_dir, self.cfg.world), [self.world_dir], after=[])
+
+    def clip(self) -> dict:
+        """The world's CLIP, trained on the pretraining split, scored zero-shot on the test split."""
+        out = self.path("models", "clip")
+        test_ann, test_root = self.split("test")
+        cc = dataclasses.replace(self.cfg.clip, captions=self.path("world", "pretrain", "captions.json"),
+                                 image_root=self.path("world", "pretrain"), eval_annotations=test_ann,
+                                 eval_image_root=test_root, eval_base=self.base, eval_novel=self.novel,
+                                 output_dir=out, run=self.run_settings(self.cfg.clip.run, "clip"))
+
+        def run() -> dict:
+            s = train_clip(cc, self.cfg.ray)
+            m = s.metrics
+            return {"model": out, "steps": s.steps, "final_loss": m["loss"], "loss_first": m["losses"][:20],
+                    "loss_last": m["losses"][-20:], "train_s": m["train_s"], "zero_shot": m["zero_shot"]}
+        return self.stages.run("clip", {"clip": to_dict(cc)}, run, [out, self.path("ray", "clip")], ["world"])
 
     def run_settings(self, run: TrainRunConfig, name: str) -> TrainRunConfig:
         """A stage's Ray Train run: its checkpoints under WORKDIR/ray/<stage name>."""
@@ -256,6 +282,7 @@ def run_loop(cfg: AblationConfig, log: Callable[[str], None] = lambda m: print(f
     loop = Loop(cfg, log, rerun, keep)
     loop.world()
     connect(cfg.ray)
+    clip = loop.clip() if cfg.clip.enabled else None
     ann, root = loop.split("train")
     captions = loop.path("world", "pretrain", "captions.json")
     pre_images = loop.path("world", "pretrain")
@@ -316,6 +343,8 @@ def run_loop(cfg: AblationConfig, log: Callable[[str], None] = lambda m: print(f
                "wall_s": round(time.time() - started, 1), "base": loop.base, "novel": loop.novel}
     # This invocation's time, and all stages' (earlier invocations included, when it resumed).
     results["stages_total_s"] = round(sum(v or 0 for v in results["stages_s"].values()), 1)
+    if clip is not None:
+        results["clip"] = clip
     if samples:
         results["samples_png"] = draw_samples(samples, loop.base, loop.path("samples.png"))
     results["table"] = format_table(results)

@@ -117,10 +117,15 @@ def deepspeed_config(zero_stage: int, lr: float, weight_decay: float, warmup_ste
 
 def deepspeed_engine(model: torch.nn.Module, ds_config: dict, params=None):
     """`deepspeed.initialize` over the process group Ray Train already set up. The optimizer is
-    built here (torch AdamW) from the config, so no DeepSpeed C++ optimizer op is compiled."""
+    built here (torch AdamW) from the config, so no DeepSpeed C++ optimizer op is compiled.
+    `params`: parameters, or torch param groups (dicts whose own keys override the config's)."""
     import deepspeed
     opt_cfg = ds_config["optimizer"]["params"]
-    params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+    params = list(params if params is not None else model.parameters())
+    if params and isinstance(params[0], dict):  # param groups, e.g. weights decayed and gains not
+        params = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in params]
+    else:
+        params = [p for p in params if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=opt_cfg["lr"], betas=tuple(opt_cfg["betas"]),
                                   eps=opt_cfg["eps"], weight_decay=opt_cfg["weight_decay"])
     config = {k: v for k, v in ds_config.items() if k != "optimizer"}
