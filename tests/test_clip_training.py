@@ -9,7 +9,14 @@ import torch
 from PIL import Image
 from transformers import CLIPProcessor
 
-from engine.config import ClipTowersConfig, ClipTrainConfig, ConfigError, RayConfig, TrainRunConfig
+from engine.config import (
+    ClipTowersConfig,
+    ClipTrainConfig,
+    ConfigError,
+    GroundingTrainConfig,
+    RayConfig,
+    TrainRunConfig,
+)
 from engine.models.clip import build_clip, check_clip_folder
 from engine.toyworld.loop import AblationConfig, Loop
 from engine.toyworld.world import WorldConfig, draw_world
@@ -51,11 +58,13 @@ def test_every_caption_word_is_one_token_and_the_processor_round_trips(world, tm
 
 
 def test_identical_captions_are_matches_not_negatives():
-    # Two images of the same caption and one of another: a model that cannot tell the first two
-    # apart (equal logits) loses nothing for it.
-    logits = torch.tensor([[5.0, 5.0, -5.0], [5.0, 5.0, -5.0], [-5.0, -5.0, 5.0]])
-    assert contrastive_loss(logits, torch.tensor([0, 0, 1])) < 0.01
-    assert contrastive_loss(logits, torch.tensor([0, 1, 2])) > 0.5
+    # Two images of the same caption and one of another: the model that cannot tell the first two
+    # apart is the better one when their captions are the same, the worse when they differ.
+    blurred = torch.tensor([[5.0, 5.0, -5.0], [5.0, 5.0, -5.0], [-5.0, -5.0, 5.0]])
+    sharp = torch.tensor([[5.0, -5.0, -5.0], [-5.0, 5.0, -5.0], [-5.0, -5.0, 5.0]])
+    same = torch.tensor([0, 0, 1])
+    assert contrastive_loss(blurred, same) < contrastive_loss(sharp, same)
+    assert contrastive_loss(blurred, torch.tensor([0, 1, 2])) > contrastive_loss(sharp, torch.tensor([0, 1, 2]))
 
 
 class AlwaysSays:
@@ -118,11 +127,16 @@ def test_bad_configs_are_one_line_naming_the_key(world, changes, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def ablation(workdir: str, clip: ClipTrainConfig, **kw) -> AblationConfig:
+    # A self-training batch that the default 4 novel images per category can fill.
+    return AblationConfig(workdir=workdir, clip=clip, grounding=GroundingTrainConfig(batch_size=4), **kw)
+
+
 def test_toy_world_config_checks_the_clip_section_only_when_enabled(tmp_path):
     bad = ClipTrainConfig(batch_size=1)
-    AblationConfig(workdir=str(tmp_path), clip=bad).validate()
+    ablation(str(tmp_path), bad).validate()
     with pytest.raises(ConfigError, match="clip.batch_size must be >= 2"):
-        AblationConfig(workdir=str(tmp_path), clip=dataclasses.replace(bad, enabled=True)).validate()
+        ablation(str(tmp_path), dataclasses.replace(bad, enabled=True)).validate()
 
 
 def test_clip_stage_trains_saves_a_loadable_clip_and_is_skipped_on_rerun(local_ray, world, tmp_path):
@@ -131,7 +145,7 @@ def test_clip_stage_trains_saves_a_loadable_clip_and_is_skipped_on_rerun(local_r
                            lr=2e-3, weight_decay=0.0, warmup_steps=3, max_steps=40, batch_size=8,
                            run=TrainRunConfig(cpus_per_worker=1, zero_stage=0, data_cpus=0, checkpoint_every=1000,
                                               max_failures=0))
-    acfg = AblationConfig(workdir=str(tmp_path / "ws"), world=cfg, clip=clip, ray=RayConfig())
+    acfg = ablation(str(tmp_path / "ws"), clip, world=cfg, ray=RayConfig())
     acfg.validate()
     logs = []
     loop = Loop(acfg, logs.append)

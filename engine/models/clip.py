@@ -104,8 +104,8 @@ class ClipScorer:
     def scores(self, images: Sequence[Image.Image], categories: Sequence[str],
                template: str = CATEGORY_TEXT) -> torch.Tensor:
         """(images, categories): the cosine similarity of each image with each category's text
-        (`template` with the category's name in it)."""
-        texts = [template.format(c) for c in categories]
+        (`template` with the name in its {} or {name})."""
+        texts = [template.format(c, name=c) for c in categories]
         inputs = self.processor(text=texts, images=list(images), return_tensors="pt", padding=True, truncation=True)
         out = self.model(**{k: v.to(self.device) for k, v in inputs.items()})
         # CLIPModel returns both embeddings already L2-normalised: their product is the cosine.
