@@ -40,9 +40,8 @@ def export_names(run: dict, extra: str) -> dict[str, Optional[str]]:
     """Each category of the run -> its name in the export, or None where it is left out."""
     if extra not in EXTRA_RULES:
         raise ShardError(f"export --extra {extra!r}: choose keep, drop or map")
-    targets = run.get("extra", {})
-    return {c: c if c not in targets or extra == "keep" else (targets[c] or None if extra == "map" else None)
-            for c in run["categories"]}
+    targets = {} if extra == "keep" else run.get("extra", {})  # extra category -> its target or ""
+    return {c: ((targets[c] or None) if extra == "map" else None) if c in targets else c for c in run["categories"]}
 
 
 def lvis_frequency(image_count: int) -> str:
