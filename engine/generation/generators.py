@@ -26,11 +26,6 @@ def generators(cfg: Config) -> list[ModelConfig]:
     return list(cfg.models) if cfg.models is not None else [cfg.model]
 
 
-def several(cfg: Config) -> bool:
-    """The build lists its generators (`models`): samples and shards record theirs."""
-    return cfg.models is not None
-
-
 def single_model(cfg: Config, job: str) -> ModelConfig:
     """`model` for a job that uses one generator (fine-tuning, the grounding head, the recipe)."""
     if cfg.models is not None:
