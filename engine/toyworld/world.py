@@ -34,6 +34,7 @@ SPLITS = ("pretrain", "train", "test")  # a split's place here is part of its im
 SHAPES = ("circle", "square", "triangle")  # what _draw_shape can draw
 CAPTION = "a photograph of {categories}"  # finetune.template's default, so captions read as prompts do
 JOINER = " and "  # finetune.joiner's default
+IMAGE_NAME = "images/{split}_{index:06d}.jpg"  # image `index` of `split`, relative to the split's folder
 JITTER = 20  # per-channel colour jitter of an object: a category is not one exact pixel value
 PRETRAIN_NOISE = 3.0  # pixel noise std of pretrain pictures: clean, as most web photos of a thing are
 FIELD_CELLS = 4  # a detection background is a FIELD_CELLS x FIELD_CELLS colour grid, smoothly upsampled
@@ -167,6 +168,18 @@ def draw_scene(cfg: WorldConfig, split: str, index: int) -> tuple[Image.Image, l
     return Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8)), objects
 
 
+def object_masks(objects: list[tuple[str, Box]], size: int) -> np.ndarray:
+    """The visible pixels (n, size, size) of draw_scene's objects, later ones hiding earlier ones:
+    the exact masks a segmenter is judged against."""
+    masks = np.zeros((len(objects), size, size), dtype=bool)
+    for i, (cat, box) in enumerate(objects):
+        img = Image.new("L", (size, size))
+        _draw_shape(ImageDraw.Draw(img), cat.split(" ")[1], box, 255)
+        masks[i] = np.asarray(img) > 0
+        masks[:i] &= ~masks[i]
+    return masks
+
+
 def _background(rng: np.random.Generator, cfg: WorldConfig) -> Image.Image:
     """A smooth muted colour field with grey/brown clutter: texture a detector must learn to ignore."""
     grey = rng.integers(70, 190, (FIELD_CELLS, FIELD_CELLS, 1))
@@ -215,7 +228,7 @@ def _overlap(a: Box, b: Box) -> float:
     return max(w, 0) * max(h, 0) / min(a[2] * a[3], b[2] * b[3])
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: Box, rgb: tuple[int, int, int]) -> None:
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: Box, rgb: tuple[int, int, int] | int) -> None:
     x, y, s, _ = box
     right, bottom = x + s - 1, y + s - 1  # PIL's corners are inclusive pixels: the extent is s wide
     if shape == "circle":
@@ -248,7 +261,7 @@ def _draw_split(root: str, cfg: WorldConfig, split: str,
     images, boxes, captions = [], [], []
     for i in range(count):
         img, objects = draw_scene(cfg, split, i)
-        file_name = f"images/{split}_{i:06d}.jpg"  # relative to the split folder, the image_root
+        file_name = IMAGE_NAME.format(split=split, index=i)
         _save_jpeg(img, os.path.join(root, split, file_name), cfg.jpeg_quality)
         images.append({"id": i + 1, "file_name": file_name, "width": cfg.size, "height": cfg.size})
         for cat, box in objects:
