@@ -115,6 +115,8 @@ def test_the_copy_paste_row_pastes_pooled_objects_onto_the_real_images(loop):
     record = json.load(open(os.path.join(cfg.workdir, "models", "detector_copy_paste", "training.json")))
     assert record["config"]["synthetic"] == [] and record["config"]["mix_ratio"] == 0.0
     assert record["config"]["copy_paste"]["pool"] == os.path.join(cfg.workdir, "pool")
+    with Image.open(again["copy_paste_png"]) as im:  # 16 real images with their pastes, 8 to a row
+        assert im.size[0] == 8 * 192 and im.size[1] >= 2 * 192
     run_loop(cfg, log=lambda m: None)  # the loop's own results.json again, for the other tests
 
 

@@ -85,6 +85,7 @@ from engine.runtime.stages import Stages
 from engine.runtime.storage import write_file
 from engine.toyworld.world import IMAGE_NAME, WorldConfig, draw_scene, draw_world, object_masks
 from engine.training.clip import train_clip
+from engine.training.copy_paste import CopyPaste, load_pool_index
 from engine.training.detection import train_detector
 from engine.training.finetune import finetune
 from engine.training.grounding import train_grounding
@@ -412,8 +413,9 @@ def run_loop(cfg: AblationConfig, log: Callable[[str], None] = lambda m: print(f
     results["stages_total_s"] = round(sum(v or 0 for v in results["stages_s"].values()), 1)
     if clip is not None:
         results["clip"] = clip
-    if "copy_paste" in rows:  # the pool's counts and the segmenter's true IoU
+    if "copy_paste" in rows:  # the pool's counts, the segmenter's true IoU, pasted images to look at
         results["pool"] = loop.stages.record["pool"]["result"]
+        results["copy_paste_png"] = draw_pasted(loop, loop.path("copy_paste.png"))
     if samples:
         results["samples_png"] = draw_samples(samples, loop.base, loop.path("samples.png"))
     results["table"] = format_table(results)
@@ -544,6 +546,29 @@ def draw_samples(shard_paths: tuple[str, str], base: list[str], path: str, per_s
                                          for box, label in zip(rec["boxes"], rec["labels"])]))
     if not tiles:
         raise ValueError(f"no generated samples under {shard_paths}")
+    write_file(path, contact_sheet(tiles, columns, side))
+    return path
+
+
+def draw_pasted(loop: Loop, path: str, images: int = 16, side: int = 192, columns: int = 8) -> str:
+    """A PNG of the first real training images as the copy_paste row's detector sees them (the
+    training pipeline's own CopyPaste, seeded by image), boxes green for base, orange for novel."""
+    from PIL import Image
+    cfg = dataclasses.replace(loop.cfg.copy_paste.paste, pool=loop.path("pool"))
+    paster = CopyPaste(cfg, load_pool_index(cfg, loop.base + loop.novel))
+    ann, root = loop.split("train")
+    with open(ann) as f:
+        coco = json.load(f)
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    tiles = []
+    for im in coco["images"][:images]:
+        objects = [a for a in coco["annotations"] if a["image_id"] == im["id"]]
+        boxes = [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in objects)]
+        with Image.open(os.path.join(root, im["file_name"])) as f:
+            pixels = np.asarray(f.convert("RGB"))
+        out, boxes, labels, _ = paster(pixels, boxes, [names[a["category_id"]] for a in objects], seed=im["id"])
+        tiles.append(Tile(Image.fromarray(out), [(b, c, BASE_COLOUR if c in loop.base else NOVEL_COLOUR)
+                                                for b, c in zip(boxes, labels)]))
     write_file(path, contact_sheet(tiles, columns, side))
     return path
 
