@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from engine.data.shards import iter_samples, shard_urls
+from engine.data.shards import iter_samples, shard_urls, usable
 
 
 def load_split(world: str, split: str, categories: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, box_rows = [("real test images (ceiling)", len(tx), score(found, ty), score(found, shuffled(ty)))], []
     for folder in sorted(glob.glob(os.path.join(args.workdir, "synthetic", "*"))):
-        samples = list(iter_samples(shard_urls(folder)))
+        # What a trainer reads: a set filtered by CLIP (<set>_clip) without the images it refused
+        samples = [s for s in iter_samples(shard_urls(folder)) if usable(s["json"])]
         if not samples:
             continue
         gx = to_tensor(np.stack([np.asarray(s["jpg"]) for s in samples]))
