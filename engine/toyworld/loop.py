@@ -264,7 +264,8 @@ class Loop:
                  quality: Optional[FilterConfig] = None, **prompts) -> str:
         """A synthetic set; `min_score` replaces both labellers' thresholds (alpha and beta),
         `quality` is its CLIP filter."""
-        self.sets[name] = {"source": source, "which": which, "labeller": labeller, "head": head}
+        self.sets[name] = {"source": source, "which": which, "labeller": labeller, "head": head, "masks": masks,
+                           "min_score": min_score, **prompts}
         scores = {} if min_score is None else {"alpha": min_score, "beta": min_score}
         out = self.path("synthetic", name)
         cfg = Config(model=ModelConfig(source=source, scheduler=self.cfg.model.scheduler),
