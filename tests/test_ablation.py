@@ -93,6 +93,38 @@ def test_the_synthetic_only_row_trains_one_detector_on_no_real_image(loop):
     run_loop(cfg, log=lambda m: None)  # the loop's own results.json again, for the other tests
 
 
+def test_the_layout_row_trains_gligen_and_labels_scenes_by_their_layouts(loop):
+    import torch
+    from diffusers import UNet2DConditionModel
+    cfg, results = loop
+    messages = []
+    gligen = dataclasses.replace(cfg.layout.gligen, max_steps=8, batch_size=16, warmup_steps=2,
+                                 run=dataclasses.replace(cfg.layout.gligen.run, checkpoint_every=4))
+    layout = dataclasses.replace(cfg.layout, gligen=gligen,
+                                 rows=dataclasses.replace(cfg.layout.rows, rows_per_category=2, borrow_rows=2))
+    again = run_loop(dataclasses.replace(cfg, rows=["real_only", "layout"], layout=layout), log=messages.append)
+    assert [m.split(":")[0] for m in messages if m.endswith("running")] == ["gligen", "layouts", "detector_layout"]
+    assert "| + layouts (GLIGEN) |" in again["table"]
+    # GLIGEN trained what it adds and nothing else: the UNet's own weights are the pretrained ones.
+    models = os.path.join(cfg.workdir, "models")
+    gated = UNet2DConditionModel.from_pretrained(os.path.join(models, "gligen", "unet")).state_dict()
+    plain = UNet2DConditionModel.from_pretrained(os.path.join(models, "pretrain_unet", "unet")).state_dict()
+    assert all(torch.equal(gated[k], v) for k, v in plain.items()) and len(gated) > len(plain)
+    assert any(float(v) != 0.0 for k, v in gated.items() if k.endswith("fuser.alpha_attn"))  # the gates opened
+    # Each base category's scenes come from the real train split's layouts, each novel one's from
+    # those relabelled; the layout's boxes, scaled to the image, are the labels.
+    samples = list(iter_samples(shard_urls(os.path.join(cfg.workdir, "synthetic", "layouts"))))
+    assert len(samples) == 2 * 9
+    for s in samples:
+        rec = s["json"]
+        assert set(rec["labellers"]) == {"layout"} and rec["scores"] == [1.0] * len(rec["boxes"])
+        novel = set(rec["labels"]) & set(cfg.world.novel)
+        assert len(novel) <= 1 and (not novel or rec["layout"]["relabelled"][1] in novel)
+    record = json.load(open(os.path.join(models, "detector_layout", "training.json")))
+    assert record["config"]["synthetic"] == [os.path.join(cfg.workdir, "synthetic", "layouts")]
+    run_loop(cfg, log=lambda m: None)  # the loop's own results.json again, for the other tests
+
+
 def test_the_copy_paste_row_pastes_pooled_objects_onto_the_real_images(loop):
     cfg, results = loop
     messages = []
@@ -281,6 +313,8 @@ def test_bad_row_is_refused():
         load_ablation_config(CONFIG, ["rows=[real_only, synthetic_only]"]).validate()
     with pytest.raises(ConfigError, match="synthetic_only_clip filters with the world's CLIP; set clip.enabled"):
         load_ablation_config(CONFIG, ["rows=[self_training, synthetic_only_clip]"]).validate()
+    with pytest.raises(ConfigError, match="layout.boxes must be all or base"):
+        load_ablation_config(CONFIG, ["rows=[real_only, layout]", "layout.boxes=novel"]).validate()
     with pytest.raises(ConfigError, match="copy_paste's novel objects are labelled by the self_training row's head"):
         load_ablation_config(CONFIG, ["rows=[real_only, copy_paste]"]).validate()
     with pytest.raises(ConfigError, match="copy_paste.images_per_category"):

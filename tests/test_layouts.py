@@ -135,6 +135,11 @@ def test_categories_without_boxes_borrow_relabelled_layouts(layout_data):
         assert "purple star" in r.text
     with pytest.raises(LayoutError, match="layout.borrow_for names 'blue disc'"):
         plan_of(layout_data, borrow_for=["blue disc"])
+    # A category the file lists without a box of it (an open-vocabulary split's novel one) borrows
+    # too, once, and is not counted among the base categories.
+    listed = plan_of(layout_data, max_objects=3, rows_per_category=1, borrow_for=["yellow disc"], borrow_rows=2)
+    assert listed.categories.count("yellow disc") == 1 and listed.novel == ["yellow disc"]
+    assert "yellow disc" not in listed.base and len(listed) == 3 + 2
 
 
 def test_bad_input_is_one_clear_line(layout_data, tmp_path):
@@ -205,6 +210,31 @@ def test_gligen_draws_the_boxes_it_is_given(layout_data):
     # Scheduled sampling: with beta 0 the gated layers never act, so the boxes change nothing.
     off = [draw(pipe, [rows[1].text], [rows[1].seed], cfg, [lay], 0.0).latents[0] for lay in (rows[0].layout, rows[1].layout)]
     assert np.allclose(off[0], off[1], atol=1e-6)
+
+
+def test_a_plain_unet_gains_closed_gates_and_keeps_its_weights():
+    """GLIGEN training starts from a pretrained UNet: the gated UNet draws exactly as the plain one
+    until its gates open, and only the parameters GLIGEN adds are new."""
+    import torch
+    from engine.models.diffusion import build_tiny_pipeline, gated_unet, grounding_tokens, is_gligen_param
+    pipe = build_tiny_pipeline(ModelConfig().tiny)
+    gated = gated_unet(pipe.unet)
+    new = [n for n, _ in gated.named_parameters() if n not in dict(pipe.unet.named_parameters())]
+    assert new and all(is_gligen_param(n) for n in new)
+    assert not any(is_gligen_param(n) for n, _ in pipe.unet.named_parameters())
+    tokens = grounding_tokens(pipe.tokenizer, pipe.text_encoder, [([[0.1, 0.1, 0.5, 0.6]], ["cat"]), ([], [])],
+                              pipe.unet.config.cross_attention_dim)
+    assert tokens["masks"][:, :2].tolist() == [[1.0, 0.0], [0.0, 0.0]]
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+    text = torch.randn(2, 4, pipe.unet.config.cross_attention_dim)
+    with torch.no_grad():
+        plain = pipe.unet(x, t, encoder_hidden_states=text).sample
+        closed = gated(x, t, encoder_hidden_states=text, cross_attention_kwargs={"gligen": tokens}).sample
+        for name, param in gated.named_parameters():
+            if name.endswith("fuser.alpha_attn"):
+                param.fill_(1.0)
+        opened = gated(x, t, encoder_hidden_states=text, cross_attention_kwargs={"gligen": tokens}).sample
+    assert torch.equal(plain, closed) and not torch.allclose(plain, opened)
 
 
 def test_postprocess_keeps_category_names_and_limits_length():

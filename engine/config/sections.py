@@ -429,8 +429,10 @@ class FinetuneConfig:
     # `caption`), each image scaled and centre-cut to crop_size. Stands for the web data a base
     # model is pretrained on (the toy world trains its generator from scratch this way).
     captions: str = ""
-    # What is trained: "unet" (paper 3.2) or "vae" (MSE + kl_weight * KL; only when the
-    # generator itself is being built, e.g. the toy world's stand-in for a pretrained SD).
+    # What is trained: "unet" (paper 3.2), "vae" (MSE + kl_weight * KL; only when the generator
+    # itself is being built, e.g. the toy world's stand-in for a pretrained SD), or "gligen":
+    # GLIGEN's gated layers and box encoder added to the UNet and trained alone, on the whole
+    # images of `annotations` with their boxes (a layout-conditioned generator, seed 003).
     train: str = "unet"
     kl_weight: float = 1e-6
     name_template: str = "{name}"  # e.g. "a {name}" for "a photograph of a dog and a cat"

@@ -115,7 +115,7 @@ class LayoutPlan:
         if unknown:
             raise LayoutError(f"layout.categories names {unknown[0]!r}, which {cfg.annotations!r} does not have; "
                               f"its categories are {', '.join(ds.categories[:20])}{' ...' if len(ds.categories) > 20 else ''}")
-        wanted = list(cfg.categories) or list(ds.categories)
+        wanted = list(cfg.categories) or [c for c in ds.categories if c not in cfg.borrow_for]
         instances = Counter(label for r in ds.records for label in r.labels)
         candidates, self.refused = select_images(ds, cfg)
         # A category's pool: the qualifying images that hold it, in id order (the order is then
@@ -129,7 +129,9 @@ class LayoutPlan:
                               f"min_box_side, or remove it from layout.categories")
         budget = {c: self._rows_for(c, instances[c]) for c in wanted if self.pools[c]}
         # Categories without boxes in the dataset borrow the others' layouts (relabelled).
-        known = [c for c in cfg.borrow_for if c in ds.categories]
+        # (A category the file lists without any box of it, as open-vocabulary splits list their
+        # novel ones, is one to borrow for.)
+        known = [c for c in cfg.borrow_for if instances[c]]
         if known:
             raise LayoutError(f"layout.borrow_for names {known[0]!r}, which {cfg.annotations!r} has boxes of: its own "
                               f"layouts serve it; remove it from layout.borrow_for (or from the dataset)")
@@ -151,7 +153,7 @@ class LayoutPlan:
                                   f"layout.captioner and layout.mode=inpainting read them: fix layout.image_root")
         self.counts = [budget[c] for c in self.categories]
         self.starts = list(accumulate(self.counts, initial=0))
-        self.base, self.novel = list(ds.categories), list(self.borrowed)
+        self.base, self.novel = [c for c in ds.categories if c not in self.borrowed], list(self.borrowed)
         self.words: dict = {}
         self.extra: dict = {}  # prompts.extra does not apply to layout rows
         self.instances = {c: instances[c] for c in wanted}

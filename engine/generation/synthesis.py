@@ -18,12 +18,11 @@ import torch
 from PIL import Image
 
 from engine.config import ExpandConfig, ModelConfig, SynthesisConfig
-from engine.config.sections import GLIGEN_MAX_OBJECTS
 from engine.data.datasets import open_image
 from engine.generation.expansion import Expander
 from engine.generation.layouts import Layout
 from engine.generation.prompts import PromptPlan, PromptSpec
-from engine.models.diffusion import UNetFeatureTap, load_pipeline
+from engine.models.diffusion import UNetFeatureTap, grounding_tokens, load_pipeline
 from engine.runtime.faults import maybe_crash, poison_nonfinite
 
 
@@ -40,31 +39,15 @@ def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def gligen_inputs(pipe, layouts: list[Layout], guided: bool) -> dict:
-    """GLIGEN's grounding input for a batch, as StableDiffusionGLIGENPipeline builds it for one
-    prompt, but with each sample's own boxes: per sample up to 30 normalised xyxy boxes, each with
-    the pooled text embedding of its phrase (the category name), and a mask of the boxes present.
-    The unconditional half of a guided batch gets no boxes (mask 0), as in the pipeline."""
-    device, dtype = pipe.unet.device, pipe.unet.dtype
-    n, dim = len(layouts), pipe.unet.config.cross_attention_dim
-    boxes = torch.zeros(n, GLIGEN_MAX_OBJECTS, 4)
-    embeddings = torch.zeros(n, GLIGEN_MAX_OBJECTS, dim)
-    masks = torch.zeros(n, GLIGEN_MAX_OBJECTS)
-    phrases = sorted({p for lay in layouts for p in lay.labels})
-    # Padded to the tokenizer's full length, so a phrase's embedding does not depend on the other
-    # phrases of the batch (the pooled token is its end token; CLIP's attention is causal).
-    tok = pipe.tokenizer(phrases, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").to(pipe.text_encoder.device)
-    pooled = dict(zip(phrases, pipe.text_encoder(**tok).pooler_output.float().cpu()))
-    for i, lay in enumerate(layouts):
-        k = min(len(lay.boxes), GLIGEN_MAX_OBJECTS)
-        boxes[i, :k] = torch.tensor(lay.boxes[:k])
-        embeddings[i, :k] = torch.stack([pooled[p] for p in lay.labels[:k]])
-        masks[i, :k] = 1
+    """GLIGEN's grounding input for a batch (engine.models.diffusion.grounding_tokens), each sample
+    with its own boxes. The unconditional half of a guided batch gets no boxes (mask 0), as in
+    StableDiffusionGLIGENPipeline."""
+    tokens = grounding_tokens(pipe.tokenizer, pipe.text_encoder, [(lay.boxes, lay.labels) for lay in layouts],
+                              pipe.unet.config.cross_attention_dim)
     if guided:
-        boxes, embeddings = torch.cat([boxes, boxes]), torch.cat([embeddings, embeddings])
-        masks = torch.cat([torch.zeros_like(masks), masks])
-    return {"boxes": boxes.to(device, dtype), "positive_embeddings": embeddings.to(device, dtype),
-            "masks": masks.to(device, dtype)}
+        tokens = {"boxes": torch.cat([tokens["boxes"]] * 2), "positive_embeddings": torch.cat([tokens["positive_embeddings"]] * 2),
+                  "masks": torch.cat([torch.zeros_like(tokens["masks"]), tokens["masks"]])}
+    return {k: v.to(pipe.unet.device, pipe.unet.dtype) for k, v in tokens.items()}
 
 
 def inpaint_inputs(pipe, sources: torch.Tensor, layouts: list[Layout], shape: tuple[int, ...]):

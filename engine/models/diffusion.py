@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 from engine.config import ModelConfig, TinyModelConfig
+from engine.config.sections import GLIGEN_MAX_OBJECTS
 from engine.models.checkpoints import ModelLoadError, config_folder, load_single_file
 
 SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".bin")
@@ -149,6 +150,52 @@ def build_tiny_pipeline(cfg: TinyModelConfig, layout: bool = False, inpaint: boo
     cls = StableDiffusionGLIGENPipeline if layout else StableDiffusionPipeline
     return cls(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def grounding_tokens(tokenizer, text_encoder, layouts: Sequence[tuple[Sequence, Sequence[str]]], dim: int) -> dict:
+    """GLIGEN's grounding input (its UNet's cross_attention_kwargs["gligen"]), on the CPU, for
+    layouts given as (normalised xyxy boxes, a phrase per box): per sample up to 30 boxes, each
+    with the pooled text embedding of its phrase, and a mask of the boxes present. Phrases are
+    padded to the tokenizer's full length, so that a phrase's embedding does not depend on the
+    other phrases of the batch (CLIP's pooled token is its end token; its attention is causal)."""
+    n = len(layouts)
+    boxes = torch.zeros(n, GLIGEN_MAX_OBJECTS, 4)
+    embeddings = torch.zeros(n, GLIGEN_MAX_OBJECTS, dim)
+    masks = torch.zeros(n, GLIGEN_MAX_OBJECTS)
+    phrases = sorted({p for _, labels in layouts for p in labels})
+    if phrases:
+        tok = tokenizer(phrases, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").to(text_encoder.device)
+        with torch.no_grad():
+            pooled = dict(zip(phrases, text_encoder(**tok).pooler_output.float().cpu()))
+    for i, (bxs, labels) in enumerate(layouts):
+        k = min(len(bxs), GLIGEN_MAX_OBJECTS)
+        if k:
+            boxes[i, :k] = torch.tensor([list(b) for b in bxs[:k]], dtype=torch.float32)
+            embeddings[i, :k] = torch.stack([pooled[p] for p in labels[:k]])
+            masks[i, :k] = 1
+    return {"boxes": boxes, "positive_embeddings": embeddings, "masks": masks}
+
+
+def is_gligen_param(name: str) -> bool:
+    """The parameters GLIGEN adds to a UNet: the gated self-attention layers and the box encoder."""
+    return ".fuser." in name or name.startswith("position_net.")
+
+
+def gated_unet(unet):
+    """GLIGEN's UNet from a plain one: the same weights plus the gated self-attention layers and
+    the box encoder, with the gates closed (tanh(0) = 0): it draws as the plain one until
+    training opens them, as GLIGEN starts from a pretrained Stable Diffusion."""
+    from diffusers import UNet2DConditionModel
+    gated = UNet2DConditionModel.from_config({**unet.config, "attention_type": "gated"})
+    missing, unexpected = gated.load_state_dict(unet.state_dict(), strict=False)
+    if unexpected or not all(is_gligen_param(k) for k in missing):
+        raise ModelLoadError(f"could not make a GLIGEN UNet of this UNet: unexpected {unexpected[:3]}, missing "
+                             f"{[k for k in missing if not is_gligen_param(k)][:3]}")
+    for name, param in gated.named_parameters():
+        if name.endswith(("fuser.alpha_attn", "fuser.alpha_dense")):
+            param.data.zero_()
+    return gated.to(unet.device, unet.dtype)
 
 
 def _looks_like_hub_id(source: str) -> bool:

@@ -32,6 +32,13 @@ train_detector, evaluate_detector), on a world small enough for a 2-core CPU
                        filter (DiverGen: seed 002): boxes and images it scores low are left out.
                        Its stages <set>_clip regenerate the same samples (same prompts and seeds),
                        scored. Needs clip.enabled; a row only when `rows` lists it
+      layout           real base set + images GLIGEN drew from layouts, labelled by them (seed 003);
+                       a row only when `rows` lists it. Its stages:
+        gligen         GLIGEN's gated layers added to the pretrained UNet and trained on the
+                       pretraining pictures' exact boxes (every category, or base ones only:
+                       layout.boxes)
+        layouts        base layouts from the real train split's scenes (boxes moved and scaled),
+                       novel ones borrowed from them (a box relabelled), drawn by GLIGEN
       copy_paste       real base set, each image with objects of the instance pool pasted on
                        (X-Paste, DiverGen: seed 002); a row only when `rows` lists it. Its stages:
         pretrained_objects  one object per image on a plain picture, every category, labelled by
@@ -67,6 +74,7 @@ from engine.config import (
     FinetuneConfig,
     CopyPasteConfig,
     GroundingTrainConfig,
+    LayoutConfig,
     MaskConfig,
     ModelConfig,
     OutputConfig,
@@ -96,13 +104,14 @@ from engine.training.finetune import finetune
 from engine.training.grounding import train_grounding
 
 ROWS = ("real_only", "grounding_head", "self_training", "fine_tuning", "synthetic_only", "synthetic_only_clip",
-        "copy_paste")
+        "layout", "copy_paste")
 DEFAULT_ROWS = ROWS[:4]  # table 4's rows; each other row costs one more detector per seed
 METRICS = ("AP50", "AP50_base", "AP50_novel")
 ROW_TITLES = {"real_only": "real only", "grounding_head": "+ grounding head",
               "self_training": "+ self-training", "fine_tuning": "+ fine-tuning",
               "synthetic_only": "synthetic only (no real image)",
               "synthetic_only_clip": "synthetic only, CLIP-filtered",
+              "layout": "+ layouts (GLIGEN)",
               "copy_paste": "real + pasted objects (copy-paste)",
               "random_boxes": "random boxes (chance)"}
 
@@ -118,6 +127,21 @@ class CopyPasteRowConfig:
     # (alpha = beta = 0): the pool judges it, at min_score (annotation.beta's value), and by its mask.
     pool: PoolConfig = field(default_factory=lambda: PoolConfig(min_area=16, min_score=0.2))
     paste: CopyPasteConfig = field(default_factory=CopyPasteConfig)  # `pool` is filled in
+
+
+@dataclass
+class LayoutRowConfig:
+    """The layout row: GLIGEN trained on the world's boxes draws scenes from the real layouts."""
+    # GLIGEN training (finetune.train=gligen) on the pretraining pictures and their exact boxes.
+    gligen: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(train="gligen"))
+    # "all": GLIGEN learns every category's boxes from the pretraining pictures, as the real one
+    # learns from grounding data far beyond a detection set; "base": base boxes alone, what
+    # InstaGen's grounding head is allowed to see.
+    boxes: str = "all"
+    # Layout rows from the real train split (annotations, image_root and borrow_for filled in:
+    # the novel categories borrow the base scenes' layouts).
+    rows: LayoutConfig = field(default_factory=lambda: LayoutConfig(
+        max_objects=3, one_category=False, rows_per_category=64, borrow_rows=64))
 
 
 @dataclass
@@ -149,7 +173,8 @@ class AblationConfig:
     # The world's own CLIP (stage `clip`); its data paths are filled in from the world.
     clip: ClipTrainConfig = field(default_factory=ClipTrainConfig)
     copy_paste: CopyPasteRowConfig = field(default_factory=CopyPasteRowConfig)
-    # The synthetic_only_clip row's filter; its model is the world's CLIP (filled in).
+    layout: LayoutRowConfig = field(default_factory=LayoutRowConfig)
+    # The synthetic_only_clip row's filter (always on there); its model is the world's CLIP (filled in).
     clip_filter: FilterConfig = field(default_factory=lambda: FilterConfig(enabled=True))
 
     def validate(self) -> None:
@@ -166,6 +191,13 @@ class AblationConfig:
                 raise ConfigError("rows: synthetic_only_clip filters with the world's CLIP; set clip.enabled: true "
                                   "(configs/toy_world.yaml has a clip: section to uncomment)")
             dataclasses.replace(self.clip_filter, model="models/clip").validate()
+        if "layout" in self.rows:
+            lr = self.layout
+            if lr.boxes not in ("all", "base") or lr.gligen.train != "gligen":
+                raise ConfigError(f"layout.boxes must be all or base (got {lr.boxes!r}), and layout.gligen.train "
+                                  f"gligen (got {lr.gligen.train!r})")
+            dataclasses.replace(lr.rows, annotations="world/train/instances.json", image_root="world/train",
+                                borrow_for=list(self.world.novel)).validate()
         if "copy_paste" in self.rows:
             if "self_training" not in self.rows:
                 raise ConfigError("rows: copy_paste's novel objects are labelled by the self_training row's head; "
@@ -261,17 +293,18 @@ class Loop:
 
     def generate(self, name: str, source: str, which: str, labeller: str, after: list[str],
                  head: str = "", masks: Optional[MaskConfig] = None, min_score: Optional[float] = None,
-                 quality: Optional[FilterConfig] = None, **prompts) -> str:
+                 quality: Optional[FilterConfig] = None, layout: Optional[LayoutConfig] = None, **prompts) -> str:
         """A synthetic set; `min_score` replaces both labellers' thresholds (alpha and beta),
-        `quality` is its CLIP filter."""
+        `quality` is its CLIP filter, `layout` its layout rows (in place of prompt rows)."""
         self.sets[name] = {"source": source, "which": which, "labeller": labeller, "head": head, "masks": masks,
-                           "min_score": min_score, **prompts}
+                           "min_score": min_score, "layout": layout, **prompts}
         scores = {} if min_score is None else {"alpha": min_score, "beta": min_score}
         out = self.path("synthetic", name)
         cfg = Config(model=ModelConfig(source=source, scheduler=self.cfg.model.scheduler),
                      prompts=dataclasses.replace(self.cfg.prompts, base=self.base, novel=self.novel, generate=which,
                                                  **prompts),
                      synthesis=self.cfg.synthesis, masks=masks or MaskConfig(), filter=quality or FilterConfig(),
+                     layout=layout or LayoutConfig(),
                      annotation=dataclasses.replace(self.cfg.annotation, labeller=labeller,
                                                     model=self.path("models", "teacher"), head=head, **scores),
                      output=OutputConfig(path=out, shard_size=self.cfg.shard_size), ray=self.cfg.ray)
@@ -282,10 +315,21 @@ class Loop:
         self.stages.run(name, {"config": to_dict(cfg)}, run, [out], after)
         return out
 
+    def layouts(self, pretrained: str) -> str:
+        """GLIGEN on the pretrained generator, then the layout set it draws from the real scenes."""
+        lr = self.cfg.layout
+        boxes = self.base + self.novel if lr.boxes == "all" else self.base
+        gligen = self.train_generator("gligen", lr.gligen, pretrained, "pretrain_unet",
+                                      annotations=self.path("world", "pretrain", "instances.json"),
+                                      image_root=self.path("world", "pretrain"), base=boxes)
+        ann, root = self.split("train")
+        rows = dataclasses.replace(lr.rows, annotations=ann, image_root=root, borrow_for=list(self.novel))
+        return self.generate("layouts", gligen, "all", "layout", ["gligen"], layout=rows)
+
     def filtered(self, name: str) -> str:
         """Synthetic set `name` again, scored by the world's CLIP: the same prompts and seeds give
         the same images and labels, and the filter marks what it refuses."""
-        quality = dataclasses.replace(self.cfg.clip_filter, model=self.path("models", "clip"))
+        quality = dataclasses.replace(self.cfg.clip_filter, enabled=True, model=self.path("models", "clip"))
         return self.generate(f"{name}_clip", **self.sets[name], after=[name, "clip"], quality=quality)
 
     def pool(self, source: str, after: list[str]) -> str:
@@ -403,6 +447,8 @@ def run_loop(cfg: AblationConfig, log: Callable[[str], None] = lambda m: print(f
                                     max_categories=1, images_per_category=cp.images_per_category)
             pool = loop.pool(objects, ["pretrained_objects"])
             rows["copy_paste"] = loop.detector("copy_paste", [], ["pool"], pool=pool)
+    if "layout" in want:
+        rows["layout"] = loop.detector("layout", [loop.layouts(pretrained)], ["layouts"])
     samples = None
     if "fine_tuning" in want:
         # Replay (finetune.replay) draws on the pretraining captions: the base model's own data.

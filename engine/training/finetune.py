@@ -19,6 +19,10 @@ Stages:
 * where there is no pretrained generator to start from (the toy world), the same trainer builds
   one: `captions` feeds whole images with their captions instead of crops, and `train: vae`
   trains the VAE (VAEObjective) instead of the UNet, then sets its latent scaling factor.
+* `train: gligen` makes a layout-conditioned generator (GLIGEN): the UNet gains gated
+  self-attention layers and a box encoder (engine.models.diffusion.gated_unet), the only
+  parameters trained, on whole images centre-cut with their boxes, each box's phrase its category
+  name; the pipeline is written as a StableDiffusionGLIGENPipeline, which layout rows load.
 * driver: the base pipeline with the trained (EMA, if enabled) UNet, written with
   `save_pretrained` to `output_dir` (via a temporary folder, so no half-written pipeline is ever
   left there); `engine.models.diffusion.load_pipeline(ModelConfig(source=output_dir))` loads it.
@@ -43,7 +47,7 @@ from engine.config import (
     fingerprint,
     from_dict,
 )
-from engine.config.sections import check_template
+from engine.config.sections import GLIGEN_MAX_OBJECTS, check_template
 from engine.data.datasets import (
     CORRUPT_IMAGE,
     CaptionRecord,
@@ -57,7 +61,14 @@ from engine.data.datasets import (
     read_bytes,
     split_records,
 )
-from engine.models.diffusion import FINETUNED_FROM, PromptEmbeddings, load_pipeline
+from engine.models.diffusion import (
+    FINETUNED_FROM,
+    PromptEmbeddings,
+    gated_unet,
+    grounding_tokens,
+    is_gligen_param,
+    load_pipeline,
+)
 from engine.runtime.cache import ByteBudgetCache
 from engine.runtime.cluster import connect, quiet_data_context
 from engine.runtime.faults import maybe_crash
@@ -76,6 +87,7 @@ from engine.training.runner import (
 )
 
 NO_OBJECT = "no object in crop"
+NO_LAYOUT = json.dumps({"boxes": [], "labels": []})
 TOO_SMALL = "image smaller than crop"
 DECODE_REASONS = ("missing image", CORRUPT_IMAGE)
 
@@ -218,13 +230,46 @@ def plan_caption_samples(records: list[CaptionRecord], fc: FinetuneConfig, n_sam
     return rows
 
 
+def plan_layout_samples(records: list[ImageRecord], fc: FinetuneConfig, n_samples: int,
+                        skipped: SkipReport) -> list[dict]:
+    """`n_samples` rows (GLIGEN training) cycling through the images in a seeded random order:
+    each scaled so its short side is crop_size and centre-cut, with its boxes cut likewise (a box
+    less than min_visible_fraction inside is left out of the layout and the prompt), as
+    normalised xyxy boxes and their names."""
+    rng = np.random.default_rng(fc.seed)
+    planned = []
+    for r in records:
+        scale = fc.crop_size / min(r.width, r.height)  # the cut plan_caption_samples makes
+        w, h = max(fc.crop_size, math.ceil(r.width * scale)), max(fc.crop_size, math.ceil(r.height * scale))
+        x0, y0 = (w - fc.crop_size) // 2, (h - fc.crop_size) // 2
+        boxes, labels = [], []
+        for box, label in zip(r.boxes, r.labels):
+            if visible_fraction([v * scale for v in box], x0, y0, fc.crop_size) >= fc.min_visible_fraction:
+                b = [(box[0] * scale - x0) / fc.crop_size, (box[1] * scale - y0) / fc.crop_size,
+                     (box[2] * scale - x0) / fc.crop_size, (box[3] * scale - y0) / fc.crop_size]
+                boxes.append([min(max(v, 0.0), 1.0) for v in b])
+                labels.append(label)
+        if not boxes:
+            skipped.add(NO_OBJECT, r.file)
+            continue
+        planned.append({"id": r.id, "file": r.file, "x0": x0, "y0": y0, "scale": scale,
+                        "prompt": make_prompt(list(dict.fromkeys(labels)), fc.template, fc.name_template, fc.joiner),
+                        "layout": json.dumps({"boxes": boxes[:GLIGEN_MAX_OBJECTS], "labels": labels[:GLIGEN_MAX_OBJECTS]})})
+    rows: list[dict] = []
+    while planned and len(rows) < n_samples:
+        rows += [planned[int(i)] for i in rng.permutation(len(planned))[:n_samples - len(rows)]]
+    return rows
+
+
 def drop_captions(rows: list[dict], fc: FinetuneConfig) -> list[dict]:
-    """Empties the prompt of a seeded caption_dropout fraction of the planned rows. Done in the
-    plan, not in the worker, so that a resumed run trains on the same prompts."""
+    """Empties the prompt (and the layout, for GLIGEN) of a seeded caption_dropout fraction of the
+    planned rows: the unconditional prediction classifier-free guidance needs, which sees neither.
+    Done in the plan, not in the worker, so that a resumed run trains on the same prompts."""
     if fc.caption_dropout == 0:
         return rows
     drop = np.random.default_rng([fc.seed, 1]).random(len(rows)) < fc.caption_dropout
-    return [{**r, "prompt": ""} if d else r for r, d in zip(rows, drop)]
+    empty = {"prompt": "", **({"layout": NO_LAYOUT} if rows and "layout" in rows[0] else {})}
+    return [{**r, **empty} if d else r for r, d in zip(rows, drop)]
 
 
 def mix_replay(rows: list[dict], fc: FinetuneConfig, skipped: SkipReport) -> list[dict]:
@@ -275,8 +320,11 @@ def decode_crops(batch: dict, size: int) -> dict:
         ok[i] = True
     # What the crop is, for the trainer's latent cache: the same key is the same pixels.
     key = [f"{batch['file'][i]}@{batch['x0'][i]},{batch['y0'][i]}x{batch['scale'][i]}" for i in range(n)]
-    return {"pixels": pixels, "prompt": np.asarray(batch["prompt"]), "key": np.asarray(key), "ok": ok,
-            "reason": np.asarray(reason)}
+    out = {"pixels": pixels, "prompt": np.asarray(batch["prompt"]), "key": np.asarray(key), "ok": ok,
+           "reason": np.asarray(reason)}
+    if "layout" in batch:  # GLIGEN training: the boxes travel with their image
+        out["layout"] = np.asarray(batch["layout"])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,21 +364,26 @@ class VAEObjective(torch.nn.Module):
 
 
 def _batches(shard, batch_size: int, skips: dict):
-    """Batches of exactly `batch_size` good samples from a Ray Data shard; bad rows counted."""
+    """Batches of exactly `batch_size` good samples from a Ray Data shard (pixels, prompts, keys
+    and layouts, the last None but for GLIGEN training); bad rows counted."""
     pix: list[np.ndarray] = []
     prompts: list[str] = []
     keys: list[str] = []
+    layouts: list[str] = []
     for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        for p, t, k, ok, why in zip(batch["pixels"], batch["prompt"], batch["key"], batch["ok"], batch["reason"]):
+        rows = zip(batch["pixels"], batch["prompt"], batch["key"], batch["ok"], batch["reason"],
+                   batch["layout"] if "layout" in batch else [None] * len(batch["key"]))
+        for p, t, k, ok, why, lay in rows:
             if not ok:
                 skips[str(why)] = skips.get(str(why), 0) + 1
                 continue
             pix.append(p)
             prompts.append(str(t))
             keys.append(str(k))
+            layouts.append(lay)
             if len(pix) == batch_size:
-                yield np.stack(pix), prompts, keys
-                pix, prompts, keys = [], [], []
+                yield np.stack(pix), prompts, keys, None if layouts[0] is None else [json.loads(str(x)) for x in layouts]
+                pix, prompts, keys, layouts = [], [], [], []
 
 
 def train_loop(config: dict) -> None:
@@ -358,10 +411,16 @@ def train_loop(config: dict) -> None:
     # bf16 on GPU.
     pipe = load_pipeline(dataclasses.replace(mc, dtype="float32"), device=device)
     vae, text_encoder, unet = pipe.vae, pipe.text_encoder, pipe.unet
-    train_vae = fc.train == "vae"
+    train_vae, train_gligen = fc.train == "vae", fc.train == "gligen"
     frozen_dtype = torch.bfloat16 if bf16 else torch.float32
     for m in (text_encoder, unet) if train_vae else (vae, text_encoder):
         m.requires_grad_(False).eval().to(device, frozen_dtype)
+    if train_gligen:  # only what GLIGEN adds is trained; the UNet's own weights stay as they are
+        unet = gated_unet(unet)
+        for name, param in unet.named_parameters():
+            param.requires_grad_(is_gligen_param(name))
+            if param.dim() == 0:  # GLIGEN's gates; DeepSpeed's broadcast views each parameter as bytes, not a 0-d one
+                param.data = param.data.reshape(1)
     trained = VAEObjective(vae, fc.kl_weight) if train_vae else unet
     trained.train()
     if fc.grad_checkpointing and cuda and not train_vae:
@@ -396,7 +455,7 @@ def train_loop(config: dict) -> None:
 
     def next_batch():
         try:
-            pixels, prompts, keys = next(stream)
+            pixels, prompts, keys, layouts = next(stream)
         except StopIteration:
             # The driver planned enough samples for every step; ending early would leave the
             # other ranks waiting in an all-reduce, so say clearly why.
@@ -409,7 +468,12 @@ def train_loop(config: dict) -> None:
         text = encode_prompts(prompts)
         noise = torch.randn_like(latents)
         t = torch.randint(0, steps_t, (latents.shape[0],), device=device)  # uniform over training steps
-        return latents, text, noise, t
+        kwargs = {}
+        if train_gligen:
+            tokens = grounding_tokens(pipe.tokenizer, text_encoder, [(lay["boxes"], lay["labels"]) for lay in layouts],
+                                      unet.config.cross_attention_dim)
+            kwargs["cross_attention_kwargs"] = {"gligen": {k: v.to(device, dtype) for k, v in tokens.items()}}
+        return latents, text, noise, t, kwargs
 
     fixed = None
     t0, timed = None, 0  # throughput from the third step on: the first ones pay for warm-up
@@ -424,10 +488,10 @@ def train_loop(config: dict) -> None:
             if train_vae:
                 loss = engine(*batch)
             else:
-                latents, text, noise, t = batch
+                latents, text, noise, t, kwargs = batch
                 # Eq. 1: || eps - eps_theta(z_t, t, c) ||^2, z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps.
                 noisy = noise_sched.add_noise(latents.float(), noise.float(), t)
-                pred = engine(noisy.to(dtype), t, encoder_hidden_states=text.to(dtype)).sample
+                pred = engine(noisy.to(dtype), t, encoder_hidden_states=text.to(dtype), **kwargs).sample
                 loss = F.mse_loss(pred.float(), noise.float())
             engine.backward(loss)
             engine.step()
@@ -485,7 +549,10 @@ def _check_config(fc: FinetuneConfig, base: list[str]) -> None:
          "instances JSON: crops of base categories) and finetune.captions (a COCO captions JSON)")
     need(bool(base) or bool(fc.captions),
          "no base categories: set prompts.base (or finetune.base) to the categories to fine-tune on")
-    need(fc.train in ("unet", "vae"), f"finetune.train must be unet or vae, got {fc.train!r}")
+    need(fc.train in ("unet", "vae", "gligen"), f"finetune.train must be unet, vae or gligen, got {fc.train!r}")
+    need(fc.train != "gligen" or (fc.annotations and not fc.replay),
+         "finetune.train=gligen learns boxes: set finetune.annotations (a COCO/LVIS instances JSON of whole images "
+         "and their boxes) and leave finetune.captions and finetune.replay unset")
     need(fc.kl_weight >= 0, f"finetune.kl_weight must be >= 0, got {fc.kl_weight}")
     need(0.0 <= fc.caption_dropout < 1.0, f"finetune.caption_dropout must lie in [0, 1), got {fc.caption_dropout}")
     need(0.0 <= fc.replay < 1.0, f"finetune.replay must lie in [0, 1), got {fc.replay}")
@@ -550,7 +617,8 @@ def prepare(cfg: Any) -> tuple[FinetuneConfig, list[dict], SkipReport, int]:
                           f"{len(fits)} usable base-category images; lower batch_size or num_workers")
     # Enough samples for every rank to reach max_steps, plus a margin for images that fail to
     # decode inside Ray Data (counted there, and a rank that ran short would stall the others).
-    rows = plan_samples(base_ds.records, fc, int(need * 1.1) + fc.batch_size * fc.run.num_workers, skipped)
+    plan = plan_layout_samples if fc.train == "gligen" else plan_samples
+    rows = plan(base_ds.records, fc, int(need * 1.1) + fc.batch_size * fc.run.num_workers, skipped)
     if len(rows) < need:
         raise ConfigError(f"only {len(rows)} crops with an object at least {fc.min_visible_fraction} visible "
                           f"could be planned ({need} needed); lower finetune.min_visible_fraction or crop_size")
@@ -592,6 +660,8 @@ def finetune(cfg: Any) -> TrainSummary:
     if fc.train == "vae":
         base_pipe.vae.load_state_dict({k.removeprefix("vae."): v for k, v in state.items()})
         base_pipe.vae.register_to_config(scaling_factor=latent_scaling_factor(base_pipe.vae, rows, fc.crop_size))
+    elif fc.train == "gligen":
+        base_pipe = gligen_pipeline(base_pipe, state)
     else:
         base_pipe.unet.load_state_dict(state)
     _save_pipeline(base_pipe, fc.output_dir, cfg.model.source)
@@ -611,6 +681,17 @@ def latent_scaling_factor(vae, rows: list[dict], size: int, n: int = 256) -> flo
     x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     z = torch.cat([vae.encode(chunk).latent_dist.sample() for chunk in x.split(32)])
     return float(1.0 / z.std())
+
+
+def gligen_pipeline(pipe, state: dict):
+    """The GLIGEN pipeline of `pipe`'s parts, its UNet gated and given the trained `state`."""
+    from diffusers import StableDiffusionGLIGENPipeline
+    unet = gated_unet(pipe.unet)
+    shapes = {k: v.shape for k, v in unet.state_dict().items()}
+    unet.load_state_dict({k: v.reshape(shapes[k]) for k, v in state.items()})  # the gates trained as (1,)
+    return StableDiffusionGLIGENPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                         unet=unet, scheduler=pipe.scheduler, safety_checker=None,
+                                         feature_extractor=None, requires_safety_checker=False)
 
 
 def base_of(cfg: Any) -> list[str]:
