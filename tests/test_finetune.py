@@ -3,6 +3,7 @@ real run (two Ray Train workers, DeepSpeed ZeRO-2 on CPU over gloo, tiny SD) tha
 checkpoints, survives a worker crash, resumes at the saved step and writes a pipeline the
 generation stage draws with."""
 import dataclasses
+import json
 import math
 import os
 
@@ -128,7 +129,8 @@ def coco(tmp_path_factory):
     ({"min_visible_fraction": 0.0}, "min_visible_fraction"),
     ({"zero_stage": 3}, "zero_stage"),
     ({"captions": "also.json"}, "exactly one of finetune.annotations"),
-    ({"train": "text_encoder"}, "finetune.train must be unet or vae"),
+    ({"train": "text_encoder"}, "finetune.train must be unet, vae or gligen"),
+    ({"train": "gligen", "annotations": "", "captions": "c.json"}, "finetune.train=gligen learns boxes"),
 ])
 def test_impossible_config_is_clear_error(coco, change, match):
     tmp, ann, root = coco
@@ -167,6 +169,30 @@ def test_captions_plan_whole_images_and_skip_malformed_entries(coco):
     write_json(path, {"images": images})
     with pytest.raises(ValueError, match="COCO captions format"):
         prepare(_cfg(tmp, "", root, captions=path))
+
+
+def test_gligen_rows_carry_each_whole_image_with_its_boxes(coco):
+    """GLIGEN learns where things are: each row is a whole image (scaled, centre-cut) with its
+    base-category boxes in [0, 1] and their names; a dropped row has neither caption nor boxes."""
+    tmp, ann, root = coco
+    fc, rows, _, _ = prepare(_cfg(tmp, ann, root, train="gligen", num_workers=1, caption_dropout=0.5))
+    data = load_json(ann)
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    files = {im["id"]: im["file_name"] for im in data["images"]}
+    truth: dict = {}
+    for a in data["annotations"]:
+        if names[a["category_id"]] in ("red square", "blue disc"):
+            x, y, w, h = a["bbox"]  # 64-pixel images, crop_size 32: the whole image at half size
+            truth.setdefault(files[a["image_id"]], []).append((names[a["category_id"]], [x / 64, y / 64, (x + w) / 64, (y + h) / 64]))
+    for r in rows:
+        layout = json.loads(r["layout"])
+        if not r["prompt"]:
+            assert layout == {"boxes": [], "labels": []}
+            continue
+        assert sorted(zip(layout["labels"], layout["boxes"])) == sorted(truth[os.path.basename(r["file"])])
+        assert r["prompt"] == make_prompt(list(dict.fromkeys(layout["labels"])), fc.template)
+        assert r["scale"] == 0.5 and r["x0"] == r["y0"] == 0
+    assert any(not r["prompt"] for r in rows) and any(r["prompt"] for r in rows)
 
 
 def test_caption_dropout_empties_a_seeded_fraction_of_prompts(coco):
