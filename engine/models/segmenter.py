@@ -119,8 +119,9 @@ class ColourSegmenter:
     ring (the image's border for the background prompt; just outside the box for a box prompt).
     "Far" is half the object's distance from it (the 99th percentile inside the prompt), at least
     MIN_CONTRAST: a blurred edge is cut half-way between the two colours, a square that fills its
-    box is kept whole, and a prompt holding no object gives an empty mask. The score is the ring's share of pixels within
-    MIN_CONTRAST of its median: 1 on a plain background, low where the ring crosses clutter."""
+    box is kept whole, and a prompt holding no object gives an empty mask. The score is the ring's
+    share of pixels within MIN_CONTRAST of its median: 1 on a plain background, low where the ring
+    crosses clutter."""
 
     MIN_CONTRAST = 40.0  # RGB Euclidean distance; the toy world's JPEG noise stays well below it
 
