@@ -93,18 +93,30 @@ def test_the_synthetic_only_row_trains_one_detector_on_no_real_image(loop):
     run_loop(cfg, log=lambda m: None)  # the loop's own results.json again, for the other tests
 
 
-def test_the_layout_row_trains_gligen_and_labels_scenes_by_their_layouts(loop):
+def test_the_layout_rows_train_gligen_and_label_scenes_by_their_layouts(loop, monkeypatch):
     import torch
     from diffusers import UNet2DConditionModel
+
+    import engine.toyworld.loop as toy
     cfg, results = loop
-    messages = []
+    messages, boxes_seen = [], {}
+
+    def finetune(c):  # the real one, noting which categories' boxes each GLIGEN learns from
+        boxes_seen[os.path.basename(c.finetune.output_dir)] = list(c.finetune.base)
+        return real_finetune(c)
+    real_finetune = toy.finetune
+    monkeypatch.setattr(toy, "finetune", finetune)
     gligen = dataclasses.replace(cfg.layout.gligen, max_steps=8, batch_size=16, warmup_steps=2,
                                  run=dataclasses.replace(cfg.layout.gligen.run, checkpoint_every=4))
     layout = dataclasses.replace(cfg.layout, gligen=gligen,
                                  rows=dataclasses.replace(cfg.layout.rows, rows_per_category=2, borrow_rows=2))
-    again = run_loop(dataclasses.replace(cfg, rows=["real_only", "layout"], layout=layout), log=messages.append)
-    assert [m.split(":")[0] for m in messages if m.endswith("running")] == ["gligen", "layouts", "detector_layout"]
-    assert "| + layouts (GLIGEN) |" in again["table"]
+    again = run_loop(dataclasses.replace(cfg, rows=["real_only", "layout", "layout_base"], layout=layout),
+                     log=messages.append)
+    assert [m.split(":")[0] for m in messages if m.endswith("running")] == [
+        "gligen", "layouts", "detector_layout", "gligen_base", "layouts_base", "detector_layout_base"]
+    assert "| + layouts (GLIGEN) |" in again["table"] and "| + layouts (GLIGEN, base boxes only) |" in again["table"]
+    # Every category's boxes for the layout row; the base ones alone for layout_base, as the head.
+    assert boxes_seen == {"gligen": cfg.world.base + cfg.world.novel, "gligen_base": cfg.world.base}
     # GLIGEN trained what it adds and nothing else: the UNet's own weights are the pretrained ones.
     models = os.path.join(cfg.workdir, "models")
     gated = UNet2DConditionModel.from_pretrained(os.path.join(models, "gligen", "unet")).state_dict()
@@ -313,8 +325,8 @@ def test_bad_row_is_refused():
         load_ablation_config(CONFIG, ["rows=[real_only, synthetic_only]"]).validate()
     with pytest.raises(ConfigError, match="synthetic_only_clip filters with the world's CLIP; set clip.enabled"):
         load_ablation_config(CONFIG, ["rows=[self_training, synthetic_only_clip]"]).validate()
-    with pytest.raises(ConfigError, match="layout.boxes must be all or base"):
-        load_ablation_config(CONFIG, ["rows=[real_only, layout]", "layout.boxes=novel"]).validate()
+    with pytest.raises(ConfigError, match="layout.gligen.train must be gligen"):
+        load_ablation_config(CONFIG, ["rows=[real_only, layout_base]", "layout.gligen.train=unet"]).validate()
     with pytest.raises(ConfigError, match="copy_paste's novel objects are labelled by the self_training row's head"):
         load_ablation_config(CONFIG, ["rows=[real_only, copy_paste]"]).validate()
     with pytest.raises(ConfigError, match="copy_paste.images_per_category"):

@@ -35,10 +35,11 @@ train_detector, evaluate_detector), on a world small enough for a 2-core CPU
       layout           real base set + images GLIGEN drew from layouts, labelled by them (seed 003);
                        a row only when `rows` lists it. Its stages:
         gligen         GLIGEN's gated layers added to the pretrained UNet and trained on the
-                       pretraining pictures' exact boxes (every category, or base ones only:
-                       layout.boxes)
+                       pretraining pictures' exact boxes of every category
         layouts        base layouts from the real train split's scenes (boxes moved and scaled),
                        novel ones borrowed from them (a box relabelled), drawn by GLIGEN
+      layout_base      the same with GLIGEN trained on base boxes alone (stages gligen_base,
+                       layouts_base): how much of the layout row comes from seeing novel boxes
       copy_paste       real base set, each image with objects of the instance pool pasted on
                        (X-Paste, DiverGen: seed 002); a row only when `rows` lists it. Its stages:
         pretrained_objects  one object per image on a plain picture, every category, labelled by
@@ -104,7 +105,11 @@ from engine.training.finetune import finetune
 from engine.training.grounding import train_grounding
 
 ROWS = ("real_only", "grounding_head", "self_training", "fine_tuning", "synthetic_only", "synthetic_only_clip",
-        "layout", "copy_paste")
+        "layout", "layout_base", "copy_paste")
+# The layout rows and the boxes their GLIGEN learns from the pretraining pictures: every category's
+# (as the real GLIGEN learns from grounding data far beyond a detection set), or the base ones
+# alone (what InstaGen's grounding head is allowed to see).
+LAYOUT_ROWS = {"layout": "all", "layout_base": "base"}
 DEFAULT_ROWS = ROWS[:4]  # table 4's rows; each other row costs one more detector per seed
 METRICS = ("AP50", "AP50_base", "AP50_novel")
 ROW_TITLES = {"real_only": "real only", "grounding_head": "+ grounding head",
@@ -112,6 +117,7 @@ ROW_TITLES = {"real_only": "real only", "grounding_head": "+ grounding head",
               "synthetic_only": "synthetic only (no real image)",
               "synthetic_only_clip": "synthetic only, CLIP-filtered",
               "layout": "+ layouts (GLIGEN)",
+              "layout_base": "+ layouts (GLIGEN, base boxes only)",
               "copy_paste": "real + pasted objects (copy-paste)",
               "random_boxes": "random boxes (chance)"}
 
@@ -134,10 +140,6 @@ class LayoutRowConfig:
     """The layout row: GLIGEN trained on the world's boxes draws scenes from the real layouts."""
     # GLIGEN training (finetune.train=gligen) on the pretraining pictures and their exact boxes.
     gligen: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(train="gligen"))
-    # "all": GLIGEN learns every category's boxes from the pretraining pictures, as the real one
-    # learns from grounding data far beyond a detection set; "base": base boxes alone, what
-    # InstaGen's grounding head is allowed to see.
-    boxes: str = "all"
     # Layout rows from the real train split (annotations, image_root and borrow_for filled in:
     # the novel categories borrow the base scenes' layouts).
     rows: LayoutConfig = field(default_factory=lambda: LayoutConfig(
@@ -191,11 +193,10 @@ class AblationConfig:
                 raise ConfigError("rows: synthetic_only_clip filters with the world's CLIP; set clip.enabled: true "
                                   "(configs/toy_world.yaml has a clip: section to uncomment)")
             dataclasses.replace(self.clip_filter, model="models/clip").validate()
-        if "layout" in self.rows:
+        if set(LAYOUT_ROWS) & set(self.rows):
             lr = self.layout
-            if lr.boxes not in ("all", "base") or lr.gligen.train != "gligen":
-                raise ConfigError(f"layout.boxes must be all or base (got {lr.boxes!r}), and layout.gligen.train "
-                                  f"gligen (got {lr.gligen.train!r})")
+            if lr.gligen.train != "gligen":
+                raise ConfigError(f"layout.gligen.train must be gligen (got {lr.gligen.train!r})")
             dataclasses.replace(lr.rows, annotations="world/train/instances.json", image_root="world/train",
                                 borrow_for=list(self.world.novel)).validate()
         if "copy_paste" in self.rows:
@@ -315,16 +316,18 @@ class Loop:
         self.stages.run(name, {"config": to_dict(cfg)}, run, [out], after)
         return out
 
-    def layouts(self, pretrained: str) -> str:
-        """GLIGEN on the pretrained generator, then the layout set it draws from the real scenes."""
-        lr = self.cfg.layout
-        boxes = self.base + self.novel if lr.boxes == "all" else self.base
-        gligen = self.train_generator("gligen", lr.gligen, pretrained, "pretrain_unet",
+    def layouts(self, pretrained: str, row: str) -> tuple[str, str]:
+        """GLIGEN on the pretrained generator, trained on the boxes LAYOUT_ROWS gives `row`, then the
+        layout set it draws from the real scenes: (the set's stage name, its path)."""
+        suffix = row[len("layout"):]
+        boxes = self.base + self.novel if LAYOUT_ROWS[row] == "all" else self.base
+        gligen = self.train_generator(f"gligen{suffix}", self.cfg.layout.gligen, pretrained, "pretrain_unet",
                                       annotations=self.path("world", "pretrain", "instances.json"),
                                       image_root=self.path("world", "pretrain"), base=boxes)
         ann, root = self.split("train")
-        rows = dataclasses.replace(lr.rows, annotations=ann, image_root=root, borrow_for=list(self.novel))
-        return self.generate("layouts", gligen, "all", "layout", ["gligen"], layout=rows)
+        rows = dataclasses.replace(self.cfg.layout.rows, annotations=ann, image_root=root, borrow_for=list(self.novel))
+        name = f"layouts{suffix}"
+        return name, self.generate(name, gligen, "all", "layout", [f"gligen{suffix}"], layout=rows)
 
     def filtered(self, name: str) -> str:
         """Synthetic set `name` again, scored by the world's CLIP: the same prompts and seeds give
@@ -447,8 +450,10 @@ def run_loop(cfg: AblationConfig, log: Callable[[str], None] = lambda m: print(f
                                     max_categories=1, images_per_category=cp.images_per_category)
             pool = loop.pool(objects, ["pretrained_objects"])
             rows["copy_paste"] = loop.detector("copy_paste", [], ["pool"], pool=pool)
-    if "layout" in want:
-        rows["layout"] = loop.detector("layout", [loop.layouts(pretrained)], ["layouts"])
+    for row in LAYOUT_ROWS:
+        if row in want:
+            name, layouts = loop.layouts(pretrained, row)
+            rows[row] = loop.detector(row, [layouts], [name])
     samples = None
     if "fine_tuning" in want:
         # Replay (finetune.replay) draws on the pretraining captions: the base model's own data.
