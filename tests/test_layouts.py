@@ -193,6 +193,13 @@ def test_gligen_loading_refuses_a_plain_sd_folder(tmp_path):
     assert pipe.unet.config.attention_type == "gated"
 
 
+def assert_same_sample(a, i, b, j):
+    """Equal up to float reassociation in batched matmuls (about 1e-5; which kernels a CPU picks
+    for batch 1 and 2 differ between machines), never a different image."""
+    assert np.abs(a.images[i].astype(int) - b.images[j].astype(int)).max() <= 1
+    np.testing.assert_allclose(a.latents[i], b.latents[j], rtol=1e-4, atol=1e-4)
+
+
 def test_gligen_draws_the_boxes_it_is_given(layout_data):
     """The boxes reach the UNet (other boxes, another image), and a sample does not depend on the
     batch it was drawn in."""
@@ -204,7 +211,8 @@ def test_gligen_draws_the_boxes_it_is_given(layout_data):
     rows = list(plan.rows())
     both = draw(pipe, [r.text for r in rows], [r.seed for r in rows], cfg, [r.layout for r in rows], 1.0)
     alone = draw(pipe, [rows[1].text], [rows[1].seed], cfg, [rows[1].layout], 1.0)
-    assert np.array_equal(alone.images[0], both.images[1]) and both.finite.all()
+    assert_same_sample(alone, 0, both, 1)
+    assert both.finite.all()
     moved = draw(pipe, [rows[1].text], [rows[1].seed], cfg, [rows[0].layout], 1.0)
     assert not np.allclose(moved.latents[0], alone.latents[0], atol=1e-3)
     # Scheduled sampling: with beta 0 the gated layers never act, so the boxes change nothing.
@@ -291,7 +299,8 @@ def test_inpainting_keeps_the_source_outside_the_boxes(layout_data, tmp_path):
     cfg = SynthesisConfig(steps=3)
     both = draw(pipe, [r.text for r in rows], [r.seed for r in rows], cfg, [r.layout for r in rows], 1.0, sources)
     alone = draw(pipe, [rows[1].text], [rows[1].seed], cfg, [rows[1].layout], 1.0, sources[1:2])
-    assert np.array_equal(alone.images[0], both.images[1]) and both.finite.all()
+    assert_same_sample(alone, 0, both, 1)
+    assert both.finite.all()
     other = draw(pipe, [rows[1].text], [rows[1].seed], cfg, [rows[1].layout], 1.0, -sources[1:2])
     assert not np.allclose(other.latents[0], alone.latents[0], atol=1e-3)
     # The Synthesizer reads each row's source image itself.
