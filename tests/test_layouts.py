@@ -425,3 +425,23 @@ def test_generate_counts_refused_boxes_in_the_manifest(local_ray, layout_data, t
     records = [json.loads(s["json"]) for s in wds.WebDataset(shard_urls(str(out)), shardshuffle=False)]
     reasons = [r["reason"] for rec in records for r in rec.get("refused", [])]
     assert sorted(reasons) == sorted(k for m in manifest for k, n in m.get("refused", {}).items() for _ in range(n))
+
+
+def test_the_box_check_tells_a_gligen_that_reads_its_boxes_from_one_that_does_not(layout_data):
+    """bench/gligen_grounding.py, the check to run before a layout row: with the gates open the
+    loss moves with the boxes; shut (as a new GLIGEN starts), other boxes give the same loss."""
+    import importlib.util
+    from engine.models.diffusion import load_pipeline
+    spec = importlib.util.spec_from_file_location("gligen_grounding", os.path.join(ROOT, "bench/gligen_grounding.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    x, layouts = bench.load_images(*layout_data[:1], 8, layout_data[1])
+    assert x.shape[0] == len(layouts) > 1 and all(0 <= v <= 1 for boxes, _ in layouts for b in boxes for v in b)
+    pipe = load_pipeline(ModelConfig(), "cpu", layout=True)
+    reads = bench.box_losses(pipe, x, layouts)
+    assert all(abs(o - r) > 1e-7 for o, r in zip(reads["other"], reads["own"]))
+    for name, param in pipe.unet.named_parameters():
+        if name.endswith(("fuser.alpha_attn", "fuser.alpha_dense")):
+            param.data.zero_()
+    shut = bench.box_losses(pipe, x, layouts)
+    assert shut["own"] == shut["other"] == shut["shut"]
