@@ -59,6 +59,7 @@ import json
 import os
 import random
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
@@ -599,7 +600,8 @@ def plot_table(results: dict, path: str) -> str:
         for x, r in zip(xs, order):
             seeds = [100 * m[k] for m in results["rows"][r].get("seeds", {}).values() if m.get(k) is not None]
             ax.scatter([x] * len(seeds), seeds, s=12, color=f"C{j}", edgecolors="black", linewidths=0.5, zorder=3)
-    ax.set_xticks(range(len(order)), [ROW_TITLES[r] for r in order])
+    # Wrapped: the longer row titles ran into each other at this width.
+    ax.set_xticks(range(len(order)), [textwrap.fill(ROW_TITLES[r], 18, break_on_hyphens=False) for r in order])
     ax.set_ylabel("AP50 x 100 on the test split")
     seeds = max(len(results["rows"][r].get("seeds", ())) for r in order)
     ax.set_title(f"{results['name']}: bars are the mean, points the {seeds} detector seed(s)")
