@@ -57,8 +57,11 @@ def load_images(annotations: str, n: int, image_root: str = "") -> tuple[torch.T
 
 @torch.no_grad()
 def box_losses(pipe, x: torch.Tensor, layouts: list[tuple[list, list]]) -> dict[str, list[float]]:
-    """Per timestep band of BANDS, the loss with each image's own boxes, with the next image's
-    boxes, and with the gated layers shut; the same noise and timesteps for all three."""
+    """Per timestep band of BANDS, the loss with each image's own boxes ("own"), with the next
+    image's boxes ("other") and with the gated layers shut ("shut"), the same noise and timesteps
+    for all three; and "moved": how far the other boxes move the predicted noise, as a fraction of
+    its mean size. A loss is a blunt instrument where the boxes matter little; "moved" says whether
+    they reach the output at all."""
     from diffusers import DDPMScheduler
     unet, vae = pipe.unet, pipe.vae
     prompts = ["a photograph of " + " and ".join(dict.fromkeys(labels)) for _, labels in layouts]
@@ -67,20 +70,22 @@ def box_losses(pipe, x: torch.Tensor, layouts: list[tuple[list, list]]) -> dict[
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
 
-    def losses(lays, gated=True) -> list[float]:
+    def predict(lays, gated=True) -> list[torch.Tensor]:
         set_gated_layers(unet, gated)
         tokens = grounding_tokens(pipe.tokenizer, pipe.text_encoder, lays, unet.config.cross_attention_dim)
         out = []
         for i, (lo, hi) in enumerate(BANDS):
             t = torch.randint(lo, hi, (len(lays),), generator=torch.Generator().manual_seed(i))
-            pred = unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=text,
-                        cross_attention_kwargs={"gligen": tokens}).sample
-            out.append(F.mse_loss(pred, noise).item())
+            out.append(unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=text,
+                            cross_attention_kwargs={"gligen": tokens}).sample)
         return out
     try:
-        return {"own": losses(layouts), "other": losses(layouts[1:] + layouts[:1]), "shut": losses(layouts, False)}
+        own, other, shut = predict(layouts), predict(layouts[1:] + layouts[:1]), predict(layouts, False)
     finally:
         set_gated_layers(unet, True)
+    return {"own": [F.mse_loss(p, noise).item() for p in own], "other": [F.mse_loss(p, noise).item() for p in other],
+            "shut": [F.mse_loss(p, noise).item() for p in shut],
+            "moved": [((o - p).abs().mean() / p.abs().mean()).item() for p, o in zip(own, other)]}
 
 
 def main() -> None:
@@ -95,9 +100,9 @@ def main() -> None:
     got = box_losses(pipe, x, layouts)
     gates = [round(float(p.tanh().mean()), 3) for n, p in pipe.unet.named_parameters() if n.endswith("fuser.alpha_attn")]
     print(f"{len(layouts)} images; tanh(alpha_attn) per gated layer: {gates}")
-    print(f"{'timesteps':>10} {'own boxes':>10} {'other boxes':>12} {'gap %':>8} {'gates shut':>11}")
-    for (lo, hi), r, o, c in zip(BANDS, got["own"], got["other"], got["shut"]):
-        print(f"{lo:>4}-{hi:<5} {r:>10.5f} {o:>12.5f} {100 * (o - r) / r:>8.4f} {c:>11.5f}")
+    print(f"{'timesteps':>10} {'own boxes':>10} {'other boxes':>12} {'gap %':>8} {'gates shut':>11} {'moved %':>8}")
+    for (lo, hi), r, o, c, m in zip(BANDS, got["own"], got["other"], got["shut"], got["moved"]):
+        print(f"{lo:>4}-{hi:<5} {r:>10.5f} {o:>12.5f} {100 * (o - r) / r:>8.4f} {c:>11.5f} {100 * m:>8.4f}")
 
 
 if __name__ == "__main__":

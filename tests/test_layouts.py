@@ -428,20 +428,21 @@ def test_generate_counts_refused_boxes_in_the_manifest(local_ray, layout_data, t
 
 
 def test_the_box_check_tells_a_gligen_that_reads_its_boxes_from_one_that_does_not(layout_data):
-    """bench/gligen_grounding.py, the check to run before a layout row: with the gates open the
-    loss moves with the boxes; shut (as a new GLIGEN starts), other boxes give the same loss."""
+    """bench/gligen_grounding.py, the check to run before a layout row: with the gates open other
+    boxes move the prediction; shut (as a new GLIGEN starts), they change nothing."""
     import importlib.util
     from engine.models.diffusion import load_pipeline
     spec = importlib.util.spec_from_file_location("gligen_grounding", os.path.join(ROOT, "bench/gligen_grounding.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    x, layouts = bench.load_images(*layout_data[:1], 8, layout_data[1])
+    ann, root = layout_data
+    x, layouts = bench.load_images(ann, 8, root)
     assert x.shape[0] == len(layouts) > 1 and all(0 <= v <= 1 for boxes, _ in layouts for b in boxes for v in b)
     pipe = load_pipeline(ModelConfig(), "cpu", layout=True)
     reads = bench.box_losses(pipe, x, layouts)
-    assert all(abs(o - r) > 1e-7 for o, r in zip(reads["other"], reads["own"]))
+    assert min(reads["moved"]) > 1e-5  # random weights: about 3e-4, far above float rounding (1e-7)
     for name, param in pipe.unet.named_parameters():
         if name.endswith(("fuser.alpha_attn", "fuser.alpha_dense")):
             param.data.zero_()
     shut = bench.box_losses(pipe, x, layouts)
-    assert shut["own"] == shut["other"] == shut["shut"]
+    assert shut["own"] == shut["other"] == shut["shut"] and shut["moved"] == [0.0] * len(bench.BANDS)
