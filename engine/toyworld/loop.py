@@ -21,10 +21,15 @@ train_detector, evaluate_detector), on a world small enough for a 2-core CPU
       <g>_head_st      grounding head self-trained on novel and base images (EMA teacher),
                        starting from the pretrained generator's supervised head
       <g>_novel_st     novel images labelled by the self-trained head
+      pretrained_<set>_expanded  novel_sup, head_st and novel_st again, the novel images drawn from
+                       prompts a local language model wrote (`expansion`, SmolLM2 by default;
+                       ImaginaryNet, DiverGen: seeds 004, 002); only for the row self_training_expanded
     detectors, all evaluated on the test split (AP50 all / base / novel):
       real_only        real base set
       grounding_head   + pretrained generator's base + novel_sup images
       self_training    + pretrained generator's base + novel_st images
+      self_training_expanded  the same, its novel images from the language model's prompts instead
+                       of the template; a row only when `rows` lists it
       fine_tuning      + fine-tuned generator's base + novel_st images
       synthetic_only   the last synthetic row's images alone, no real image (ImaginaryNet's
                        setting, seed 004); a row only when `rows` lists it
@@ -73,6 +78,7 @@ from engine.config import (
     ConfigError,
     CopyPasteConfig,
     DetectorConfig,
+    ExpandConfig,
     FilterConfig,
     FinetuneConfig,
     GroundingTrainConfig,
@@ -105,8 +111,8 @@ from engine.training.detection import train_detector
 from engine.training.finetune import finetune
 from engine.training.grounding import train_grounding
 
-ROWS = ("real_only", "grounding_head", "self_training", "fine_tuning", "synthetic_only", "synthetic_only_clip",
-        "layout", "layout_base", "copy_paste")
+ROWS = ("real_only", "grounding_head", "self_training", "fine_tuning", "self_training_expanded", "synthetic_only",
+        "synthetic_only_clip", "layout", "layout_base", "copy_paste")
 # The layout rows and the boxes their GLIGEN learns from the pretraining pictures: every category's
 # (as the real GLIGEN learns from grounding data far beyond a detection set), or the base ones
 # alone (what InstaGen's grounding head is allowed to see).
@@ -115,6 +121,7 @@ DEFAULT_ROWS = ROWS[:4]  # table 4's rows; each other row costs one more detecto
 METRICS = ("AP50", "AP50_base", "AP50_novel")
 ROW_TITLES = {"real_only": "real only", "grounding_head": "+ grounding head",
               "self_training": "+ self-training", "fine_tuning": "+ fine-tuning",
+              "self_training_expanded": "+ self-training, prompts by a language model",
               "synthetic_only": "synthetic only (no real image)",
               "synthetic_only_clip": "synthetic only, CLIP-filtered",
               "layout": "+ layouts (GLIGEN)",
@@ -179,6 +186,9 @@ class AblationConfig:
     layout: LayoutRowConfig = field(default_factory=LayoutRowConfig)
     # The synthetic_only_clip row's filter (always on there); its model is the world's CLIP (filled in).
     clip_filter: FilterConfig = field(default_factory=lambda: FilterConfig(enabled=True))
+    # The self_training_expanded row's prompt expansion (on there whatever `enabled` says); the
+    # other rows keep the template (prompts.expand).
+    expansion: ExpandConfig = field(default_factory=ExpandConfig)
 
     def validate(self) -> None:
         self.world.validate()
@@ -194,6 +204,11 @@ class AblationConfig:
                 raise ConfigError("rows: synthetic_only_clip filters with the world's CLIP; set clip.enabled: true "
                                   "(configs/toy_world.yaml has a clip: section to uncomment)")
             dataclasses.replace(self.clip_filter, model="models/clip").validate()
+        if "self_training_expanded" in self.rows:
+            try:
+                dataclasses.replace(self.expansion, enabled=True).validate()
+            except ConfigError as e:  # its checks name the generate config's key
+                raise ConfigError(str(e).replace("prompts.expand.", "expansion.")) from None
         if set(LAYOUT_ROWS) & set(self.rows):
             lr = self.layout
             if lr.gligen.train != "gligen":
@@ -428,7 +443,7 @@ def run_loop(cfg: AblationConfig, log: Callable[[str], None] = lambda m: print(f
     want = set(cfg.rows)
     if "real_only" in want:
         rows["real_only"] = loop.detector("real_only", [], ["world"])
-    if want & {"grounding_head", "self_training", "fine_tuning"}:
+    if want & {"grounding_head", "self_training", "fine_tuning", "self_training_expanded"}:
         base = loop.generate("pretrained_base", pretrained, "base", "detector", ["pretrain_unet", "teacher"])
         head_sup = loop.grounding("pretrained_head_sup", pretrained, base, "", ["pretrained_base"])
     if want & {"grounding_head", "self_training"}:
@@ -451,6 +466,18 @@ def run_loop(cfg: AblationConfig, log: Callable[[str], None] = lambda m: print(f
                                     max_categories=1, images_per_category=cp.images_per_category)
             pool = loop.pool(objects, ["pretrained_objects"])
             rows["copy_paste"] = loop.detector("copy_paste", [], ["pool"], pool=pool)
+    if "self_training_expanded" in want:
+        # The self_training row's stages, the novel images drawn from the language model's texts;
+        # the base images (the teacher's) stay the template's, so the row differs in that alone.
+        expand = dataclasses.replace(cfg.expansion, enabled=True)
+        novel_sup = loop.generate("pretrained_novel_sup_expanded", pretrained, "novel", "grounding_head",
+                                  ["pretrained_head_sup"], head=head_sup, expand=expand)
+        head_st = loop.grounding("pretrained_head_st_expanded", pretrained, base, novel_sup,
+                                 ["pretrained_head_sup", "pretrained_novel_sup_expanded"], init_head=head_sup)
+        novel_st = loop.generate("pretrained_novel_st_expanded", pretrained, "novel", "grounding_head",
+                                 ["pretrained_head_st_expanded"], head=head_st, expand=expand)
+        rows["self_training_expanded"] = loop.detector("self_training_expanded", [base, novel_st],
+                                                       ["pretrained_novel_st_expanded"])
     for row in LAYOUT_ROWS:
         if row in want:
             name, layouts = loop.layouts(pretrained, row)
@@ -494,6 +521,10 @@ def run_loop(cfg: AblationConfig, log: Callable[[str], None] = lambda m: print(f
     results["stages_total_s"] = round(sum(v or 0 for v in results["stages_s"].values()), 1)
     if clip is not None:
         results["clip"] = clip
+    if "self_training_expanded" in rows:  # what the language model wrote, counted and drawn
+        sets = [loop.path("synthetic", f"pretrained_{s}_expanded") for s in ("novel_sup", "novel_st")]
+        results["expansion"] = expansion_summary(sets)
+        results["expanded_png"] = draw_expanded(sets[1], loop.base, loop.path("expanded.png"))
     if "copy_paste" in rows:  # the pool's counts, the segmenter's true IoU, pasted images to look at
         results["pool"] = loop.stages.record["pool"]["result"]
         results["copy_paste_png"] = draw_pasted(loop, loop.path("copy_paste.png"))
@@ -628,6 +659,41 @@ def draw_samples(shard_paths: tuple[str, str], base: list[str], path: str, per_s
                                          for box, label in zip(rec["boxes"], rec["labels"])]))
     if not tiles:
         raise ValueError(f"no generated samples under {shard_paths}")
+    write_file(path, contact_sheet(tiles, columns, side))
+    return path
+
+
+def expansion_summary(sets: list[str], examples: int = 8) -> dict:
+    """Per set, how many rows the language model's text replaced (the rest kept the template), and
+    the first texts it wrote."""
+    out = {}
+    for shards in sets:
+        counts, texts = {"expanded": 0, "fell_back": 0}, []
+        for s in iter_samples(shard_urls(shards), decode=False):
+            rec = json.loads(s["json"])
+            counts[rec["expansion"]["status"]] += 1
+            if rec["expansion"]["status"] == "expanded" and len(texts) < examples:
+                texts.append(rec["prompt"])
+        out[os.path.basename(shards)] = {**counts, "examples": texts}
+    return out
+
+
+def draw_expanded(shards: str, base: list[str], path: str, images: int = 16, side: int = 192,
+                  columns: int = 4) -> str:
+    """A PNG of the first images drawn from the language model's texts, each with its boxes and,
+    under it, the text it was drawn from."""
+    tiles = []
+    for s in iter_samples(shard_urls(shards)):
+        rec = s["json"]
+        if rec["expansion"]["status"] != "expanded":
+            continue
+        tiles.append(Tile(s["jpg"], [(box, label, BASE_COLOUR if label in base else NOVEL_COLOUR)
+                                     for box, label in zip(rec["boxes"], rec["labels"])],
+                          textwrap.wrap(rec["prompt"], 30)[:3]))
+        if len(tiles) == images:
+            break
+    if not tiles:
+        raise ValueError(f"no sample of {shards} was drawn from an expanded prompt")
     write_file(path, contact_sheet(tiles, columns, side))
     return path
 
