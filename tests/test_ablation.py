@@ -371,6 +371,9 @@ def test_bad_row_is_refused():
         load_ablation_config(CONFIG, ["rows=[real_only, copy_paste]"]).validate()
     with pytest.raises(ConfigError, match="copy_paste.images_per_category"):
         load_ablation_config(CONFIG, ["rows=[self_training, copy_paste]", "copy_paste.images_per_category=0"]).validate()
+    # The expanded row's settings are named by their own key, not the generate config's.
+    with pytest.raises(ConfigError, match=r"^expansion.tries must be >= 1, got 0$"):
+        load_ablation_config(CONFIG, ["rows=[self_training_expanded]", "expansion.tries=0"]).validate()
 
 
 def test_draw_only_command(tmp_path, capsys):

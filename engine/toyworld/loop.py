@@ -645,6 +645,11 @@ def plot_table(results: dict, path: str) -> str:
     return path
 
 
+def coloured(boxes: list, labels: list[str], base: list[str]) -> list:
+    """Boxes for a contact sheet: base categories green, novel orange (the paper's figures)."""
+    return [(box, label, BASE_COLOUR if label in base else NOVEL_COLOUR) for box, label in zip(boxes, labels)]
+
+
 def draw_samples(shard_paths: tuple[str, str], base: list[str], path: str, per_set: int = 16,
                  side: int = 192, columns: int = 8) -> str:
     """A PNG of generated images with their boxes: base-category boxes green, novel orange (the
@@ -655,8 +660,7 @@ def draw_samples(shard_paths: tuple[str, str], base: list[str], path: str, per_s
             if i == per_set:
                 break
             rec = s["json"]
-            tiles.append(Tile(s["jpg"], [(box, label, BASE_COLOUR if label in base else NOVEL_COLOUR)
-                                         for box, label in zip(rec["boxes"], rec["labels"])]))
+            tiles.append(Tile(s["jpg"], coloured(rec["boxes"], rec["labels"], base)))
     if not tiles:
         raise ValueError(f"no generated samples under {shard_paths}")
     write_file(path, contact_sheet(tiles, columns, side))
@@ -687,9 +691,7 @@ def draw_expanded(shards: str, base: list[str], path: str, images: int = 16, sid
         rec = s["json"]
         if rec["expansion"]["status"] != "expanded":
             continue
-        tiles.append(Tile(s["jpg"], [(box, label, BASE_COLOUR if label in base else NOVEL_COLOUR)
-                                     for box, label in zip(rec["boxes"], rec["labels"])],
-                          textwrap.wrap(rec["prompt"], 30)[:3]))
+        tiles.append(Tile(s["jpg"], coloured(rec["boxes"], rec["labels"], base), textwrap.wrap(rec["prompt"], 30)[:3]))
         if len(tiles) == images:
             break
     if not tiles:
@@ -715,8 +717,7 @@ def draw_pasted(loop: Loop, path: str, images: int = 16, side: int = 192, column
         with Image.open(os.path.join(root, im["file_name"])) as f:
             pixels = np.asarray(f.convert("RGB"))
         out, boxes, labels, _ = paster(pixels, boxes, [names[a["category_id"]] for a in objects], seed=im["id"])
-        tiles.append(Tile(Image.fromarray(out), [(b, c, BASE_COLOUR if c in loop.base else NOVEL_COLOUR)
-                                                for b, c in zip(boxes, labels)]))
+        tiles.append(Tile(Image.fromarray(out), coloured(boxes, labels, loop.base)))
     write_file(path, contact_sheet(tiles, columns, side))
     return path
 
