@@ -374,6 +374,9 @@ def test_bad_row_is_refused():
     # The expanded row's settings are named by their own key, not the generate config's.
     with pytest.raises(ConfigError, match=r"^expansion.tries must be >= 1, got 0$"):
         load_ablation_config(CONFIG, ["rows=[self_training_expanded]", "expansion.tries=0"]).validate()
+    with pytest.raises(ConfigError, match=r"^clip_filter.min_box_score is a cosine similarity"):
+        load_ablation_config(CONFIG, ["rows=[self_training, synthetic_only_clip]", "clip.enabled=true",
+                                      "clip_filter.min_box_score=2"]).validate()
 
 
 def test_draw_only_command(tmp_path, capsys):

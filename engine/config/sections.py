@@ -92,15 +92,16 @@ class ExpandConfig:
     # text encoder; then the template prompt is used (counted as fell_back).
     tries: int = 3
 
-    def validate(self) -> None:
-        check_template("prompts.expand.instruction", self.instruction, ("names", "prompt"))
-        _require(bool(self.model.strip()), "prompts.expand.model is empty; give a transformers folder, a .gguf file "
+    def validate(self, key: str = "prompts.expand") -> None:
+        """`key`: where this section sits in the config the user wrote, for the messages."""
+        check_template(f"{key}.instruction", self.instruction, ("names", "prompt"))
+        _require(bool(self.model.strip()), f"{key}.model is empty; give a transformers folder, a .gguf file "
                                            "or smollm2")
-        _require(1 <= self.max_new_tokens <= 512, f"prompts.expand.max_new_tokens must lie in [1, 512], "
+        _require(1 <= self.max_new_tokens <= 512, f"{key}.max_new_tokens must lie in [1, 512], "
                                                   f"got {self.max_new_tokens}")
-        _require(self.temperature >= 0, f"prompts.expand.temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        _require(0 < self.top_p <= 1, f"prompts.expand.top_p must lie in (0, 1], got {self.top_p}")
-        _require(self.tries >= 1, f"prompts.expand.tries must be >= 1, got {self.tries}")
+        _require(self.temperature >= 0, f"{key}.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        _require(0 < self.top_p <= 1, f"{key}.top_p must lie in (0, 1], got {self.top_p}")
+        _require(self.tries >= 1, f"{key}.tries must be >= 1, got {self.tries}")
 
 
 @dataclass
@@ -247,15 +248,16 @@ class FilterConfig:
     gpus_per_actor: float = 0.5
     seed: int = 0  # the tiny CLIP's random weights
 
-    def validate(self) -> None:
-        for key in ("min_image_score", "min_box_score"):
-            value = getattr(self, key)
-            _require(-1.0 <= value <= 1.0, f"filter.{key} is a cosine similarity and must lie in [-1, 1] "
+    def validate(self, key: str = "filter") -> None:
+        """`key`: where this section sits in the config the user wrote, for the messages."""
+        for name in ("min_image_score", "min_box_score"):
+            value = getattr(self, name)
+            _require(-1.0 <= value <= 1.0, f"{key}.{name} is a cosine similarity and must lie in [-1, 1] "
                                            f"(-1 refuses nothing), got {value}")
         _require(self.num_actors >= 0 and self.gpus_per_actor > 0,
-                 "filter.num_actors must be >= 0 and filter.gpus_per_actor > 0")
+                 f"{key}.num_actors must be >= 0 and {key}.gpus_per_actor > 0")
         _require(self.model == "tiny" or "://" not in self.model,
-                 f"filter.model {self.model!r} must be 'tiny' or a local folder saved with CLIPModel.save_pretrained "
+                 f"{key}.model {self.model!r} must be 'tiny' or a local folder saved with CLIPModel.save_pretrained "
                  f"and CLIPProcessor.save_pretrained")
 
 

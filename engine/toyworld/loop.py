@@ -203,12 +203,9 @@ class AblationConfig:
             if not self.clip.enabled:
                 raise ConfigError("rows: synthetic_only_clip filters with the world's CLIP; set clip.enabled: true "
                                   "(configs/toy_world.yaml has a clip: section to uncomment)")
-            dataclasses.replace(self.clip_filter, model="models/clip").validate()
+            dataclasses.replace(self.clip_filter, model="models/clip").validate(key="clip_filter")
         if "self_training_expanded" in self.rows:
-            try:
-                dataclasses.replace(self.expansion, enabled=True).validate()
-            except ConfigError as e:  # its checks name the generate config's key
-                raise ConfigError(str(e).replace("prompts.expand.", "expansion.")) from None
+            dataclasses.replace(self.expansion, enabled=True).validate(key="expansion")
         if set(LAYOUT_ROWS) & set(self.rows):
             lr = self.layout
             if lr.gligen.train != "gligen":
