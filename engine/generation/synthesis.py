@@ -19,7 +19,7 @@ from PIL import Image
 
 from engine.config import ExpandConfig, ModelConfig, SynthesisConfig
 from engine.data.datasets import open_image
-from engine.generation.expansion import Expander
+from engine.generation.expansion import Expander, cache_dir
 from engine.generation.layouts import Layout
 from engine.generation.prompts import PromptPlan, PromptSpec
 from engine.models.diffusion import UNetFeatureTap, grounding_tokens, load_pipeline
@@ -189,10 +189,11 @@ class Synthesizer:
         self.generator = generator
         self.batches = 0
         # Prompt expansion (engine.generation.expansion): texts checked against this pipeline's
-        # text encoder window, cached under the output folder.
-        self.expander, self.output = None, output
+        # text encoder window, cached under the output folder or in prompts.expand.cache.
+        self.expander = None
         if expand is not None and expand.enabled and not self.layouts:
             self.expander = Expander(expand, prompts.words, self.pipe.tokenizer, str(self.pipe.unet.device))
+            self.expansions = cache_dir(expand, output)
 
     def __call__(self, row: dict) -> dict:
         index = int(row["shard"])
@@ -201,7 +202,7 @@ class Synthesizer:
             specs = [replace(s, text=t) for s, t in zip(specs, json.loads(row["captions"]))]
         expansion = None
         if self.expander:
-            specs, expansion = self.expander.expand_shard(self.output, index, specs)
+            specs, expansion = self.expander.expand_shard(self.expansions, specs)
         out = {"shard": index, "id": [s.id for s in specs], "seed": [s.seed for s in specs],
                "text": [s.text for s in specs], "categories": [json.dumps(list(s.categories)) for s in specs],
                "model_id": self.model_id, "status": [], "seed_used": [], "jpg": [], "latent": []}

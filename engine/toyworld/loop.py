@@ -466,7 +466,9 @@ def run_loop(cfg: AblationConfig, log: Callable[[str], None] = lambda m: print(f
     if "self_training_expanded" in want:
         # The self_training row's stages, the novel images drawn from the language model's texts;
         # the base images (the teacher's) stay the template's, so the row differs in that alone.
-        expand = dataclasses.replace(cfg.expansion, enabled=True)
+        # One cache for the row's sets: the supervised- and self-trained-head sets draw the same
+        # rows, so the language model writes their texts once.
+        expand = dataclasses.replace(cfg.expansion, enabled=True, cache=loop.path("expansions"))
         novel_sup = loop.generate("pretrained_novel_sup_expanded", pretrained, "novel", "grounding_head",
                                   ["pretrained_head_sup"], head=head_sup, expand=expand)
         head_st = loop.grounding("pretrained_head_st_expanded", pretrained, base, novel_sup,
