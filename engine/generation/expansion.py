@@ -36,10 +36,14 @@ def cache_dir(cfg: ExpandConfig, output: str) -> str:
     return cfg.cache or f"{output.rstrip('/')}/expansions"
 
 
+def settings(cfg: ExpandConfig) -> dict:
+    """What decides the texts: every setting but where they are cached."""
+    return {k: v for k, v in asdict(cfg).items() if k != "cache"}
+
+
 def shard_key(cfg: ExpandConfig, specs: list[PromptSpec]) -> str:
-    """What decides a shard's texts: its rows and the settings (not where the texts are kept)."""
-    settings = {k: v for k, v in asdict(cfg).items() if k != "cache"}
-    return fingerprint({"expand": settings, "rows": [[s.id, s.seed, s.text] for s in specs]})
+    """What decides a shard's texts: its rows and the settings."""
+    return fingerprint({"expand": settings(cfg), "rows": [[s.id, s.seed, s.text] for s in specs]})
 
 
 def cache_path(folder: str, key: str) -> str:

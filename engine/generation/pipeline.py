@@ -19,7 +19,7 @@ from engine.config import Config, fingerprint
 from engine.data.shards import ShardError, ShardStore, ShardWriter
 from engine.generation.annotation import Annotator, build_labeller, check_labeller
 from engine.generation.captions import Captioner, caption_pool
-from engine.generation.expansion import uncached
+from engine.generation.expansion import settings as expansion_settings, uncached
 from engine.generation.filter import QualityFilter, plan_filter_pool
 from engine.generation.generators import check_generators, generators, planned_images, shard_owners, split_pool
 from engine.generation.layouts import make_plan
@@ -72,8 +72,8 @@ def run_fingerprint(cfg: Config, plan: PromptPlan) -> str:
     # Prompt expansion only when on, so that outputs without it keep their fingerprints.
     prompts = {k: v for k, v in asdict(cfg.prompts).items()
                if not (k == "expand" and not cfg.prompts.expand.enabled or k == "extra" and not v)}
-    if "expand" in prompts:  # where its texts are cached decides nothing
-        prompts["expand"] = {k: v for k, v in prompts["expand"].items() if k != "cache"}
+    if "expand" in prompts:
+        prompts["expand"] = expansion_settings(cfg.prompts.expand)
     # A build with several generators: the list, shares included (which decide the assignment of
     # shards), in place of the one model, so that single-model outputs keep their fingerprints.
     models = ({"models": [asdict(g) for g in cfg.models]} if cfg.models is not None
