@@ -14,7 +14,7 @@ import torch
 from engine.config import ModelConfig, PromptConfig, RayConfig, SynthesisConfig
 from engine.data.datasets import ImageRecord, SkipReport
 from engine.config import Config, FinetuneConfig, TrainRunConfig
-from engine.training.finetune import (NO_OBJECT, TOO_SMALL, crop_names, crop_scale, decode_crops, make_prompt, plan_crop, plan_samples, prepare, visible_fraction)
+from engine.training.finetune import (NO_LAYOUT, NO_OBJECT, TOO_SMALL, crop_names, crop_scale, decode_crops, make_prompt, plan_crop, plan_samples, prepare, visible_fraction)
 from conftest import ray_with_env
 from fixtures_coco import load_json, make_coco_dataset, write_json
 
@@ -193,6 +193,25 @@ def test_gligen_rows_carry_each_whole_image_with_its_boxes(coco):
         assert r["prompt"] == make_prompt(list(dict.fromkeys(layout["labels"])), fc.template)
         assert r["scale"] == 0.5 and r["x0"] == r["y0"] == 0
     assert any(not r["prompt"] for r in rows) and any(r["prompt"] for r in rows)
+
+
+def test_boxes_only_rows_keep_their_boxes_without_a_caption(coco):
+    """GLIGEN learns to draw from its boxes when some rows give it nothing else: boxes_only empties
+    the caption of a seeded fraction beside caption_dropout's rows, which lose both."""
+    tmp, ann, root = coco
+    kw = dict(train="gligen", num_workers=1, max_steps=200, batch_size=2)
+    _, kept, _, _ = prepare(_cfg(tmp, ann, root, **kw))
+    _, rows, _, _ = prepare(_cfg(tmp, ann, root, caption_dropout=0.2, boxes_only=0.4, **kw))
+    both = [r["prompt"] == "" and r["layout"] == NO_LAYOUT for r in rows]
+    boxes = [r["prompt"] == "" and r["layout"] != NO_LAYOUT for r in rows]
+    assert 0.14 < np.mean(both) < 0.26 and 0.33 < np.mean(boxes) < 0.47
+    assert all(r["layout"] == k["layout"] for r, k, b in zip(rows, kept, both) if not b)
+    with pytest.raises(ValueError, match="boxes_only keeps the boxes"):
+        prepare(_cfg(tmp, ann, root, boxes_only=0.5, num_workers=1))
+    with pytest.raises(ValueError, match="caption_dropout \\+ boxes_only below 1"):
+        prepare(_cfg(tmp, ann, root, caption_dropout=0.5, boxes_only=0.5, **kw))
+    with pytest.raises(ValueError, match="finetune.gate"):
+        prepare(_cfg(tmp, ann, root, gate=-0.1, **kw))
 
 
 def test_caption_dropout_empties_a_seeded_fraction_of_prompts(coco):

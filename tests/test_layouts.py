@@ -245,6 +245,34 @@ def test_a_plain_unet_gains_closed_gates_and_keeps_its_weights():
     assert torch.equal(plain, closed) and not torch.allclose(plain, opened)
 
 
+def test_the_phrase_norm_folds_into_the_box_encoder_exactly():
+    """GLIGEN trains its box encoder on phrase embeddings centred on the dataset's categories and
+    saves it folded, taking raw embeddings as every GLIGEN pipeline gives them: the folded encoder
+    on raw embeddings must give what the trained one gave on centred ones, absent boxes included."""
+    import torch
+    from engine.models.diffusion import build_tiny_pipeline, fold_phrase_norm, gated_unet, grounding_tokens, phrase_norm
+    pipe = build_tiny_pipeline(ModelConfig().tiny)
+    names = ["red square", "blue disc", "green square"]
+    mean, scale = phrase_norm(pipe.tokenizer, pipe.text_encoder, names)
+    dim = pipe.unet.config.cross_attention_dim
+    layouts = [([[0.1, 0.1, 0.5, 0.6], [0.2, 0.3, 0.9, 0.8]], names[:2]), ([[0.0, 0.5, 0.4, 1.0]], ["a word never seen"])]
+    centred = grounding_tokens(pipe.tokenizer, pipe.text_encoder, layouts, dim, (mean, scale))
+    raw = grounding_tokens(pipe.tokenizer, pipe.text_encoder, layouts, dim)
+    every = grounding_tokens(pipe.tokenizer, pipe.text_encoder, [([[0, 0, 1, 1]] * 3, names)], dim, (mean, scale))
+    e = every["positive_embeddings"][0, :3]  # the categories' own, centred: mean 0, RMS 1
+    assert torch.allclose(e.mean(0), torch.zeros(dim), atol=1e-5) and e.pow(2).mean().sqrt().item() == pytest.approx(1)
+    gated = gated_unet(pipe.unet, gate=0.1)
+    assert all(p.item() == pytest.approx(0.1) for n, p in gated.named_parameters() if n.endswith("fuser.alpha_attn"))
+    net = gated.position_net
+    with torch.no_grad():
+        for p in net.parameters():  # a trained encoder, not the zero-initialised null features
+            p.add_(torch.randn_like(p) * 0.1)
+        trained = net(**centred)
+        fold_phrase_norm(gated, mean, scale)
+        folded = net(**raw)
+    assert centred["masks"].sum() == 3 and torch.allclose(trained, folded, atol=1e-5)
+
+
 def test_postprocess_keeps_category_names_and_limits_length():
     from engine.generation.captions import postprocess
     assert postprocess("  a dog\tlying on   grass ", ["dog"], 10, "x") == "a dog lying on grass"

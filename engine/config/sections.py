@@ -447,6 +447,12 @@ class FinetuneConfig:
     # has an unconditional prediction to push away from. SD learnt one in pretraining (0 keeps
     # it as it is); a generator trained from scratch needs about 0.1 or guidance draws noise.
     caption_dropout: float = 0.0
+    # GLIGEN only. boxes_only: a further fraction of the rows loses its caption and keeps its
+    # boxes, so that the gated layers must draw what the boxes say (GLIGEN trains with the caption
+    # dropped half the time). gate: where the gates start, tanh(gate) open; at 0 the UNet draws as
+    # before until training opens them, but its box encoder learns nothing while they are shut.
+    boxes_only: float = 0.0
+    gate: float = 0.0
     # Replay: this fraction of the crop rows is replaced by image-caption pairs from
     # replay_captions (a COCO captions JSON of data like the base model's own). Fine-tuning on
     # base crops alone makes the generator forget what they never show, the novel categories

@@ -152,22 +152,42 @@ def build_tiny_pipeline(cfg: TinyModelConfig, layout: bool = False, inpaint: boo
                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-def grounding_tokens(tokenizer, text_encoder, layouts: Sequence[tuple[Sequence, Sequence[str]]], dim: int) -> dict:
+def phrase_embeddings(tokenizer, text_encoder, phrases: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Each phrase's pooled text embedding (CPU, float32). Phrases are padded to the tokenizer's
+    full length, so that a phrase's embedding does not depend on the other phrases of the batch
+    (CLIP's pooled token is its end token; its attention is causal)."""
+    phrases = sorted(set(phrases))
+    if not phrases:
+        return {}
+    tok = tokenizer(phrases, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").to(text_encoder.device)
+    with torch.no_grad():
+        return dict(zip(phrases, text_encoder(**tok).pooler_output.float().cpu()))
+
+
+def phrase_norm(tokenizer, text_encoder, phrases: Sequence[str]) -> tuple[torch.Tensor, float]:
+    """The mean of the phrases' pooled embeddings and the RMS of their differences from it. A text
+    encoder's pooled embeddings of category names share most of their direction (cosine 0.6-0.93
+    between the toy world's), so a fresh box encoder fed them raw cannot tell the boxes apart;
+    centred and scaled by these it can (docs/benchmarks.md, the GLIGEN section)."""
+    e = torch.stack(list(phrase_embeddings(tokenizer, text_encoder, phrases).values()))
+    mean = e.mean(0)
+    return mean, float((e - mean).pow(2).mean().sqrt()) or 1.0
+
+
+def grounding_tokens(tokenizer, text_encoder, layouts: Sequence[tuple[Sequence, Sequence[str]]], dim: int,
+                     norm: Optional[tuple[torch.Tensor, float]] = None) -> dict:
     """GLIGEN's grounding input (its UNet's cross_attention_kwargs["gligen"]), on the CPU, for
     layouts given as (normalised xyxy boxes, a phrase per box): per sample up to 30 boxes, each
-    with the pooled text embedding of its phrase, and a mask of the boxes present. Phrases are
-    padded to the tokenizer's full length, so that a phrase's embedding does not depend on the
-    other phrases of the batch (CLIP's pooled token is its end token; its attention is causal)."""
+    with the pooled text embedding of its phrase (minus norm's mean, over its scale, when given),
+    and a mask of the boxes present."""
     n = len(layouts)
     boxes = torch.zeros(n, GLIGEN_MAX_OBJECTS, 4)
     embeddings = torch.zeros(n, GLIGEN_MAX_OBJECTS, dim)
     masks = torch.zeros(n, GLIGEN_MAX_OBJECTS)
-    phrases = sorted({p for _, labels in layouts for p in labels})
-    if phrases:
-        tok = tokenizer(phrases, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").to(text_encoder.device)
-        with torch.no_grad():
-            pooled = dict(zip(phrases, text_encoder(**tok).pooler_output.float().cpu()))
+    pooled = phrase_embeddings(tokenizer, text_encoder, [p for _, labels in layouts for p in labels])
+    if norm is not None:
+        pooled = {p: (e - norm[0]) / norm[1] for p, e in pooled.items()}
     for i, (bxs, labels) in enumerate(layouts):
         k = min(len(bxs), GLIGEN_MAX_OBJECTS)
         if k:
@@ -177,15 +197,30 @@ def grounding_tokens(tokenizer, text_encoder, layouts: Sequence[tuple[Sequence, 
     return {"boxes": boxes, "positive_embeddings": embeddings, "masks": masks}
 
 
+@torch.no_grad()
+def fold_phrase_norm(unet, mean: torch.Tensor, scale: float) -> None:
+    """Folds a phrase_norm a GLIGEN UNet was trained with into its box encoder's first layer (and
+    its learnt stand-in for an absent phrase), so that it takes raw pooled embeddings as every
+    GLIGEN pipeline gives them: W (e - mean) / scale + b = (W / scale) e + (b - W mean / scale)."""
+    net = unet.position_net
+    first, n = net.linears[0], net.positive_len
+    w = first.weight[:, :n]
+    mean = mean.to(w.device, w.dtype)
+    first.bias -= w @ mean / scale
+    first.weight[:, :n] = w / scale
+    net.null_positive_feature.copy_(net.null_positive_feature * scale + mean)
+
+
 def is_gligen_param(name: str) -> bool:
     """The parameters GLIGEN adds to a UNet: the gated self-attention layers and the box encoder."""
     return ".fuser." in name or name.startswith("position_net.")
 
 
-def gated_unet(unet):
+def gated_unet(unet, gate: float = 0.0):
     """GLIGEN's UNet from a plain one: the same weights plus the gated self-attention layers and
-    the box encoder, with the gates closed (tanh(0) = 0): it draws as the plain one until
-    training opens them, as GLIGEN starts from a pretrained Stable Diffusion."""
+    the box encoder, the gates at `gate`. At 0 (tanh(0) = 0) it draws as the plain one until
+    training opens them, as GLIGEN starts from a pretrained Stable Diffusion; but while they are
+    shut the box encoder gets no gradient at all, and a small opening lets both learn at once."""
     from diffusers import UNet2DConditionModel
     gated = UNet2DConditionModel.from_config({**unet.config, "attention_type": "gated"})
     missing, unexpected = gated.load_state_dict(unet.state_dict(), strict=False)
@@ -194,7 +229,7 @@ def gated_unet(unet):
                              f"{[k for k in missing if not is_gligen_param(k)][:3]}")
     for name, param in gated.named_parameters():
         if name.endswith(("fuser.alpha_attn", "fuser.alpha_dense")):
-            param.data.zero_()
+            param.data.fill_(gate)
     return gated.to(unet.device, unet.dtype)
 
 

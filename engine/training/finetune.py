@@ -22,7 +22,9 @@ Stages:
 * `train: gligen` makes a layout-conditioned generator (GLIGEN): the UNet gains gated
   self-attention layers and a box encoder (engine.models.diffusion.gated_unet), the only
   parameters trained, on whole images centre-cut with their boxes, each box's phrase its category
-  name; the pipeline is written as a StableDiffusionGLIGENPipeline, which layout rows load.
+  name; the box encoder sees the phrases' pooled embeddings centred on the dataset's categories
+  (phrase_norm), folded into its first layer when saved; the pipeline is written as a plain
+  StableDiffusionGLIGENPipeline, which layout rows load.
 * driver: the base pipeline with the trained (EMA, if enabled) UNet, written with
   `save_pretrained` to `output_dir` (via a temporary folder, so no half-written pipeline is ever
   left there); `engine.models.diffusion.load_pipeline(ModelConfig(source=output_dir))` loads it.
@@ -64,10 +66,12 @@ from engine.data.datasets import (
 from engine.models.diffusion import (
     FINETUNED_FROM,
     PromptEmbeddings,
+    fold_phrase_norm,
     gated_unet,
     grounding_tokens,
     is_gligen_param,
     load_pipeline,
+    phrase_norm,
 )
 from engine.runtime.cache import ByteBudgetCache
 from engine.runtime.cluster import connect, quiet_data_context
@@ -263,13 +267,15 @@ def plan_layout_samples(records: list[ImageRecord], fc: FinetuneConfig, n_sample
 
 def drop_captions(rows: list[dict], fc: FinetuneConfig) -> list[dict]:
     """Empties the prompt (and the layout, for GLIGEN) of a seeded caption_dropout fraction of the
-    planned rows: the unconditional prediction classifier-free guidance needs, which sees neither.
-    Done in the plan, not in the worker, so that a resumed run trains on the same prompts."""
-    if fc.caption_dropout == 0:
+    planned rows: the unconditional prediction classifier-free guidance needs, which sees neither;
+    and the prompt alone of a further boxes_only fraction (GLIGEN). Done in the plan, not in the
+    worker, so that a resumed run trains on the same prompts."""
+    if fc.caption_dropout == 0 and fc.boxes_only == 0:
         return rows
-    drop = np.random.default_rng([fc.seed, 1]).random(len(rows)) < fc.caption_dropout
+    draw = np.random.default_rng([fc.seed, 1]).random(len(rows))  # one draw per row decides both
     empty = {"prompt": "", **({"layout": NO_LAYOUT} if rows and "layout" in rows[0] else {})}
-    return [{**r, **empty} if d else r for r, d in zip(rows, drop)]
+    return [{**r, **empty} if u < fc.caption_dropout else {**r, "prompt": ""}
+            if u < fc.caption_dropout + fc.boxes_only else r for r, u in zip(rows, draw)]
 
 
 def mix_replay(rows: list[dict], fc: FinetuneConfig, skipped: SkipReport) -> list[dict]:
@@ -416,7 +422,8 @@ def train_loop(config: dict) -> None:
     for m in (text_encoder, unet) if train_vae else (vae, text_encoder):
         m.requires_grad_(False).eval().to(device, frozen_dtype)
     if train_gligen:  # only what GLIGEN adds is trained; the UNet's own weights stay as they are
-        unet = gated_unet(unet)
+        unet = gated_unet(unet, fc.gate)
+        norm = (torch.tensor(config["phrase_norm"]["mean"]), config["phrase_norm"]["scale"])
         for name, param in unet.named_parameters():
             param.requires_grad_(is_gligen_param(name))
             if param.dim() == 0:  # GLIGEN's gates; DeepSpeed's broadcast views each parameter as bytes, not a 0-d one
@@ -471,7 +478,7 @@ def train_loop(config: dict) -> None:
         kwargs = {}
         if train_gligen:
             tokens = grounding_tokens(pipe.tokenizer, text_encoder, [(lay["boxes"], lay["labels"]) for lay in layouts],
-                                      unet.config.cross_attention_dim)
+                                      unet.config.cross_attention_dim, norm)
             kwargs["cross_attention_kwargs"] = {"gligen": {k: v.to(device, dtype) for k, v in tokens.items()}}
         return latents, text, noise, t, kwargs
 
@@ -555,6 +562,11 @@ def _check_config(fc: FinetuneConfig, base: list[str]) -> None:
          "and their boxes) and leave finetune.captions and finetune.replay unset")
     need(fc.kl_weight >= 0, f"finetune.kl_weight must be >= 0, got {fc.kl_weight}")
     need(0.0 <= fc.caption_dropout < 1.0, f"finetune.caption_dropout must lie in [0, 1), got {fc.caption_dropout}")
+    need(fc.boxes_only == 0 or fc.train == "gligen", "finetune.boxes_only keeps the boxes of rows whose caption it "
+         f"empties: it needs finetune.train=gligen (got {fc.train!r})")
+    need(0.0 <= fc.boxes_only and fc.caption_dropout + fc.boxes_only < 1.0,
+         f"finetune.boxes_only must be >= 0 and caption_dropout + boxes_only below 1, got {fc.boxes_only}")
+    need(0.0 <= fc.gate <= 1.0, f"finetune.gate (where GLIGEN's gates start) must lie in [0, 1], got {fc.gate}")
     need(0.0 <= fc.replay < 1.0, f"finetune.replay must lie in [0, 1), got {fc.replay}")
     need(fc.replay == 0 or (fc.replay_captions and fc.annotations),
          "finetune.replay needs finetune.replay_captions (a COCO captions JSON of data like the base model's) "
@@ -648,6 +660,10 @@ def finetune(cfg: Any) -> TrainSummary:
     data = data.map_batches(decode_crops, fn_kwargs={"size": fc.crop_size}, batch_size=fc.batch_size,
                             batch_format="numpy", num_cpus=fc.run.data_cpus)
     loop_cfg = {"finetune": dataclasses.asdict(fc), "model": dataclasses.asdict(cfg.model)}
+    if fc.train == "gligen":  # the box encoder learns on phrase embeddings centred on the dataset's categories
+        mean, scale = phrase_norm(base_pipe.tokenizer, base_pipe.text_encoder,
+                                  [p for r in rows for p in json.loads(r["layout"])["labels"]])
+        loop_cfg["phrase_norm"] = {"mean": mean.tolist(), "scale": scale}
     result = fit(train_loop, loop_cfg, fc.run, {"train": data}, "fine-tuning")
     metrics = result.metrics or {}
     for reason, n in (metrics.get("decode_skips") or {}).items():
@@ -662,6 +678,7 @@ def finetune(cfg: Any) -> TrainSummary:
         base_pipe.vae.register_to_config(scaling_factor=latent_scaling_factor(base_pipe.vae, rows, fc.crop_size))
     elif fc.train == "gligen":
         base_pipe = gligen_pipeline(base_pipe, state)
+        fold_phrase_norm(base_pipe.unet, mean, scale)  # the saved GLIGEN takes raw embeddings, as any GLIGEN
     else:
         base_pipe.unet.load_state_dict(state)
     _save_pipeline(base_pipe, fc.output_dir, cfg.model.source)
@@ -701,7 +718,7 @@ def base_of(cfg: Any) -> list[str]:
 # What a resumed run must share with the run that wrote the checkpoints; max_steps, workers,
 # checkpoint_every and the like may change between the two.
 _RUN_KEYS = ("annotations", "captions", "train", "kl_weight", "format", "crop_size", "min_visible_fraction", "template",
-             "name_template", "joiner", "caption_dropout", "replay", "replay_captions", "ema")
+             "name_template", "joiner", "caption_dropout", "boxes_only", "gate", "replay", "replay_captions", "ema")
 
 
 def _check_same_run(cfg: Any, fc: FinetuneConfig, base: list[str]) -> None:
