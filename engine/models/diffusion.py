@@ -157,12 +157,14 @@ def phrase_embeddings(tokenizer, text_encoder, phrases: Sequence[str]) -> dict[s
     full length, so that a phrase's embedding does not depend on the other phrases of the batch
     (CLIP's pooled token is its end token; its attention is causal)."""
     phrases = sorted(set(phrases))
-    if not phrases:
-        return {}
-    tok = tokenizer(phrases, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").to(text_encoder.device)
-    with torch.no_grad():
-        return dict(zip(phrases, text_encoder(**tok).pooler_output.float().cpu()))
+    out: dict[str, torch.Tensor] = {}
+    for i in range(0, len(phrases), 256):  # LVIS's 1,203 names in a few batches
+        chunk = phrases[i:i + 256]
+        tok = tokenizer(chunk, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").to(text_encoder.device)
+        with torch.no_grad():
+            out.update(zip(chunk, text_encoder(**tok).pooler_output.float().cpu()))
+    return out
 
 
 def phrase_norm(tokenizer, text_encoder, phrases: Sequence[str]) -> tuple[torch.Tensor, float]:

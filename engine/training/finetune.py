@@ -718,7 +718,10 @@ def base_of(cfg: Any) -> list[str]:
 # What a resumed run must share with the run that wrote the checkpoints; max_steps, workers,
 # checkpoint_every and the like may change between the two.
 _RUN_KEYS = ("annotations", "captions", "train", "kl_weight", "format", "crop_size", "min_visible_fraction", "template",
-             "name_template", "joiner", "caption_dropout", "boxes_only", "gate", "replay", "replay_captions", "ema")
+             "name_template", "joiner", "caption_dropout", "replay", "replay_captions", "ema")
+# GLIGEN's own; with them in its fingerprint, a GLIGEN run started before its phrase embeddings
+# were centred (they were raw) is not resumed on centred ones. Other runs keep their fingerprint.
+_GLIGEN_KEYS = ("boxes_only", "gate")
 
 
 def _check_same_run(cfg: Any, fc: FinetuneConfig, base: list[str]) -> None:
@@ -727,7 +730,8 @@ def _check_same_run(cfg: Any, fc: FinetuneConfig, base: list[str]) -> None:
     import fsspec
 
     want = {"fingerprint": fingerprint({"model": dataclasses.asdict(cfg.model), "base": base,
-                                        **{k: getattr(fc, k) for k in _RUN_KEYS}, "zero_stage": fc.run.zero_stage})}
+                                        **{k: getattr(fc, k) for k in _RUN_KEYS + (_GLIGEN_KEYS if fc.train == "gligen" else ())},
+                                        "zero_stage": fc.run.zero_stage})}
     path = f"{fc.run.storage_path.rstrip('/')}/{fc.run.name}/instagen_run.json"
     if "://" not in path:
         path = os.path.abspath(os.path.expanduser(path))
