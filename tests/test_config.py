@@ -142,3 +142,27 @@ def test_trainer_sections_are_checked_by_their_job(override, key):
     cfg = load_config("configs/tiny.yaml", ok + [override])  # a later override wins
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         cfg.detector.validate()
+
+
+def test_a_late_key_at_its_default_keeps_recorded_fingerprints():
+    # A key added to a section after runs were recorded (engine.config.sections.late): at its
+    # default the section's fingerprint is the one recorded before the key existed, so finished
+    # stages stay finished and half-done runs resume; set, it is a different run.
+    import dataclasses
+    from engine.config import DetectorConfig, fingerprint, from_dict, to_dict
+    from engine.config.sections import late
+
+    @dataclasses.dataclass
+    class Before:
+        lr: float = 1e-4
+
+    @dataclasses.dataclass
+    class After:
+        lr: float = 1e-4
+        ema: bool = late(False)
+
+    assert fingerprint(to_dict(After())) == fingerprint(to_dict(Before()))
+    assert fingerprint(to_dict(After(ema=True))) != fingerprint(to_dict(Before()))
+    d = DetectorConfig()
+    assert "ema" not in to_dict(d) and to_dict(DetectorConfig(ema=True))["ema"] is True
+    assert from_dict(DetectorConfig, to_dict(d)) == d

@@ -373,3 +373,34 @@ def test_job_reports_bad_config_in_one_line(tmp_path, capsys):
     assert err.startswith("error:") and "detector.synthetic" in err and "\n" not in err
     assert main(["--config", str(path), "detector.kind=yolo"]) == 2
     assert "detector.kind 'yolo' is unknown" in capsys.readouterr().err
+
+
+def test_ema_weights_are_the_saved_detector(local_ray, tmp_path):
+    # With detector.ema the saved detector is the average the checkpoint holds, not the last step's
+    # weights; the average is carried in each checkpoint, so a resumed run continues it.
+    from safetensors.torch import load_file
+    cfg = base_config(tmp_path, n_real=8, epochs=2, lr=1e-3, mix_ratio=0.0, ema=True, ema_decay=0.9)
+    summary = train_detector(cfg)
+    ema, last = (load_file(os.path.join(summary.checkpoint, f)) for f in ("ema.safetensors", "model.safetensors"))
+    saved = dict(load_trained(cfg).model.named_parameters())  # the folder as generation and evaluation load it
+    assert ema.keys() == saved.keys() and all(torch.equal(saved[k], ema[k]) for k in ema)
+    assert any(not torch.equal(ema[k], last[k]) for k in ema)
+    with pytest.raises(ConfigError, match="detector.ema_decay must lie in"):
+        base_config(tmp_path, mix_ratio=0.0, ema_decay=1.0).validate()
+
+
+def test_shuffled_batches_depend_on_the_rows_and_seed_alone():
+    # The same 50 rows arriving in batches of 3 or of 7 (as a stream's timing might deal them): the
+    # same shuffled batches. Every row at most once, the 2 that a short batch would hold left out.
+    from engine.training.detection import shuffled_batches
+    rows = np.arange(50)
+
+    def stream(size):
+        return ({"x": rows[i:i + size], "s": np.array([f"r{v}" for v in rows[i:i + size]])} for i in range(0, 50, size))
+    a, b = (list(shuffled_batches(stream(n), 4, 16, seed=7)) for n in (3, 7))
+    assert len(a) == 12 and all(np.array_equal(p["x"], q["x"]) and list(p["s"]) == list(q["s"]) for p, q in zip(a, b))
+    drawn = np.concatenate([p["x"] for p in a])
+    assert len(set(drawn.tolist())) == 48 and list(a[0]["s"]) == [f"r{v}" for v in a[0]["x"]]
+    assert not np.array_equal(drawn, np.sort(drawn))  # mixed, not passed through
+    other = np.concatenate([p["x"] for p in shuffled_batches(stream(3), 4, 16, seed=8)])
+    assert not np.array_equal(drawn, other)

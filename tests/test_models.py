@@ -65,6 +65,17 @@ def test_tiny_pipeline_is_deterministic_per_seed():
     assert not torch.equal(a.unet.conv_in.weight, other.unet.conv_in.weight)
 
 
+def test_fine_attention_puts_attention_and_gated_layers_at_the_finest_level():
+    # SD's layout: cross-attention (and in a GLIGEN UNet the gated layers that read boxes) at the
+    # latent's full resolution, a plain block at the coarsest; the default is the other way round.
+    for fine, first in ((False, "DownBlock2D"), (True, "CrossAttnDownBlock2D")):
+        unet = build_tiny_pipeline(TinyModelConfig(block_out_channels=[32, 64, 128], fine_attention=fine), layout=True).unet
+        down, up = unet.config.down_block_types, unet.config.up_block_types
+        assert down[0] == first and list(up) == [b.replace("Down", "Up") for b in reversed(down)]
+        gated = [n for n, _ in unet.named_parameters() if n.endswith("fuser.alpha_attn")]
+        assert any(n.startswith("down_blocks.0.") for n in gated) == fine and len(gated) == 7
+
+
 def test_prompt_embeddings_match_the_pipeline_and_stay_bounded(reference):
     # Training asks for the same prompts over and over; the remembered embeddings must be the
     # ones synthesis conditions on, whatever batch a prompt comes in.

@@ -5,6 +5,7 @@ to a default.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -183,8 +184,17 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     return value
 
 
-def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+def to_dict(cfg: Any) -> Any:
+    """A config as plain data (dataclasses.asdict, less `late` fields at their defaults: see
+    engine.config.sections.late): what stage and run fingerprints are made of."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+                if not (f.metadata.get("late") and getattr(cfg, f.name) == f.default)}
+    if isinstance(cfg, (list, tuple)):
+        return type(cfg)(to_dict(v) for v in cfg)
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return copy.deepcopy(cfg)
 
 
 def fingerprint(obj: Any) -> str:

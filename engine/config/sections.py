@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import string
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import fsspec
 
@@ -31,11 +31,21 @@ def _require(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def late(default: Any) -> Any:
+    """A config field added after runs were recorded: while it holds `default` it is left out of
+    to_dict, so the fingerprints of stages and runs recorded before it existed still match (and
+    from_dict gives it back its default). A new key at its default resumes, it does not redo."""
+    return field(default=default, metadata={"late": True})
+
+
 @dataclass
 class TinyModelConfig:
     """Sizes of the tiny randomly initialised Stable Diffusion used on CPU and in tests."""
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
     layers_per_block: int = 1
+    # Where attention (and GLIGEN's gated layers) sits: false = every level but the finest, true =
+    # every level but the coarsest, as in SD, so boxes are read at the latent's full resolution.
+    fine_attention: bool = late(False)
     cross_attention_dim: int = 32
     attention_head_dim: int = 8
     vae_block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
@@ -562,6 +572,10 @@ class DetectorConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 0
     clip: float = 0.1  # Deformable DETR's gradient clipping
+    # An exponential moving average of the weights (diffusers' EMAModel, its decay warmed up as
+    # min(ema_decay, (1 + step) / (10 + step))); the saved detector is the average.
+    ema: bool = late(False)
+    ema_decay: float = late(0.99)
     batch_size: int = 4  # per worker
     epochs: int = 1
     max_steps: int = 0  # > 0 caps the total steps (smoke runs, benchmarks)
@@ -588,6 +602,7 @@ class DetectorConfig:
         _require(self.attention in DETECTOR_ATTENTION,
                  f"detector.attention must be one of {', '.join(DETECTOR_ATTENTION)}, got {self.attention!r}")
         _require(0.0 <= self.mix_ratio <= 1.0, f"detector.mix_ratio must lie in [0, 1], got {self.mix_ratio}")
+        _require(0.0 < self.ema_decay < 1.0, f"detector.ema_decay must lie in (0, 1), got {self.ema_decay}")
         _require(self.mix_ratio == 0.0 or bool(self.synthetic),
                  f"detector.mix_ratio={self.mix_ratio} asks for synthetic samples but detector.synthetic "
                  f"names no shard path; set detector.synthetic=[path] or detector.mix_ratio=0")

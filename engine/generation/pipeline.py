@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-from engine.config import Config, fingerprint
+from engine.config import Config, fingerprint, to_dict
 from engine.data.shards import ShardError, ShardStore, ShardWriter
 from engine.generation.annotation import Annotator, build_labeller, check_labeller
 from engine.generation.captions import Captioner, caption_pool
@@ -76,8 +76,8 @@ def run_fingerprint(cfg: Config, plan: PromptPlan) -> str:
         prompts["expand"] = expansion_settings(cfg.prompts.expand)
     # A build with several generators: the list, shares included (which decide the assignment of
     # shards), in place of the one model, so that single-model outputs keep their fingerprints.
-    models = ({"models": [asdict(g) for g in cfg.models]} if cfg.models is not None
-              else {"model": asdict(cfg.model)})
+    models = ({"models": [to_dict(g) for g in cfg.models]} if cfg.models is not None
+              else {"model": to_dict(cfg.model)})
     return fingerprint({**models, "prompts": prompts,
                         "categories": [plan.categories, plan.counts, plan.words] + ([plan.extra] if plan.extra else []),
                         "synthesis": {k: v for k, v in asdict(cfg.synthesis).items()

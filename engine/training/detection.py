@@ -34,7 +34,7 @@ import random
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -66,6 +66,7 @@ from engine.training.runner import (
     deepspeed_config,
     deepspeed_engine,
     fit,
+    load_tensors,
     read_meta,
     report,
     restore_checkpoint,
@@ -401,6 +402,28 @@ def collate(batch: dict, image_mean, image_std) -> dict:
             "pasted": [json.loads(p) for p in batch["pasted"]] if "pasted" in batch else []}
 
 
+def shuffled_batches(stream: Iterable[dict], batch_size: int, buffer_rows: int, seed: int) -> Iterator[dict]:
+    """Batches of `batch_size` rows drawn at random from a buffer of `buffer_rows` rows that the
+    stream of numpy batches refills row by row; the rows a last, short batch would hold are left
+    out. Each draw is decided by the row count alone, so the same stream and seed give the same
+    batches however the stream arrives. (Ray Data's local shuffle draws from whatever blocks have
+    arrived when a batch is asked for: timing decides, and one detector seed trained two ways.)"""
+    rng = np.random.default_rng(seed)
+    pending: list[tuple[dict, int]] = []  # (stream batch, row)
+
+    def draw() -> dict:
+        picked = [pending.pop(j) for j in sorted(rng.choice(len(pending), batch_size, replace=False), reverse=True)]
+        return {key: np.stack([b[key][r] for b, r in picked]) for key in picked[0][0]}
+
+    for b in stream:
+        for r in range(len(next(iter(b.values())))):
+            pending.append((b, r))
+            if len(pending) == buffer_rows + batch_size:
+                yield draw()
+    while len(pending) >= batch_size:
+        yield draw()
+
+
 # --------------------------------------------------------------------------------------------
 # Training
 
@@ -416,6 +439,14 @@ def train_loop_per_worker(config: dict) -> None:
     det = build_detector(cfg.kind, cfg.model, categories, cfg.image_size, cfg.attention, cfg.tiny)
     device = ray.train.torch.get_device() if cfg.run.use_gpu else torch.device("cpu")
     det.model.to(device).train()
+    ema = ema_state = None
+    if cfg.ema:  # fp32 copies, made before DeepSpeed casts the module
+        from diffusers.training_utils import EMAModel
+        names = [n for n, _ in det.model.named_parameters()]
+        ema = EMAModel(det.model.parameters(), decay=cfg.ema_decay)
+
+        def ema_state() -> dict:
+            return {"ema": dict(zip(names, ema.shadow_params))}
     engine = deepspeed_engine(det.model, deepspeed_config(
         cfg.run.zero_stage, cfg.lr, cfg.weight_decay, cfg.warmup_steps, total, cfg.run.bf16,
         batch_per_worker=cfg.batch_size, clip=cfg.clip))
@@ -423,6 +454,11 @@ def train_loop_per_worker(config: dict) -> None:
 
     def on_load(directory: str, meta: dict) -> None:
         history.update(meta["extra"])
+        if ema is not None:
+            state = load_tensors(directory, "ema")
+            for shadow, name in zip(ema.shadow_params, names):
+                shadow.copy_(state[name])
+            ema.optimization_step = int(meta["step"])
 
     step = restore_checkpoint(engine, on_load=on_load)
     dtype = torch.bfloat16 if cfg.run.bf16 else torch.float32
@@ -431,20 +467,23 @@ def train_loop_per_worker(config: dict) -> None:
         seen, pasted = Counter(), Counter()
         start = time.time()
         # The buffer mixes a shard's synthetic samples with real ones; seeded, as the rows are.
-        batches = ray.train.get_dataset_shard(dataset_name(rank, epoch)).iter_torch_batches(
-            batch_size=cfg.batch_size, drop_last=True, local_shuffle_buffer_size=4 * cfg.batch_size,
-            local_shuffle_seed=random.Random(f"{cfg.seed}/{epoch}/{rank}").getrandbits(32),
-            collate_fn=lambda b: collate(b, det.image_mean, det.image_std))
-        for i, batch in enumerate(batches):
+        stream = ray.train.get_dataset_shard(dataset_name(rank, epoch)).iter_batches(
+            batch_size=cfg.batch_size, batch_format="numpy")
+        batches = shuffled_batches(stream, cfg.batch_size, 4 * cfg.batch_size,
+                                   random.Random(f"{cfg.seed}/{epoch}/{rank}").getrandbits(32))
+        for i, rows in enumerate(batches):
             if i < done_in_epoch:
                 continue  # resumed mid-epoch: these batches were trained on before the checkpoint
             if step >= total or i >= steps_per_epoch:
                 break
+            batch = collate(rows, det.image_mean, det.image_std)
             labels = [{k: v.to(device) for k, v in t.items()} for t in batch["labels"]]
             out = engine(pixel_values=batch["pixel_values"].to(device, dtype),
                          pixel_mask=batch["pixel_mask"].to(device), labels=labels)
             engine.backward(out.loss)
             engine.step()
+            if ema is not None:
+                ema.step(engine.module.parameters())
             step += 1
             seen.update(batch["sources"])
             pasted.update(c for cats in batch["pasted"] for c in cats)
@@ -462,7 +501,8 @@ def train_loop_per_worker(config: dict) -> None:
                     by_cat = all_reduce(torch.tensor([pasted[c] for c in categories], device=device)).tolist()
                     history["epochs"][-1]["pasted"] = {c: int(n) for c, n in zip(categories, by_cat) if n}
                 metrics.update(history["epochs"][-1])
-            report(metrics, engine, step, cfg.run.checkpoint_every, extra=history, last=step == total)
+            report(metrics, engine, step, cfg.run.checkpoint_every, extra=history, last=step == total,
+                   tensors=ema_state)
 
 
 def _finite(loss: float) -> float:
@@ -515,6 +555,10 @@ def train_detector(cfg: DetectorConfig, ray_cfg: Optional[RayConfig] = None) -> 
     with result.checkpoint.as_directory() as d:
         meta = read_meta(d)
         det.model.load_state_dict(load_file(os.path.join(d, MODEL_FILE)))
+        if cfg.ema:  # by parameter, not load_state_dict: a tied weight has one parameter, two keys
+            params = dict(det.model.named_parameters())
+            for name, value in load_tensors(d, "ema").items():
+                params[name].data.copy_(value)
     history = meta["extra"]
     losses = history.get("losses", [])
     summary = TrainSummary(os.path.abspath(cfg.output_dir), int(meta["step"]), result.checkpoint.path,

@@ -48,6 +48,7 @@ from engine.config import (
     ModelConfig,
     fingerprint,
     from_dict,
+    to_dict,
 )
 from engine.config.sections import GLIGEN_MAX_OBJECTS, check_template
 from engine.data.datasets import (
@@ -729,7 +730,7 @@ def _check_same_run(cfg: Any, fc: FinetuneConfig, base: list[str]) -> None:
     (they would silently continue from another model or dataset)."""
     import fsspec
 
-    want = {"fingerprint": fingerprint({"model": dataclasses.asdict(cfg.model), "base": base,
+    want = {"fingerprint": fingerprint({"model": to_dict(cfg.model), "base": base,
                                         **{k: getattr(fc, k) for k in _RUN_KEYS + (_GLIGEN_KEYS if fc.train == "gligen" else ())},
                                         "zero_stage": fc.run.zero_stage})}
     path = f"{fc.run.storage_path.rstrip('/')}/{fc.run.name}/instagen_run.json"
