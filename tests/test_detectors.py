@@ -379,8 +379,14 @@ def test_ema_weights_are_the_saved_detector(local_ray, tmp_path):
     # With detector.ema the saved detector is the average the checkpoint holds, not the last step's
     # weights; the average is carried in each checkpoint, so a resumed run continues it.
     from safetensors.torch import load_file
-    cfg = base_config(tmp_path, n_real=8, epochs=2, lr=1e-3, mix_ratio=0.0, ema=True, ema_decay=0.9)
-    summary = train_detector(cfg)
+    # A run begun without the average (1 epoch), resumed with it (2), resumed again (3): the average
+    # starts at the restored weights, then is read back from the checkpoint.
+    cfg = base_config(tmp_path, n_real=8, epochs=1, lr=1e-3, mix_ratio=0.0)
+    train_detector(cfg)
+    for epochs in (2, 3):
+        cfg = DetectorConfig(**{**cfg.__dict__, "epochs": epochs, "ema": True, "ema_decay": 0.9})
+        summary = train_detector(cfg)
+    assert summary.steps == 6  # 2 steps an epoch (8 real images, batch 4)
     ema, last = (load_file(os.path.join(summary.checkpoint, f)) for f in ("ema.safetensors", "model.safetensors"))
     saved = dict(load_trained(cfg).model.named_parameters())  # the folder as generation and evaluation load it
     assert ema.keys() == saved.keys() and all(torch.equal(saved[k], ema[k]) for k in ema)

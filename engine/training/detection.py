@@ -454,8 +454,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     def on_load(directory: str, meta: dict) -> None:
         history.update(meta["extra"])
-        if ema is not None:
-            state = load_tensors(directory, "ema")
+        if ema is not None:  # a run begun without the average starts it at the restored weights
+            state = load_tensors(directory, "ema") or {n: p.detach() for n, p in det.model.named_parameters()}
             for shadow, name in zip(ema.shadow_params, names):
                 shadow.copy_(state[name])
             ema.optimization_step = int(meta["step"])
@@ -555,9 +555,10 @@ def train_detector(cfg: DetectorConfig, ray_cfg: Optional[RayConfig] = None) -> 
     with result.checkpoint.as_directory() as d:
         meta = read_meta(d)
         det.model.load_state_dict(load_file(os.path.join(d, MODEL_FILE)))
-        if cfg.ema:  # by parameter, not load_state_dict: a tied weight has one parameter, two keys
+        average = load_tensors(d, "ema") if cfg.ema else None
+        if average:  # by parameter, not load_state_dict: a tied weight has one parameter, two keys
             params = dict(det.model.named_parameters())
-            for name, value in load_tensors(d, "ema").items():
+            for name, value in average.items():
                 params[name].data.copy_(value)
     history = meta["extra"]
     losses = history.get("losses", [])
