@@ -109,7 +109,9 @@ def build_tiny_pipeline(cfg: TinyModelConfig, layout: bool = False, inpaint: boo
     from transformers import CLIPTextConfig, CLIPTextModel
 
     n = len(cfg.block_out_channels)
-    blocks = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1)  # finest level first
+    down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1)  # finest level first
+    if cfg.fine_attention:
+        down = down[::-1]
     # Every actor builds the same random weights, without disturbing the caller's random state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -117,8 +119,7 @@ def build_tiny_pipeline(cfg: TinyModelConfig, layout: bool = False, inpaint: boo
             sample_size=8, in_channels=inpaint_channels(cfg.latent_channels) if inpaint else cfg.latent_channels,
             out_channels=cfg.latent_channels,
             block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
-            down_block_types=blocks[::-1] if cfg.fine_attention else blocks,
-            up_block_types=tuple(b.replace("Down", "Up") for b in (blocks if cfg.fine_attention else blocks[::-1])),
+            down_block_types=down, up_block_types=tuple(b.replace("Down", "Up") for b in reversed(down)),
             cross_attention_dim=cfg.cross_attention_dim, attention_head_dim=cfg.attention_head_dim,
             norm_num_groups=min(32, min(cfg.block_out_channels)), attention_type="gated" if layout else "default")
         if layout:
