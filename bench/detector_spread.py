@@ -21,8 +21,7 @@ import random
 import statistics
 
 from engine.evaluation.metrics import evaluate_coco
-from engine.runtime.cluster import connect
-from engine.toyworld.loop import METRICS, Loop, load_ablation_config
+from engine.toyworld.loop import METRICS, Loop, load_ablation_config, seed_summary
 
 
 def bootstrap_sd(test: dict, detections: list[dict], base: list[str], novel: list[str], times: int) -> list[float]:
@@ -71,8 +70,9 @@ def main() -> None:
 
     cfg = load_ablation_config(a.config, [f"workdir={a.out}", *a.overrides])
     loop = Loop(cfg, print)
-    connect(cfg.ray)
-    row = loop.detector("real_only", [], ["world"])
+    loop.detector("real_only", [], ["world"])
+    done = loop.run()
+    row = seed_summary({seed: done[name] for seed, name in loop.rows["real_only"].items()})
     with open(os.path.join(world, "test", "instances.json")) as f:
         test = json.load(f)
     print(f"\nreal_only, {len(row['seeds'])} seeds, overrides: {' '.join(a.overrides) or 'none'}")

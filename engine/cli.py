@@ -7,8 +7,8 @@
     instagen train-grounding --config ...
     instagen train-detector --config ...
     instagen evaluate --gt ... --detections ... --out ...
-    instagen toy-world --config configs/toy_world.yaml
     instagen recipe --config configs/coco_ovd.yaml [--dry-run] [--from STAGE] [--only STAGE]
+    instagen toy-world (= instagen recipe --config configs/toy_world.yaml) [the same flags]
 
 Each `jobs/<step>.py` is the same sub-command as a script for `ray job submit`. Every error a
 user can cause (engine.errors.UserError) ends as one line on stderr and exit status 2.
@@ -20,7 +20,8 @@ import os
 import sys
 from typing import Optional
 
-from engine.config import load_config
+from engine.config import ConfigError, load_config
+from engine.config.loader import load_yaml
 from engine.config.sections import check_output_path
 from engine.errors import UserError
 from engine.evaluation.detector import check_evaluation_inputs, evaluate_detector
@@ -39,7 +40,8 @@ from engine.generation.layouts import make_plan
 from engine.models.clip import check_clip_folder
 from engine.models.open_vocab import KINDS as OPEN_VOCAB, check_open_vocab_folder
 from engine.recipe import STAGES, Recipe
-from engine.toyworld.loop import load_ablation_config, run_loop
+from engine.runtime.stages import run_plan
+from engine.toyworld.loop import load_ablation_config, plan_loop, run_loop
 from engine.toyworld.world import draw_world
 from engine.training.detection import train_detector
 from engine.training.finetune import finetune, prepare, summary_lines
@@ -153,21 +155,53 @@ def cmd_toy_world(args) -> None:
         summary = draw_world(os.path.join(cfg.workdir, "world"), cfg.world)
         print(f"[toy-world] world drawn: {summary['splits']} -> {summary['path']}")
         return
-    results = run_loop(cfg, rerun=args.rerun, keep=args.keep)
+    if args.dry_run:
+        cfg.validate()
+        loop = plan_loop(cfg, print)
+        print(f"config {args.config} is valid: {len(cfg.world.base)} base and {len(cfg.world.novel)} novel "
+              f"categories, rows {', '.join(cfg.rows)}, {len(cfg.detector_seeds)} detector seed(s), "
+              f"work folder {loop.ws}")
+        status = run_plan(loop.plan, loop.ws, print, dry=True, **run_flags(args))
+        print("\n".join(f"  {name:<32} {what}" for name, what in status.items()))
+        return
+    results = run_loop(cfg, **run_flags(args))
+    if "ran" in results:
+        print(f"[toy-world] stage {results['ran']} done")
+        return
     print(results["table"])
     print(f"[toy-world] {results['wall_s'] / 60:.1f} min ({results['stages_total_s'] / 60:.1f} min of stages, "
           f"earlier runs included); results {os.path.join(cfg.workdir, 'results.json')}"
           + (f", samples {results['samples_png']}" if results.get("samples_png") else ""))
 
 
+def run_flags(args) -> dict:
+    """The runner's flags (engine.runtime.stages.run_plan) as given on the command line."""
+    return {"rerun_from": args.rerun_from, "only": args.only, "rerun": args.rerun, "keep": args.keep}
+
+
+def declares_world(path: Optional[str]) -> bool:
+    """Whether config `path` is a toy world's (it has a `world:` section). A file that cannot be
+    read is not: loading it as a recipe config then names the problem."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = load_yaml(f.read(), path)
+    except (OSError, UnicodeDecodeError, UserError, TypeError):
+        return False
+    return isinstance(raw, dict) and "world" in raw
+
+
 def cmd_recipe(args) -> None:
+    if declares_world(args.config):  # the toy world is one config of the recipe runner
+        return cmd_toy_world(args)
+    if args.draw_only:
+        raise ConfigError(f"--draw-only draws a toy world; {args.config} is a recipe config (it has no world: section)")
     recipe = Recipe(load_config(args.config, args.overrides))  # checks every input and path; writes nothing
     if args.dry_run:
         print(f"config {args.config} is valid: {len(recipe.base)} base and {len(recipe.novel)} novel categories, "
               f"work folder {recipe.ws}")
-        print("\n".join(recipe.plan_lines()))
+        print("\n".join(recipe.plan_lines(**run_flags(args))))
         return
-    results = recipe.run(rerun_from=args.rerun_from, only=args.only)
+    results = recipe.run(**run_flags(args))
     if "table" in results:
         print(results["table"])
         print(f"[recipe] {results['wall_s'] / 60:.1f} min; results {os.path.join(recipe.ws, 'results.json')}")
@@ -235,25 +269,26 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", required=True, help="directory for the report")
     v.add_argument("--name", default="report", help="report file name (default: report)")
 
-    t = command("toy-world", cmd_toy_world, "the InstaGen loop on a drawn world: table 4 in miniature",
-                config="configs/toy_world.yaml")
-    t.add_argument("--draw-only", action="store_true", help="draw the world and stop")
-    t.add_argument("--rerun", action="append", default=[], metavar="STAGE",
-                   help="run this finished stage again, and the stages after it (e.g. after a code change); repeatable")
-    t.add_argument("--keep", action="append", default=[], metavar="STAGE",
-                   help="count this finished stage as done under changed settings (a change that cannot touch it, "
-                        "e.g. a new config key at its default); repeatable")
-    t.add_argument("overrides", nargs="*", help="key=value or section.key=value, e.g. world.train_images=200")
+    def runner(p) -> None:  # the recipe runner's flags (engine.runtime.stages.run_plan), for both commands
+        p.add_argument("--dry-run", action="store_true",
+                       help="check every input and print the stages and what a run would do with each; run nothing")
+        p.add_argument("--from", dest="rerun_from", default=None, metavar="STAGE",
+                       help="run this stage again, and every stage after it")
+        p.add_argument("--only", default=None, metavar="STAGE",
+                       help="run only this stage (those before it must have finished)")
+        p.add_argument("--rerun", action="append", default=[], metavar="STAGE",
+                       help="run this finished stage again, and the stages that read its outputs; repeatable")
+        p.add_argument("--keep", action="append", default=[], metavar="STAGE",
+                       help="count this finished stage as done under changed settings (a change that "
+                            "cannot touch it, e.g. a new config key at its default); repeatable")
+        p.add_argument("--draw-only", action="store_true", help="toy world: draw the world and stop")
+        p.add_argument("overrides", nargs="*", help="key=value or section.key=value, e.g. real.fraction=0.1")
 
-    r = command("recipe", cmd_recipe, "the InstaGen recipe on a real dataset, stage by stage, resumable: "
-                                      f"{' -> '.join(STAGES)}", config="configs/coco_ovd.yaml")
-    r.add_argument("--dry-run", action="store_true",
-                   help="check every input and print the stages, their images and GPU-hours; run nothing")
-    r.add_argument("--from", dest="rerun_from", default=None, metavar="STAGE",
-                   help="run this stage again, and every stage after it")
-    r.add_argument("--only", default=None, metavar="STAGE",
-                   help="run only this stage (those before it must have finished)")
-    r.add_argument("overrides", nargs="*", help="key=value or section.key=value, e.g. real.fraction=0.1")
+    runner(command("toy-world", cmd_toy_world, "the InstaGen loop on a drawn world: table 4 in miniature "
+                      "(the recipe runner with a toy-world config)", config="configs/toy_world.yaml"))
+    runner(command("recipe", cmd_recipe, "the InstaGen recipe on a real dataset, stage by stage, resumable: "
+                      f"{' -> '.join(STAGES)}; a toy-world config (with a world: section) runs the toy world",
+                      config="configs/coco_ovd.yaml"))
     return parser
 
 

@@ -36,7 +36,7 @@ import os
 import random
 import sys
 import time
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 from engine.config import (
     Config,
@@ -59,7 +59,7 @@ from engine.generation.generators import single_model
 from engine.generation.pipeline import generate
 from engine.generation.prompts import PromptPlan
 from engine.models.diffusion import check_source
-from engine.runtime.stages import Stages
+from engine.runtime.stages import Stage, Stages, run_plan
 from engine.runtime.storage import parse_once, read_json, write_file
 from engine.training.detection import train_detector
 from engine.training.finetune import finetune
@@ -278,14 +278,17 @@ class Recipe:
             return "recipe.synthetic_only is off"
         return ""
 
-    def plan(self) -> list[dict]:
-        """Each stage: whether it runs, and for generation stages the images per category group and
-        the GPU-hours at cfg.images_per_s (docs/scale.md: N / (r * u) / 3600)."""
+    def plan(self, **flags) -> list[dict]:
+        """Each stage: what a run with `flags` (run_plan's) would do with it (WORKDIR/stages.json),
+        and for generation stages the images per category group and the GPU-hours at
+        cfg.images_per_s (docs/scale.md: N / (r * u) / 3600)."""
         out = []
-        for stage in STAGES:
-            row: dict = {"stage": stage, "skipped": self.skipped(stage)}
-            if stage in GENERATION_STAGES and not row["skipped"]:
-                p = self.plans[stage]
+        stages = self.stages()
+        status = run_plan(stages, self.ws, self.log, dry=True, **flags)
+        for stage in stages:
+            row: dict = {"stage": stage.name, "skipped": stage.skipped, "status": status[stage.name]}
+            if stage.name in GENERATION_STAGES and not row["skipped"]:
+                p = self.plans[stage.name]
                 groups: dict[str, int] = {}
                 for cat, n in zip(p.categories, p.counts):
                     split = "base" if cat in p.base else "novel"
@@ -293,7 +296,7 @@ class Recipe:
                     groups[key] = groups.get(key, 0) + n
                 row |= {"images": len(p), "categories": len(p.categories), "groups": dict(sorted(groups.items())),
                         "gpu_hours": len(p) / (self.cfg.recipe.images_per_s * self.cfg.recipe.utilisation) / 3600,
-                        "also": self.generation_extras(stage)}
+                        "also": self.generation_extras(stage.name)}
             out.append(row)
         return out
 
@@ -304,84 +307,75 @@ class Recipe:
             ([f"CLIP filter {g.filter.model}"] if g.filter.enabled else []) + \
             ([f"masks by {g.masks.model}"] if g.masks.enabled else [])
 
-    def plan_lines(self) -> list[str]:
+    def plan_lines(self, **flags) -> list[str]:
         lines, total = [], 0.0
-        for row in self.plan():
+        for row in self.plan(**flags):
             if row["skipped"]:
                 lines.append(f"  {row['stage']:<10} skipped: {row['skipped']}")
                 continue
             if "images" in row:
-                total += row["gpu_hours"]
+                done = row["status"] == "done earlier"
+                total += 0 if done else row["gpu_hours"]
                 groups = ", ".join(f"{k} {v}" for k, v in row["groups"].items())
                 lines.append(f"  {row['stage']:<10} {row['images']} images of {row['categories']} categories "
                              f"({groups}); {row['gpu_hours']:.1f} GPU-hours"
-                             + "".join(f"; {step}" for step in row["also"]))
+                             + "".join(f"; {step}" for step in row["also"]) + ("; done earlier" if done else ""))
             else:
-                lines.append(f"  {row['stage']:<10} runs")
-        lines.append(f"  generation: {total:.1f} GPU-hours at {self.cfg.recipe.images_per_s} images/s per GPU and "
+                lines.append(f"  {row['stage']:<10} {row['status']}")
+        lines.append(f"  generation: {total:.1f} GPU-hours to run at {self.cfg.recipe.images_per_s} images/s per GPU and "
                      f"{self.cfg.recipe.utilisation:.0%} utilisation (docs/scale.md)")
         return lines
 
     # -- the stages ----------------------------------------------------------------------------
 
-    def run(self, rerun_from: Optional[str] = None, only: Optional[str] = None) -> dict:
-        if rerun_from and only:
-            raise ConfigError("--from runs a stage and those after it, --only one stage; choose one")
-        for flag, stage in (("--from", rerun_from), ("--only", only)):
-            if stage is not None and stage not in STAGES:
-                raise ConfigError(f"{flag} {stage}: no such stage; the stages are {', '.join(STAGES)}")
-        for flag, stage in (("--from", rerun_from), ("--only", only)):
-            if stage is not None and self.skipped(stage):
-                raise ConfigError(f"{flag} {stage}: the config skips it ({self.skipped(stage)})")
-        started = time.time()
-        previous = Stages(self.ws, lambda m: None).finished()
-        # --from: that stage runs again, and with it every finished stage after it.
-        rerun = [s for s in STAGES[STAGES.index(rerun_from):] if s in previous] if rerun_from else []
-        stages = Stages(self.ws, self.log, rerun=rerun, only=only)
+    def stages(self) -> list[Stage]:
+        """The recipe as declared stages, in STAGES' order; those the config skips say why."""
         c = self.cfg
-        run = {}
-
-        def stage(name: str, inputs, fn, outputs: list[str], after: list[str]) -> Optional[dict]:
-            if only is not None and STAGES.index(name) > STAGES.index(only):
-                return None
-            run[name] = stages.run(name, inputs, fn, outputs, [a for a in after if a in run])
-            return run[name]
-
         renamed = {b: r for b, r in self.real_name.items() if r != b}  # only then: older runs keep their keys
-        stage("real", {"real": to_dict(c.recipe.real), "base": self.base} | ({"real_name": renamed} if renamed else {}),
-              self.write_real, [self.path("real")], [])
-        if not c.recipe.have.generator:
+        plan = [Stage("real", {"real": to_dict(c.recipe.real), "base": self.base}
+                      | ({"real_name": renamed} if renamed else {}), self.write_real, [self.path("real")])]
+        if not self.skipped("finetune"):
             fcfg = self.finetune_config()
 
             def tune() -> dict:
                 s = finetune(fcfg)
                 return {"steps": s.steps, "final_loss": s.metrics.get("loss")}
-            stage("finetune", {"finetune": to_dict(fcfg.finetune), "model": to_dict(fcfg.model)}, tune,
-                  [fcfg.finetune.output_dir, self.path("ray", "finetune")], ["real"])
-        if not c.recipe.have.teacher:
-            stage(*self._detector_stage("teacher", self.detector_config("teacher", c.recipe.teacher, []), ["real"]))
-        if not c.recipe.have.synthetic and self.novel:
-            stage(*self._generate_stage("base", "", ["finetune", "teacher"]))
-            stage(*self._generate_stage("novel_raw", "", ["finetune"]))
-            stage(*self._grounding_stage("head_sup", "", "", ["base"]))
-            stage(*self._grounding_stage("head_st", self.path("synthetic", "novel_raw"),
-                                         self.path("models", "head_sup"), ["head_sup", "novel_raw"]))
-        if not c.recipe.have.synthetic:
+            plan.append(Stage("finetune", {"finetune": to_dict(fcfg.finetune), "model": to_dict(fcfg.model)}, tune,
+                              [fcfg.finetune.output_dir, self.path("ray", "finetune")], ["real"]))
+        if not self.skipped("teacher"):
+            plan.append(self._detector_stage("teacher", self.detector_config("teacher", c.recipe.teacher, []),
+                                             ["real"]))
+        if not self.skipped("base"):
+            plan += [self._generate_stage("base", "", ["finetune", "teacher"]),
+                     self._generate_stage("novel_raw", "", ["finetune"]),
+                     self._grounding_stage("head_sup", "", "", ["base"]),
+                     self._grounding_stage("head_st", self.path("synthetic", "novel_raw"),
+                                           self.path("models", "head_sup"), ["head_sup", "novel_raw"])]
+        if not self.skipped("final"):
             head = self.path("models", "head_st") if self.novel else ""
-            stage(*self._generate_stage("final", head, ["finetune", "head_st", "teacher"]))
+            plan.append(self._generate_stage("final", head, ["finetune", "head_st", "teacher"]))
         synthetic_keys = {"have_synthetic": list(c.recipe.have.synthetic)}
         for name, dc in self.detectors().items():
-            stage(*self._detector_stage(name, dc, ["real", "final"], synthetic_keys))
+            plan.append(self._detector_stage(name, dc, ["real", "final"], synthetic_keys))
         sets = self.eval_sets()
-        results = stage("evaluate", {k: to_dict(v) for k, v in sets.items()}, lambda: self.evaluate(sets),
-                        [self.path("eval")], list(self.detectors()))
+        plan.append(Stage("evaluate", {k: to_dict(v) for k, v in sets.items()}, lambda: self.evaluate(sets),
+                          [self.path("eval")], list(self.detectors())))
+        declared = {s.name for s in plan}
+        return [next(s for s in plan if s.name == n) if n in declared else Stage(n, skipped=self.skipped(n))
+                for n in STAGES]
+
+    def run(self, rerun_from: Optional[str] = None, only: Optional[str] = None, rerun: Iterable[str] = (),
+            keep: Iterable[str] = ()) -> dict:
+        """The stages (engine.runtime.stages.run_plan), then WORKDIR/results.json and the table."""
+        started = time.time()
+        results = run_plan(self.stages(), self.ws, self.log, rerun_from=rerun_from, only=only, rerun=rerun, keep=keep)
         if only is not None and only != "evaluate":
-            return {"name": c.name, "ran": only}
+            return {"name": self.cfg.name, "ran": only}
         record = Stages(self.ws, lambda m: None).record
-        out = {"name": c.name, "results": results, "base": self.base, "novel": self.novel,
-               "real": record["real"]["result"], "stages_s": {k: v.get("seconds") for k, v in record.items()},
+        out = {"name": self.cfg.name, "results": results["evaluate"], "base": self.base, "novel": self.novel,
+               "real": results["real"], "stages_s": {k: v.get("seconds") for k, v in record.items()},
                "wall_s": round(time.time() - started, 1)}
-        out["table"] = format_results(results)
+        out["table"] = format_results(results["evaluate"])
         write_file(self.path("results.json"), json.dumps(out, indent=2).encode())
         return out
 
@@ -439,7 +433,7 @@ class Recipe:
             s = generate(cfg)
             return {"images": s.images, "boxes": s.boxes, "dropped": s.dropped, "shards_written": s.shards_written,
                     "images_per_s": s.images_per_s}
-        return name, {"config": to_dict(cfg)}, run, [cfg.output.path], after
+        return Stage(name, {"config": to_dict(cfg)}, run, [cfg.output.path], after)
 
     def _grounding_stage(self, name: str, novel_shards: str, init_head: str, after: list[str]):
         gc = self.grounding_config(name, novel_shards, init_head)
@@ -448,13 +442,14 @@ class Recipe:
         def run() -> dict:
             s = train_grounding(gc, model, self.cfg.ray)
             return {"steps": s.steps, "loss": s.metrics.get("loss")}
-        return name, {"grounding": to_dict(gc), "model": to_dict(model)}, run, \
-            [gc.output, self.path("ray", name)], after
+        return Stage(name, {"grounding": to_dict(gc), "model": to_dict(model)}, run,
+                     [gc.output, self.path("ray", name)], after)
 
     def _detector_stage(self, name: str, dc: DetectorConfig, after: list[str], inputs: Optional[dict] = None):
         def run() -> dict:
             return {"steps": train_detector(dc, self.cfg.ray).steps}
-        return name, {"detector": to_dict(dc), **(inputs or {})}, run, [dc.output_dir, self.path("ray", name)], after
+        return Stage(name, {"detector": to_dict(dc), **(inputs or {})}, run, [dc.output_dir, self.path("ray", name)],
+                     after)
 
     def evaluate(self, sets: dict[str, DetectorConfig]) -> dict:
         results = {}

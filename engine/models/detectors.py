@@ -268,7 +268,7 @@ def _rt_detr(model: str, categories: list[str], image_size: int, tiny: TinyDetec
             decoder_in_channels=[tiny.d_model] * 3,
             encoder_ffn_dim=tiny.ffn_dim, decoder_ffn_dim=tiny.ffn_dim, encoder_attention_heads=tiny.heads,
             decoder_attention_heads=tiny.heads, decoder_layers=tiny.decoder_layers,
-            num_queries=tiny.num_queries, decoder_n_points=tiny.n_points, num_denoising=0,
+            num_queries=tiny.num_queries, decoder_n_points=tiny.n_points, num_denoising=tiny.num_denoising,
             **_labels(categories))
         net = _seeded(tiny.seed, lambda: RTDetrForObjectDetection(config))
     else:

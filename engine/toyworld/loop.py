@@ -52,9 +52,14 @@ train_detector, evaluate_detector), on a world small enough for a 2-core CPU
                             colour segmenter, whose true IoU on drawn objects is recorded
         pool                the masked objects' cut-outs (engine.generation.pool)
 
-Each stage records a fingerprint of its inputs in WORKDIR/stages.json: a rerun skips stages that
-finished with the same inputs, and a stage interrupted half-way resumes through its job's own
-resume (trainer checkpoints, finished shards). A stage whose inputs changed starts over.
+    random_boxes       the chance row: random boxes of the objects' sizes on the test split
+
+`plan_loop` declares these stages (engine.runtime.stages.Stage) and `run_loop` runs them through
+the recipe's runner (run_plan: --from, --only, --rerun, --keep; with dry=True what a run would do, for --dry-run), then
+writes the table. Each stage records a fingerprint of its inputs in WORKDIR/stages.json: a rerun
+skips stages that finished with the same inputs, and a stage interrupted half-way resumes through
+its job's own resume (trainer checkpoints, finished shards). A stage whose inputs changed starts
+over.
 """
 from __future__ import annotations
 
@@ -101,8 +106,7 @@ from engine.evaluation.metrics import evaluate_coco
 from engine.generation.pipeline import generate
 from engine.generation.pool import build_pool
 from engine.models.segmenter import build_segmenter
-from engine.runtime.cluster import connect
-from engine.runtime.stages import Stages
+from engine.runtime.stages import Stage, run_plan
 from engine.runtime.storage import write_file
 from engine.toyworld.world import IMAGE_NAME, WorldConfig, draw_scene, draw_world, object_masks
 from engine.training.clip import train_clip
@@ -245,14 +249,23 @@ class AblationConfig:
 class Loop:
     """The stages of the module docstring, with their paths under cfg.workdir."""
 
-    def __init__(self, cfg: AblationConfig, log: Callable[[str], None], rerun: Iterable[str] = (),
-                 keep: Iterable[str] = ()):
-        self.cfg = cfg
+    def __init__(self, cfg: AblationConfig, log: Callable[[str], None]):
+        self.cfg, self.log = cfg, log
         self.ws = os.path.abspath(os.path.expanduser(cfg.workdir))
-        self.stages = Stages(self.ws, log, rerun, keep)
         self.world_dir = os.path.join(self.ws, "world")
         self.base, self.novel = cfg.world.base, cfg.world.novel
+        self.plan: list[Stage] = []  # declared in order; `run` runs them
+        self.rows: dict[str, dict[str, str]] = {}  # table row -> detector seed -> its stage
+        self.samples: Optional[tuple[str, str]] = None  # the base and novel sets samples.png shows
         self.sets: dict[str, dict] = {}  # each synthetic set's generate() arguments, to redo it filtered
+
+    def declare(self, name: str, inputs: Any, fn: Callable[[], dict], outputs: list[str], after: list[str]) -> None:
+        self.plan.append(Stage(name, inputs, fn, outputs, after))
+
+    def run(self, **flags) -> dict[str, dict]:
+        """Runs the declared stages (engine.runtime.stages.run_plan; flags: rerun_from, only,
+        rerun, keep); returns each stage's result by name."""
+        return run_plan(self.plan, self.ws, self.log, **flags)
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.ws, *parts)
@@ -262,11 +275,11 @@ class Loop:
 
     # -- stages -----------------------------------------------------------------------------
 
-    def world(self) -> dict:
-        return self.stages.run("world", dataclasses.asdict(self.cfg.world),
-                               lambda: draw_world(self.world_dir, self.cfg.world), [self.world_dir], after=[])
+    def world(self) -> None:
+        self.declare("world", dataclasses.asdict(self.cfg.world), lambda: draw_world(self.world_dir, self.cfg.world),
+                     [self.world_dir], after=[])
 
-    def clip(self) -> dict:
+    def clip(self) -> None:
         """The world's CLIP, trained on the pretraining split, scored zero-shot on the test split."""
         out = self.path("models", "clip")
         test_ann, test_root = self.split("test")
@@ -280,7 +293,7 @@ class Loop:
             m = s.metrics
             return {"model": out, "steps": s.steps, "final_loss": m["loss"], "loss_first": m["losses"][:20],
                     "loss_last": m["losses"][-20:], "train_s": m["train_s"], "zero_shot": m["zero_shot"]}
-        return self.stages.run("clip", {"clip": to_dict(cc)}, run, [out, self.path("ray", "clip")], ["world"])
+        self.declare("clip", {"clip": to_dict(cc)}, run, [out, self.path("ray", "clip")], ["world"])
 
     def run_settings(self, run: TrainRunConfig, name: str) -> TrainRunConfig:
         """A stage's Ray Train run: its checkpoints under WORKDIR/ray/<stage name>."""
@@ -297,13 +310,13 @@ class Loop:
             s = finetune(cfg)
             return {"steps": s.steps, "final_loss": s.metrics["loss"], "loss_first": s.metrics["losses"][:20],
                     "loss_last": s.metrics["losses"][-20:], "samples_per_s": s.metrics["samples_per_s"]}
-        self.stages.run(name, {"finetune": to_dict(fc), "model": to_dict(cfg.model)}, run,
-                        [out, self.path("ray", name)], [after])
+        self.declare(name, {"finetune": to_dict(fc), "model": to_dict(cfg.model)}, run,
+                     [out, self.path("ray", name)], [after])
         return out
 
-    def teacher(self) -> dict:
+    def teacher(self) -> None:
         """The generation teacher: base categories only, evaluated on them."""
-        return self._detector_stage("teacher", self.cfg.teacher, [], self.base, [], ["world"])
+        self._detector_stage("teacher", self.cfg.teacher, [], self.base, [], ["world"])
 
     def generate(self, name: str, source: str, which: str, labeller: str, after: list[str],
                  head: str = "", masks: Optional[MaskConfig] = None, min_score: Optional[float] = None,
@@ -326,7 +339,7 @@ class Loop:
         def run() -> dict:
             s = generate(cfg)
             return {"images": s.images, "boxes": s.boxes, "dropped": s.dropped, "images_per_s": s.images_per_s}
-        self.stages.run(name, {"config": to_dict(cfg)}, run, [out], after)
+        self.declare(name, {"config": to_dict(cfg)}, run, [out], after)
         return out
 
     def layouts(self, pretrained: str, row: str) -> tuple[str, str]:
@@ -357,7 +370,7 @@ class Loop:
             s = build_pool(source, out, cp.pool, self.cfg.ray)
             return {"instances": s.instances, "per_category": s.per_category, "rejected": s.rejected,
                     "segmenter_iou": segmenter_iou(self.cfg.world, self.world_dir, cp.masks)}
-        self.stages.run("pool", {"pool": to_dict(cp.pool), "masks": to_dict(cp.masks)}, run, [out], after)
+        self.declare("pool", {"pool": to_dict(cp.pool), "masks": to_dict(cp.masks)}, run, [out], after)
         return out
 
     def grounding(self, name: str, source: str, base_shards: str, novel_shards: str, after: list[str],
@@ -378,15 +391,13 @@ class Loop:
         def run() -> dict:
             s = train_grounding(gc, model, self.cfg.ray)
             return {"step": s.steps, "loss": s.metrics.get("loss")}
-        self.stages.run(name, {"grounding": to_dict(gc)}, run, [out, self.path("ray", name)], after)
+        self.declare(name, {"grounding": to_dict(gc)}, run, [out, self.path("ray", name)], after)
         return out
 
     def detector(self, row: str, synthetic: list[str], after: list[str], synthetic_only: bool = False,
-                 pool: str = "") -> dict:
+                 pool: str = "") -> None:
         """A table row: every category, real base boxes plus `synthetic` shards (or those alone),
-        pasted with `pool`'s objects if given, one detector per seed; the row holds their mean,
-        standard deviation and each seed's result."""
-        runs = {}
+        pasted with `pool`'s objects if given, one detector per seed (`rows`)."""
         for seed in self.cfg.detector_seeds:
             extra: dict[str, Any] = {"mix_ratio": 1.0} if synthetic_only else {}
             if pool:
@@ -394,11 +405,18 @@ class Loop:
             section = dataclasses.replace(self.cfg.detector, seed=seed,
                                           tiny=dataclasses.replace(self.cfg.detector.tiny, seed=seed), **extra)
             name = f"detector_{row}" + (f"_seed{seed}" if seed else "")
-            runs[str(seed)] = self._detector_stage(name, section, synthetic, self.base + self.novel, self.novel, after)
-        return seed_summary(runs)
+            self._detector_stage(name, section, synthetic, self.base + self.novel, self.novel, after)
+            self.rows.setdefault(row, {})[str(seed)] = name
+
+    def chance(self) -> None:
+        """The chance row: random boxes of the objects' sizes on the test split."""
+        w = self.cfg.world
+        self.declare("random_boxes", {"per_image": self.cfg.random_boxes},
+                     lambda: random_box_baseline(self.split("test")[0], self.base, self.novel, self.cfg.random_boxes,
+                                                 (w.min_object, w.max_object), w.seed), [], ["world"])
 
     def _detector_stage(self, name: str, section: DetectorConfig, synthetic: list[str], categories: list[str],
-                        novel: list[str], after: list[str]) -> dict:
+                        novel: list[str], after: list[str]) -> None:
         """Train on the real train split (+ `synthetic`), evaluate on the test split."""
         ann, root = self.split("train")
         test_ann, test_root = self.split("test")
@@ -414,19 +432,15 @@ class Loop:
             train_detector(dc, self.cfg.ray)
             m = evaluate_detector(dc)
             return {k: m.get(k) for k in ("AP50", "AP50_base", "AP50_novel", "per_category_AP50")}
-        return self.stages.run(name, {"detector": to_dict(dc)}, run,
-                               [dc.output_dir, dc.eval_dir, self.path("ray", name)], after)
+        self.declare(name, {"detector": to_dict(dc)}, run, [dc.output_dir, dc.eval_dir, self.path("ray", name)], after)
 
 
-def run_loop(cfg: AblationConfig, log: Callable[[str], None] = lambda m: print(f"[toy-world] {m}", file=sys.stderr),
-             rerun: Iterable[str] = (), keep: Iterable[str] = ()) -> dict:
-    """Every stage, then the table. Returns the results dict also written to WORKDIR/results.json."""
-    cfg.validate()
-    started = time.time()
-    loop = Loop(cfg, log, rerun, keep)
+def plan_loop(cfg: AblationConfig, log: Callable[[str], None]) -> Loop:
+    """The stages of the rows cfg.rows asks for, declared in the order they run."""
+    loop = Loop(cfg, log)
     loop.world()
-    connect(cfg.ray)
-    clip = loop.clip() if cfg.clip.enabled else None
+    if cfg.clip.enabled:
+        loop.clip()
     ann, root = loop.split("train")
     captions = loop.path("world", "pretrain", "captions.json")
     pre_images = loop.path("world", "pretrain")
@@ -436,10 +450,9 @@ def run_loop(cfg: AblationConfig, log: Callable[[str], None] = lambda m: print(f
                                       captions=captions, image_root=pre_images)
     loop.teacher()
 
-    rows = {}
     want = set(cfg.rows)
     if "real_only" in want:
-        rows["real_only"] = loop.detector("real_only", [], ["world"])
+        loop.detector("real_only", [], ["world"])
     if want & {"grounding_head", "self_training", "fine_tuning", "self_training_expanded"}:
         base = loop.generate("pretrained_base", pretrained, "base", "detector", ["pretrain_unet", "teacher"])
         head_sup = loop.grounding("pretrained_head_sup", pretrained, base, "", ["pretrained_base"])
@@ -447,13 +460,13 @@ def run_loop(cfg: AblationConfig, log: Callable[[str], None] = lambda m: print(f
         novel_sup = loop.generate("pretrained_novel_sup", pretrained, "novel", "grounding_head",
                                   ["pretrained_head_sup"], head=head_sup)
         if "grounding_head" in want:
-            rows["grounding_head"] = loop.detector("grounding_head", [base, novel_sup], ["pretrained_novel_sup"])
+            loop.detector("grounding_head", [base, novel_sup], ["pretrained_novel_sup"])
         if "self_training" in want:
             head_st = loop.grounding("pretrained_head_st", pretrained, base, novel_sup,
                                      ["pretrained_head_sup", "pretrained_novel_sup"], init_head=head_sup)
             novel_st = loop.generate("pretrained_novel_st", pretrained, "novel", "grounding_head",
                                      ["pretrained_head_st"], head=head_st)
-            rows["self_training"] = loop.detector("self_training", [base, novel_st], ["pretrained_novel_st"])
+            loop.detector("self_training", [base, novel_st], ["pretrained_novel_st"])
         if "copy_paste" in want:
             # Single objects on plain pictures, as the pretrained generator learnt them: what the
             # colour segmenter (and DiverGen's SAM-bg) cuts out cleanly.
@@ -462,7 +475,7 @@ def run_loop(cfg: AblationConfig, log: Callable[[str], None] = lambda m: print(f
                                     ["pretrained_head_st", "teacher"], head=head_st, masks=cp.masks, min_score=0.0,
                                     max_categories=1, images_per_category=cp.images_per_category)
             pool = loop.pool(objects, ["pretrained_objects"])
-            rows["copy_paste"] = loop.detector("copy_paste", [], ["pool"], pool=pool)
+            loop.detector("copy_paste", [], ["pool"], pool=pool)
     if "self_training_expanded" in want:
         # The self_training row's stages, the novel images drawn from the language model's texts;
         # the base images (the teacher's) stay the template's, so the row differs in that alone.
@@ -475,12 +488,11 @@ def run_loop(cfg: AblationConfig, log: Callable[[str], None] = lambda m: print(f
                                  ["pretrained_head_sup", "pretrained_novel_sup_expanded"], init_head=head_sup)
         novel_st = loop.generate("pretrained_novel_st_expanded", pretrained, "novel", "grounding_head",
                                  ["pretrained_head_st_expanded"], head=head_st, expand=expand)
-        rows["self_training_expanded"] = loop.detector("self_training_expanded", [base, novel_st],
-                                                       ["pretrained_novel_st_expanded"])
+        loop.detector("self_training_expanded", [base, novel_st], ["pretrained_novel_st_expanded"])
     for row in LAYOUT_ROWS:
         if row in want:
             name, layouts = loop.layouts(pretrained, row)
-            rows[row] = loop.detector(row, [layouts], [name])
+            loop.detector(row, [layouts], [name])
     samples = None
     if "fine_tuning" in want:
         # Replay (finetune.replay) draws on the pretraining captions: the base model's own data.
@@ -496,39 +508,54 @@ def run_loop(cfg: AblationConfig, log: Callable[[str], None] = lambda m: print(f
                                  ["pretrained_head_sup", "finetuned_base", "finetuned_novel_raw"], init_head=head_sup)
         novel_st = loop.generate("finetuned_novel_st", tuned, "novel", "grounding_head",
                                  ["finetuned_head_st"], head=head_st)
-        rows["fine_tuning"] = loop.detector("fine_tuning", [base, novel_st], ["finetuned_novel_st"])
+        loop.detector("fine_tuning", [base, novel_st], ["finetuned_novel_st"])
         samples = (base, novel_st)
     elif "self_training" in want:
         samples = (loop.path("synthetic", "pretrained_base"), loop.path("synthetic", "pretrained_novel_st"))
     if "synthetic_only" in want:
-        rows["synthetic_only"] = loop.detector("synthetic_only", list(samples),
-                                               ["finetuned_novel_st" if "fine_tuning" in want else "pretrained_novel_st"],
-                                               synthetic_only=True)
+        loop.detector("synthetic_only", list(samples),
+                      ["finetuned_novel_st" if "fine_tuning" in want else "pretrained_novel_st"], synthetic_only=True)
     if "synthetic_only_clip" in want:
         names = [os.path.basename(s) for s in samples]
-        rows["synthetic_only_clip"] = loop.detector("synthetic_only_clip", [loop.filtered(n) for n in names],
-                                                    [f"{n}_clip" for n in names], synthetic_only=True)
+        loop.detector("synthetic_only_clip", [loop.filtered(n) for n in names], [f"{n}_clip" for n in names],
+                      synthetic_only=True)
 
-    test_ann, _ = loop.split("test")
-    rows["random_boxes"] = random_box_baseline(test_ann, loop.base, loop.novel, cfg.random_boxes,
-                                               (cfg.world.min_object, cfg.world.max_object), cfg.world.seed)
+    loop.chance()
+    loop.samples = samples
+    return loop
+
+
+def run_loop(cfg: AblationConfig, log: Callable[[str], None] = lambda m: print(f"[toy-world] {m}", file=sys.stderr),
+             rerun: Iterable[str] = (), keep: Iterable[str] = (), rerun_from: Optional[str] = None,
+             only: Optional[str] = None) -> dict:
+    """Every stage (engine.runtime.stages.run_plan: `rerun_from` and `only` as the recipe's --from
+    and --only), then the table. Returns the results dict also written to WORKDIR/results.json."""
+    cfg.validate()
+    started = time.time()
+    loop = plan_loop(cfg, log)
+    done = loop.run(rerun_from=rerun_from, only=only, rerun=rerun, keep=keep)
+    if only is not None:
+        return {"name": cfg.name, "ran": only}
+    rows = {row: seed_summary({seed: done[name] for seed, name in seeds.items()}) for row, seeds in loop.rows.items()}
+    rows["random_boxes"] = done["random_boxes"]
+    with open(loop.path("stages.json")) as f:
+        record = json.load(f)
     results = {"name": cfg.name, "rows": rows, "order": [r for r in ROWS if r in rows] + ["random_boxes"],
-               "teacher": loop.stages.record["teacher"]["result"],
-               "stages_s": {k: v.get("seconds") for k, v in loop.stages.record.items()},
+               "teacher": done["teacher"], "stages_s": {k: v.get("seconds") for k, v in record.items()},
                "wall_s": round(time.time() - started, 1), "base": loop.base, "novel": loop.novel}
     # This invocation's time, and all stages' (earlier invocations included, when it resumed).
     results["stages_total_s"] = round(sum(v or 0 for v in results["stages_s"].values()), 1)
-    if clip is not None:
-        results["clip"] = clip
+    if "clip" in done:
+        results["clip"] = done["clip"]
     if "self_training_expanded" in rows:  # what the language model wrote, counted and drawn
         sets = [loop.path("synthetic", f"pretrained_{s}_expanded") for s in ("novel_sup", "novel_st")]
         results["expansion"] = expansion_summary(sets)
         results["expanded_png"] = draw_expanded(sets[1], loop.base, loop.path("expanded.png"))
     if "copy_paste" in rows:  # the pool's counts, the segmenter's true IoU, pasted images to look at
-        results["pool"] = loop.stages.record["pool"]["result"]
+        results["pool"] = done["pool"]
         results["copy_paste_png"] = draw_pasted(loop, loop.path("copy_paste.png"))
-    if samples:
-        results["samples_png"] = draw_samples(samples, loop.base, loop.path("samples.png"))
+    if loop.samples:
+        results["samples_png"] = draw_samples(loop.samples, loop.base, loop.path("samples.png"))
     results["table"] = format_table(results)
     results["table_png"] = plot_table(results, loop.path("table.png"))
     write_file(loop.path("results.json"), json.dumps(results, indent=2).encode())
