@@ -289,13 +289,13 @@ def test_the_recipe_command_runs_a_toy_world_config(loop, capsys):
     # The toy world is one config of the recipe runner: the same command, plan, flags and table.
     cfg, results = loop
     args = ["recipe", "--config", CONFIG, *SMALL, f"workdir={cfg.workdir}"]
-    assert main(args + ["detector_seeds=[0,1]", "--dry-run"]) == 0
+    assert main(args + ["detector_seeds=[0,7]", "--dry-run"]) == 0  # no test trains seed 7
     status = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines()[1:])
     assert list(status)[0] == "world" and list(status)[-1] == "random_boxes"
-    assert [n for n, s in status.items() if s != "done earlier"] == [f"detector_{row}_seed1" for row in DEFAULT_ROWS]
+    assert [n for n, s in status.items() if s != "done earlier"] == [f"detector_{row}_seed7" for row in DEFAULT_ROWS]
     # --from: the fine-tuning row's detector trains again, and gives the same row: a seed repeats.
     assert main(args + ["--from", "detector_fine_tuning"]) == 0
-    assert capsys.readouterr().out.startswith(results["table"])
+    assert results["table"] in capsys.readouterr().out
     assert json.load(open(os.path.join(cfg.workdir, "results.json")))["rows"] == results["rows"]
     stages = json.load(open(os.path.join(cfg.workdir, "stages.json")))
     assert [n for n, r in stages.items() if r.get("reruns")] == ["detector_fine_tuning", "random_boxes"]
