@@ -155,8 +155,7 @@ def cmd_toy_world(args) -> None:
         summary = draw_world(os.path.join(cfg.workdir, "world"), cfg.world)
         print(f"[toy-world] world drawn: {summary['splits']} -> {summary['path']}")
         return
-    if args.dry_run:
-        cfg.validate()
+    if args.dry_run:  # load_ablation_config has validated it
         loop = plan_loop(cfg, print)
         print(f"config {args.config} is valid: {len(cfg.world.base)} base and {len(cfg.world.novel)} novel "
               f"categories, rows {', '.join(cfg.rows)}, {len(cfg.detector_seeds)} detector seed(s), "
