@@ -360,9 +360,8 @@ class Recipe:
         sets = self.eval_sets()
         plan.append(Stage("evaluate", {k: to_dict(v) for k, v in sets.items()}, lambda: self.evaluate(sets),
                           [self.path("eval")], list(self.detectors())))
-        declared = {s.name for s in plan}
-        return [next(s for s in plan if s.name == n) if n in declared else Stage(n, skipped=self.skipped(n))
-                for n in STAGES]
+        declared = {s.name: s for s in plan}
+        return [declared.get(n) or Stage(n, skipped=self.skipped(n)) for n in STAGES]
 
     def run(self, rerun_from: Optional[str] = None, only: Optional[str] = None, rerun: Iterable[str] = (),
             keep: Iterable[str] = ()) -> dict:
