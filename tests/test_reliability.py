@@ -230,6 +230,35 @@ def test_a_replaced_shard_of_the_same_size_fails_its_checksum(local_ray, tmp_pat
     assert sorted(ShardStore(str(out)).finished()) == [1, 2]
 
 
+def test_an_export_without_images_checks_the_records_it_reads(local_ray, tmp_path):
+    """Without images, export reads and checks only the tar's headers and JSON records (a few
+    pages of a 178 KB sample): a changed record is refused, a changed JPEG is not read at all."""
+    from engine.generation.export import export
+    out = tmp_path / "run"
+    small_output(out)
+    tar0, tar1 = out / "shards" / "shard-000000.tar", out / "shards" / "shard-000001.tar"
+    original = tar1.read_bytes()
+    data = bytearray(original)
+    data[600] ^= 0xFF  # inside the first JPEG
+    tar1.write_bytes(bytes(data))
+    assert export(str(out), dest=str(tmp_path / "labels"), write_images=False)["images"] == 6
+    with pytest.raises(ShardError, match="shard-000001.tar .* does not match its manifest"):
+        export(str(out), dest=str(tmp_path / "full"))
+    tar1.write_bytes(original)
+    tar0.write_bytes(tar0.read_bytes().replace(b'"a cat"', b'"a bat"', 1))  # a record, same size
+    with pytest.raises(ShardError, match="shard-000000.tar .* does not match its manifest"):
+        export(str(out), dest=str(tmp_path / "changed"), write_images=False)
+    assert not (tmp_path / "changed").exists() or not os.listdir(tmp_path / "changed")
+    # An entry written before records were checked on their own: the whole shard is checked.
+    manifest = out / "manifest" / "shard-000001.json"
+    manifest.write_text(json.dumps({k: v for k, v in json.loads(manifest.read_text()).items()
+                                    if k != "records_sha256"}))
+    tar0.write_bytes(tar0.read_bytes().replace(b'"a bat"', b'"a cat"', 1))
+    tar1.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match="shard-000001.tar .* does not match its manifest"):
+        export(str(out), dest=str(tmp_path / "old"), write_images=False)
+
+
 def test_damaged_run_json_is_one_clear_error(tmp_path):
     out = tmp_path / "run"
     small_output(out, shards=1)

@@ -4,7 +4,7 @@ Layout under the output path (local or any fsspec URL such as s3://bucket/run):
 
     run.json                      what produced this output (config fingerprint), to refuse mixing runs
     shards/shard-000000.tar       <key>.jpg, <key>.latent.npy, <key>.json [, <key>.features.npz]
-    manifest/shard-000000.json    written only after its tar is whole: keys, dropped ids, counts
+    manifest/shard-000000.json    written only after its tar is whole: keys, dropped ids, counts, checksums
                                   (and the keys of images the quality filter refused, apart)
 
 A shard is written under a temporary name and renamed when whole; its manifest entry comes after
@@ -69,13 +69,15 @@ class ShardEntry:
     boxes: int
     size: int  # bytes of the shard's tar
     sha256: str  # of the tar: resume checks the size, export the checksum
+    records_sha256: str  # of its headers and JSON records: what an export without images checks
     extra: Optional[dict] = None  # more counts: masks by status, a pool's instances by category
 
     def as_dict(self) -> dict:
         """The manifest entry, as written to manifest/ and as `ShardStore.finished` returns it."""
         return {"index": self.index, "shard": shard_name(self.index), "keys": self.keys,
                 "dropped": self.dropped, "samples": len(self.keys), "boxes": self.boxes,
-                "size": self.size, "sha256": self.sha256, **(self.extra or {})}
+                "size": self.size, "sha256": self.sha256, "records_sha256": self.records_sha256,
+                **(self.extra or {})}
 
 
 class ShardStore:
@@ -187,21 +189,32 @@ class ShardStore:
             entries[index] = entry
         return entries
 
-    def read_shard(self, entry: dict, check: bool = True) -> bytes | mmap.mmap:
+    def read_shard(self, entry: dict, check: bool = True, records_only: bool = False) -> bytes | mmap.mmap:
         """The shard's bytes, checked (unless a caller already did) against its manifest entry's
         size and checksum; a damaged shard is a ShardError that says how to redo it. A local shard
-        is mapped rather than read: hashing the page cache in place costs half of copying it out."""
+        is mapped rather than read: hashing the page cache in place costs half of copying it out.
+
+        `records_only`: the caller reads the JSON records and nothing else (an export without
+        images), so only they and the tar's headers are checked, against `records_sha256`: a few
+        pages a sample are read instead of all 178 KB of a 512 px one. Entries written before that
+        checksum existed are checked whole."""
         path = self._path("shards", entry["shard"])
+        records_only = records_only and "records_sha256" in entry
         if is_local(self.fs) and self.fs.size(path):
             with open(path, "rb") as f:
                 data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            if records_only:  # no read-ahead of the images and latents between the records
+                data.madvise(mmap.MADV_RANDOM)
         else:
             with self.fs.open(path, "rb") as f:
                 data = f.read()
         if not check:
             return data
-        digest = hashlib.sha256(data).hexdigest()
-        if len(data) != entry.get("size", len(data)) or digest != entry.get("sha256", digest):
+        if records_only:
+            digest, expected = records_digest(data), entry["records_sha256"]
+        else:
+            digest, expected = hashlib.sha256(data).hexdigest(), entry.get("sha256")
+        if len(data) != entry.get("size", len(data)) or digest != (expected or digest):
             raise ShardError(f"shard {entry['shard']} under {self.url!r} does not match its manifest (checksum "
                              f"differs): it was changed after it was written. Delete "
                              f"manifest/{entry['shard'].replace('.tar', '.json')} and rerun `instagen generate` "
@@ -254,8 +267,8 @@ class ShardStore:
                                       "fell_back": sum(e["status"] == "fell_back" for e in expansions)}
         if generator is not None:
             extra = {**extra, "generator": generator}
-        entry = ShardEntry(index, keys, sorted(dropped), boxes, len(data),
-                           hashlib.sha256(data).hexdigest(), extra or None)
+        entry = ShardEntry(index, keys, sorted(dropped), boxes, len(data), hashlib.sha256(data).hexdigest(),
+                           records_digest(data, suffixes), extra or None)
         write_atomic(fs, self._path("manifest", f"shard-{index:06d}.json"), json.dumps(entry.as_dict()).encode())
         return entry
 
@@ -353,11 +366,25 @@ def decode_sample(sample: dict) -> dict:
 
 def samples_in_tar(data: bytes, suffixes: tuple[str, ...] = MEMBER_SUFFIXES) -> Iterator[dict]:
     """The raw samples of a shard held in memory, in order: {"__key__", suffix: payload, ...}, each
-    payload a zero-copy view into `data`. Reads the plain USTAR layout pack_tar writes (a 512-byte
-    header, the payload padded to 512) rather than going through tarfile, which copies every
-    member and costs more than the checksum; anything else in a shard is refused, as are member
-    names that are not plain sample files."""
-    view, offset, sample = memoryview(data), 0, {}
+    payload a zero-copy view into `data` (so a mapped shard's pages are read only when a payload
+    is used)."""
+    sample = {}
+    for key, suffix, _, payload in tar_members(data, suffixes):
+        if sample and sample["__key__"] != key:
+            yield sample
+            sample = {}
+        sample["__key__"] = key
+        sample[suffix] = payload
+    if sample:
+        yield sample
+
+
+def tar_members(data: bytes, suffixes: tuple[str, ...] = MEMBER_SUFFIXES) -> Iterator[tuple]:
+    """(key, suffix, header, payload) of each member, the last two zero-copy views into `data`.
+    Reads the plain USTAR layout pack_tar writes (a 512-byte header, the payload padded to 512)
+    rather than going through tarfile, which copies every member and costs more than the checksum;
+    anything else in a shard is refused, as are member names that are not plain sample files."""
+    view, offset = memoryview(data), 0
     while offset + 512 <= len(data) and any(view[offset:offset + 512]):
         header = bytes(view[offset:offset + 512])
         name = header[:100].rstrip(b"\0").decode("utf-8", "replace")
@@ -370,14 +397,20 @@ def samples_in_tar(data: bytes, suffixes: tuple[str, ...] = MEMBER_SUFFIXES) -> 
                 or not KEY_RE.match(key) or suffix not in suffixes or offset + 512 + size > len(data)):
             raise ShardError(f"shard member {name!r} is not a sample file ({', '.join(suffixes)} of a plain "
                              f"key); the shard is corrupt or hostile, regenerate it")
-        if sample and sample["__key__"] != key:
-            yield sample
-            sample = {}
-        sample["__key__"] = key
-        sample[suffix] = view[offset + 512:offset + 512 + size]
+        yield key, suffix, view[offset:offset + 512], view[offset + 512:offset + 512 + size]
         offset += 512 + (size + 511) // 512 * 512
-    if sample:
-        yield sample
+
+
+def records_digest(data: bytes, suffixes: tuple[str, ...] = MEMBER_SUFFIXES) -> str:
+    """SHA-256 of a shard's member headers and JSON payloads, in order: the headers fix every
+    member's name, size and so place, the payloads are the records. What an export without images
+    reads is then checked as surely as by the whole tar's checksum."""
+    digest = hashlib.sha256()
+    for _, suffix, header, payload in tar_members(data, suffixes):
+        digest.update(header)
+        if suffix == "json":
+            digest.update(payload)
+    return digest.hexdigest()
 
 
 def _open_with_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw):

@@ -6,10 +6,11 @@ categories (category diversity) are kept, left out, or relabelled to the categor
 (`extra`: keep | drop | map), as DiverGen maps its 1,453 training categories to LVIS's 1,203.
 
 Export is a Ray Data job so that no process holds the dataset: one task per shard checks the
-shard against its manifest's checksum, copies its JPEGs byte for byte (no decode, no second lossy
-compression) and writes the shard's image and annotation records as small JSON parts; the driver
-then copies the parts, in shard order, into coco.json and lvis.json, never holding more than one. Annotation ids are fixed per
-shard from the manifest's box counts, so the parts are independent and the result is the same
+shard against its manifest's checksum (without images, only its headers and records, which is all
+it reads), copies its JPEGs byte for byte (no decode, no second lossy compression) and writes the
+shard's image and annotation records as small JSON parts; the driver then copies the parts, in
+shard order, into coco.json and lvis.json, never holding more than one. Annotation ids are fixed
+per shard from the manifest's box counts, so the parts are independent and the result is the same
 whatever order the tasks finish in. Everything is staged in a hidden folder under the destination
 and moved into place only when every shard is whole: an export is of whole shards or none.
 """
@@ -116,7 +117,8 @@ def export_shard(row: dict, output: str, staging: str, names: dict[str, Optional
     entry. `names`: export_names'."""
     entry = json.loads(row["entry"])
     store = ShardStore(output)
-    data = store.read_shard(entry)  # raises if it differs from its manifest entry
+    # Raises if it differs from its manifest entry; without images, only the records are read and checked.
+    data = store.read_shard(entry, records_only=not write_images)
     categories = list(dict.fromkeys(n for n in names.values() if n))
     ids = {name: k + 1 for k, name in enumerate(categories)}
     cat_id = {c: ids[n] for c, n in names.items() if n}  # the run's names -> exported ids
