@@ -203,7 +203,7 @@ class ShardStore:
         if is_local(self.fs) and self.fs.size(path):
             with open(path, "rb") as f:
                 data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            if records_only:  # no read-ahead of the images and latents between the records
+            if records_only and hasattr(mmap, "MADV_RANDOM"):  # no read-ahead of the images and latents
                 data.madvise(mmap.MADV_RANDOM)
         else:
             with self.fs.open(path, "rb") as f:
