@@ -262,6 +262,30 @@ def test_fallback_when_kernel_missing(monkeypatch, dtype, tol):
     assert kernel_status()["cpu"] is False
 
 
+@pytest.mark.parametrize("path", ["reference", "fallback"])
+def test_reference_gradient_on_pixel_centres(monkeypatch, path):
+    # RT-DETR's anchors put about half of its sampling points exactly on pixel centres, where the
+    # bilinear sample has a kink. In float32 the reference's trip through grid_sample's normalised
+    # coordinates moved such a point a hair to either side, so its location gradient took the left
+    # or the right slope at random (5-8% off in the toy teacher, which then trained to AP50 base
+    # 0.30 instead of the kernel's 0.54). It must take the right slope, as the kernels do.
+    monkeypatch.setattr(msda, "_cpu_ext", None)
+    monkeypatch.setattr(msda, "_warned_fallback", {"cpu"})  # warned already: no warning here
+    value, ss, lsi, loc, attn = make_inputs(MULTI_LEVEL, Lq=40, seed=4)
+    g = torch.Generator().manual_seed(5)
+    for lvl, (h, w) in enumerate(MULTI_LEVEL):
+        cells = torch.randint(0, 64, loc[..., lvl, :, :].shape, generator=g)
+        loc[..., lvl, :, :] = (cells % torch.tensor([w, h]) + 0.5) / torch.tensor([w, h])
+    fn = ms_deform_attn_reference if path == "reference" else ms_deform_attn
+    truth = fwd_bwd(fn, *[t.requires_grad_() if t.is_floating_point() else t
+                          for t in (value.clone(), ss, lsi, loc.clone(), attn.clone())])
+    got = fwd_bwd(fn, *[t.float().requires_grad_() if t.is_floating_point() else t
+                        for t in (value, ss, lsi, loc, attn)])
+    for name, a, b in zip(("output", "grad_value", "grad_locations", "grad_weights"), got, truth):
+        assert a.dtype == torch.float32
+        assert scaled_err(a, b) <= 1e-5, f"{name}: error {scaled_err(a, b):.3g}"
+
+
 def test_import_never_fails_without_builds():
     code = (
         "import sys, warnings\n"

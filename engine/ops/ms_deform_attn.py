@@ -25,7 +25,8 @@ pixel convention: pixel x = loc_x * W - 0.5.
 
 Precision: float64 inputs compute in float64; everything else accumulates in float32.
 ``sampling_locations`` / ``attention_weights`` are used at that compute precision whatever
-their own dtype, and their gradients come back in their own dtype.
+their own dtype, and their gradients come back in their own dtype. The reference computes in
+float64 whatever the inputs (``_EXACT`` says why) and returns the inputs' dtypes.
 """
 from __future__ import annotations
 
@@ -185,13 +186,26 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------- reference
+# The reference's precision. grid_sample takes normalised coordinates and turns them back into
+# pixels, x = ((2 * loc - 1 + 1) * W - 1) / 2; in float32 that round trip moves a point that lies on
+# a pixel centre (about half of RT-DETR's, whose anchors sit on them) a hair to either side, and
+# there the bilinear sample has a kink: the gradient for the location jumps between the left and
+# the right slope at random. In the toy teacher that was 5-8% of the location gradient, and its
+# training went elsewhere (AP50 base 0.30 against the kernel's 0.54). In float64 the round trip
+# is exact for float32 locations, so the reference takes the right slope everywhere, as the
+# kernels do. The fallback costs twice the memory for it.
+_EXACT = torch.float64
+
+
 def ms_deform_attn_reference(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
                              sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
     """Readable PyTorch reference: one ``grid_sample`` per level (differentiable by autograd).
 
-    Computes in ``value.dtype`` (locations and weights are cast to it).
+    Computes in float64 and returns ``value.dtype``: see ``_EXACT``.
     """
     _check_metadata(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    out_dtype = value.dtype
+    value = value.to(_EXACT)
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
     shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
@@ -210,7 +224,7 @@ def ms_deform_attn_reference(value: Tensor, spatial_shapes: Tensor, level_start_
     # (N, Lq, M, L, P) -> (N*M, 1, Lq, L*P)
     weights = attention_weights.to(value.dtype).transpose(1, 2).reshape(N * M, 1, Lq, L * P)
     output = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1).view(N, M * D, Lq)
-    return output.transpose(1, 2).contiguous()
+    return output.transpose(1, 2).to(out_dtype).contiguous()
 
 
 def _reference_backward(grad_output, value, spatial_shapes, level_start_index,
@@ -219,7 +233,7 @@ def _reference_backward(grad_output, value, spatial_shapes, level_start_index,
     autograd dispatch key): ``aten::grid_sampler_2d_backward`` per level."""
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
-    dt = value.dtype
+    dt = _EXACT
     shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
     grids = (2 * sampling_locations.to(dt) - 1)
     weights = attention_weights.to(dt).transpose(1, 2).reshape(N * M, Lq, L, P)
@@ -228,7 +242,7 @@ def _reference_backward(grad_output, value, spatial_shapes, level_start_index,
     grad_value, grad_grid, grad_weight = [], [], []
     for lvl, (h, w) in enumerate(shapes):
         start = int(level_start_index[lvl])
-        value_l = value[:, start:start + h * w].flatten(2).transpose(1, 2).reshape(N * M, D, h, w)
+        value_l = value[:, start:start + h * w].to(dt).flatten(2).transpose(1, 2).reshape(N * M, D, h, w)
         grid_l = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (N*M, Lq, P, 2)
         sampled = F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros",
                                 align_corners=False)  # (N*M, D, Lq, P)
