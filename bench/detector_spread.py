@@ -23,6 +23,41 @@ import statistics
 from engine.evaluation.metrics import evaluate_coco
 from engine.toyworld.loop import METRICS, Loop, load_ablation_config, seed_summary
 
+# Each stage a study borrows, and the folder it made.
+BORROWED = {"world": "world", "teacher": "models/teacher"}
+
+
+def borrow_stages(workdir: str, out: str, stages: dict[str, str], reads: tuple[str, ...] = ()) -> dict:
+    """Make `out` a work folder that holds `workdir`'s finished `stages` (stage -> its folder), as
+    links and their stage records, so that a study runs only the stages it declares. `reads`: more
+    stages whose outputs the study reads in `workdir`. Returns `workdir`'s stage records."""
+    try:
+        with open(os.path.join(workdir, "stages.json")) as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        raise SystemExit(f"{workdir} is not a toy-world work folder (no stages.json); name a finished run's") from None
+    missing = [s for s in [*stages, *reads] if "result" not in record.get(s, {})]
+    if missing:
+        raise SystemExit(f"{workdir} has not finished {', '.join(missing)}; run instagen toy-world there first")
+    if os.path.exists(out):
+        raise SystemExit(f"{out} exists; name a new folder")
+    for folder in stages.values():
+        os.makedirs(os.path.dirname(os.path.join(out, folder)), exist_ok=True)
+        os.symlink(os.path.join(os.path.abspath(workdir), folder), os.path.join(out, folder))
+    with open(os.path.join(out, "stages.json"), "w") as f:
+        json.dump({s: record[s] for s in stages}, f)
+    return record
+
+
+def study_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments every study on a finished work folder takes."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("workdir")
+    p.add_argument("out")
+    p.add_argument("overrides", nargs="*", help="toy-world config overrides, KEY=VALUE")
+    p.add_argument("--config", default="configs/toy_world.yaml")
+    return p
+
 
 def bootstrap_sd(test: dict, detections: list[dict], base: list[str], novel: list[str], times: int) -> list[float]:
     """Sd of AP50 all / base / novel over `times` resamplings of the test images (with their boxes
@@ -48,25 +83,11 @@ def bootstrap_sd(test: dict, detections: list[dict], base: list[str], novel: lis
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("workdir")
-    p.add_argument("out")
-    p.add_argument("overrides", nargs="*", help="toy-world config overrides, KEY=VALUE")
-    p.add_argument("--config", default="configs/toy_world.yaml")
+    p = study_parser(__doc__)
     p.add_argument("--bootstrap", type=int, default=40)
     a = p.parse_args()
+    borrow_stages(a.workdir, a.out, BORROWED)
     world = os.path.join(os.path.abspath(a.workdir), "world")
-    with open(os.path.join(a.workdir, "stages.json")) as f:
-        drawn = json.load(f).get("world", {})
-    if "result" not in drawn:
-        raise SystemExit(f"{a.workdir} has no finished world stage; run instagen toy-world there first")
-    if os.path.exists(a.out):
-        raise SystemExit(f"{a.out} exists; name a new folder")
-    # OUT borrows WORKDIR's world (a link and its stage record): the same pictures, drawn once.
-    os.makedirs(a.out)
-    os.symlink(world, os.path.join(a.out, "world"))
-    with open(os.path.join(a.out, "stages.json"), "w") as f:
-        json.dump({"world": drawn}, f)
 
     cfg = load_ablation_config(a.config, [f"workdir={a.out}", *a.overrides])
     loop = Loop(cfg, print)

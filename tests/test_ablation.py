@@ -16,6 +16,7 @@ from engine.cli import main  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
 from engine.config import ClipTowersConfig, ExpandConfig  # noqa: E402
 from engine.models.language import build_tiny_lm  # noqa: E402
+from engine.ops import kernel_status  # noqa: E402
 from engine.data.shards import ShardStore, iter_samples, shard_urls  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "toy_world.yaml")
@@ -55,6 +56,8 @@ def test_every_row_is_measured_and_saved(loop):
     assert results["order"] == list(DEFAULT_ROWS) + ["random_boxes"]
     saved = json.load(open(os.path.join(cfg.workdir, "results.json")))
     assert saved["rows"] == results["rows"]
+    # Which attention path trained the detectors: the two give different tables on this world.
+    assert saved["attention_kernels"]["cpu"] == kernel_status()["cpu"]
     for row in DEFAULT_ROWS:
         for key in ("AP50", "AP50_base", "AP50_novel"):
             assert 0.0 <= results["rows"][row][key] <= 1.0

@@ -554,7 +554,11 @@ class DetectorConfig:
     kind: str = "deformable_detr"  # a name in engine.models.detectors.DETECTORS
     model: str = "tiny"  # "tiny" (random weights from `tiny`) or a local save_pretrained folder
     tiny: TinyDetectorConfig = field(default_factory=TinyDetectorConfig)
-    attention: str = "reference"  # reference (transformers) | project_op (engine.ops.ms_deform_attn)
+    # reference (transformers) | project_op (engine.ops.ms_deform_attn). transformers' float32
+    # grid_sample gives a point on a pixel centre the left or the right slope at random (7.6% of
+    # RT-DETR's sampling-offset gradient: docs/benchmarks.md, "Deformable attention on pixel
+    # centres"); the project's op and its fallback do not. The paper configs use project_op.
+    attention: str = "reference"
     categories: list[str] = field(default_factory=list)  # empty = the real dataset's categories
     image_size: int = 64  # training canvas side and inference resize target
     augment: AugmentConfig = field(default_factory=AugmentConfig)

@@ -106,6 +106,7 @@ from engine.evaluation.metrics import evaluate_coco
 from engine.generation.pipeline import generate
 from engine.generation.pool import build_pool
 from engine.models.segmenter import build_segmenter
+from engine.ops import kernel_status
 from engine.runtime.stages import Stage, run_plan
 from engine.runtime.storage import write_file
 from engine.toyworld.world import IMAGE_NAME, WorldConfig, draw_scene, draw_world, object_masks
@@ -559,6 +560,9 @@ def run_loop(cfg: AblationConfig, log: Callable[[str], None] = lambda m: print(f
                "wall_s": round(time.time() - started, 1), "base": loop.base, "novel": loop.novel}
     # This invocation's time, and all stages' (earlier invocations included, when it resumed).
     results["stages_total_s"] = round(sum(v or 0 for v in results["stages_s"].values()), 1)
+    # Whether the detectors ran the compiled attention kernels or the fallback: on this world the
+    # two train to different tables (docs/benchmarks.md, "Deformable attention on pixel centres").
+    results["attention_kernels"] = kernel_status()
     if "clip" in done:
         results["clip"] = done["clip"]
     if "self_training_expanded" in rows:  # what the language model wrote, counted and drawn
