@@ -37,25 +37,25 @@ def judged_set(source: str, dest: str, box_net: torch.nn.Module, categories: lis
     """`source`'s samples again under `dest`, each keeping only the boxes the judge names right."""
     store, entries = finished_shards(source)
     out = ShardStore(dest)
-    claim = out.prepare({**store.run_info(), "fingerprint": store.run_info()["fingerprint"] + "-judged"})
+    info = store.run_info()
+    claim = out.prepare({**info, "fingerprint": info["fingerprint"] + "-judged"})
     counts = {"boxes": 0, "kept": 0, "complete_before": 0, "complete_after": 0, "images": 0}
     for index in sorted(entries):
         samples = []
         for raw in samples_in_tar(store.read_shard(entries[index])):
             meta = json.loads(bytes(raw["json"]))
-            image = Image.open(io.BytesIO(bytes(raw["jpg"]))).convert("RGB")
-            keep = [True] * len(meta["boxes"])
+            keep = []
             if meta["boxes"]:
+                image = Image.open(io.BytesIO(bytes(raw["jpg"]))).convert("RGB")
                 said = named(box_net, to_tensor(np.stack([crop(image, b) for b in meta["boxes"]])))
-                keep = [categories[int(k)] == label if k < len(categories) else False
-                        for k, label in zip(said, meta["labels"])]
-            complete = lambda labels: set(meta["categories"]) <= set(labels)  # noqa: E731
+                keep = [int(k) < len(categories) and categories[int(k)] == label for k, label in zip(said, meta["labels"])]
+            prompted = set(meta["categories"])
             counts["images"] += 1
             counts["boxes"] += len(keep)
             counts["kept"] += sum(keep)
-            counts["complete_before"] += complete(meta["labels"])
+            counts["complete_before"] += prompted <= set(meta["labels"])
             meta.update({f: [v for v, k in zip(meta[f], keep) if k] for f in BOX_FIELDS})
-            counts["complete_after"] += complete(meta["labels"])
+            counts["complete_after"] += prompted <= set(meta["labels"])
             samples.append({**{k: bytes(v) for k, v in raw.items() if k != "__key__"},
                             "__key__": raw["__key__"], "json": json.dumps(meta)})
         out.write_shard(index, samples, entries[index]["dropped"], claim)
