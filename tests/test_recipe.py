@@ -370,6 +370,51 @@ def test_only_runs_one_stage_after_finished_ones(tmp_path):
     assert calls == ["b"]
 
 
+def test_a_moved_work_folder_keeps_its_finished_stages(tmp_path):
+    from engine.config import fingerprint
+    from engine.runtime.stages import Stage, run_plan
+    calls = []
+
+    def plan(ws: str) -> list:
+        def stage(name, after=()):
+            folder = os.path.join(ws, name)
+            return Stage(name, {"path": folder, "other": "/elsewhere/data.json"},
+                         lambda: calls.append(name) or {"path": folder, "files": [os.path.join(folder, "a.json")]},
+                         [folder], list(after))
+        return [stage("a"), stage("b", ["a"]), stage("c", ["a", "b"])]
+    first, moved = str(tmp_path / "first"), str(tmp_path / "moved")
+    run_plan(plan(first), first, print)
+    os.rename(first, moved)
+    calls.clear()
+    results = run_plan(plan(moved), moved, print)
+    assert calls == [] and results["c"] == {"path": os.path.join(moved, "c"), "files": [os.path.join(moved, "c", "a.json")]}
+    assert "first" not in open(os.path.join(moved, "stages.json")).read()
+
+    # A work folder recorded before paths were relative keeps its stages too, over two runs where
+    # the first one ends (is killed) having recorded only some of them under their new keys.
+    old = str(tmp_path / "old")
+    os.makedirs(old)
+    record, stages = {}, plan(old)
+    for s in stages:
+        key = fingerprint(json.loads(json.dumps({"inputs": s.inputs, "after": [record[a]["key"] for a in s.after]})))
+        record[s.name] = {"key": key, "reruns": 0, "result": s.fn(), "seconds": 1.0}
+    with open(os.path.join(old, "stages.json"), "w") as f:
+        json.dump(record, f)
+    calls.clear()
+    assert set(run_plan(stages[:2], old, print, dry=True).values()) == {"done earlier"}
+    from engine.runtime.stages import Stages
+    partial = Stages(old, print)
+    partial.run("a", stages[0].inputs, stages[0].fn, [], [])
+    partial._save()  # as a later stage running would, before the process ends
+    assert set(run_plan(plan(old), old, print, dry=True).values()) == {"done earlier"}
+    assert run_plan(plan(old), old, print)["c"]["path"] == os.path.join(old, "c") and calls == []
+    # A changed input still reruns its stage and those after it.
+    changed = plan(old)
+    changed[1].inputs["other"] = "/elsewhere/new.json"
+    run_plan(changed, old, print)
+    assert calls == ["b", "c"]
+
+
 def test_run_plan_runs_declared_stages_and_a_dry_run_says_what_it_would_do(tmp_path):
     from engine.config import ConfigError
     from engine.runtime.stages import Stage, run_plan

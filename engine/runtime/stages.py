@@ -11,6 +11,9 @@ inputs; a stage whose inputs changed starts over with its outputs cleared, and t
 with it (their fingerprints hold its own). A stage that was interrupted (recorded as started, not
 finished, same inputs) runs again with its outputs left in place, so it resumes through its own
 resume: trainer checkpoints, finished shards.
+
+Paths under the work folder are recorded relative to it (as $WORKDIR/...), in the fingerprints and
+in the results, so a work folder that was moved or copied whole keeps its finished stages.
 """
 from __future__ import annotations
 
@@ -27,6 +30,19 @@ from engine.config import ConfigError, fingerprint
 from engine.runtime.faults import maybe_fail_stage
 from engine.runtime.storage import write_atomic
 
+WORKDIR = "$WORKDIR"
+
+
+def _rebase(obj: Any, old: str, new: str) -> Any:
+    """`obj` with every string that is `old` or a path under it re-rooted at `new`."""
+    if isinstance(obj, str):
+        return new + obj[len(old):] if obj == old or obj.startswith(old + "/") else obj
+    if isinstance(obj, dict):
+        return {k: _rebase(v, old, new) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rebase(v, old, new) for v in obj]
+    return obj
+
 
 class Stages:
     """Runs each named stage once per set of inputs, recording results in `stages.json`. A stage's
@@ -42,6 +58,7 @@ class Stages:
         self.dry, self.would = dry, {}
         if not dry:
             os.makedirs(workdir, exist_ok=True)
+        self.root = os.path.abspath(workdir)
         self.path = os.path.join(workdir, "stages.json")
         self.log = log
         self.record: dict[str, dict] = {}
@@ -70,10 +87,18 @@ class Stages:
         fingerprints join its own); `outputs`: the paths it writes, cleared when the stage
         restarts with other inputs."""
         # A stage that was run again (`rerun`) counts as new input for the stages after it.
-        inputs = {"inputs": inputs, "after": [self.record[a]["key"] + "+" * self.record[a].get("reruns", 0)
-                                              for a in after]}
-        key = fingerprint(json.loads(json.dumps(inputs, default=str)))
+        def key_of(field: str, relative: bool) -> str:
+            data = json.loads(json.dumps({"inputs": inputs, "after": [
+                self.record[a].get(field, self.record[a]["key"]) + "+" * self.record[a].get("reruns", 0)
+                for a in after]}, default=str))
+            return fingerprint(_rebase(data, self.root, WORKDIR) if relative else data)
+        key = key_of("key", relative=True)
         seen = self.record.get(name, {})
+        # A key recorded before paths were relative to the work folder, of absolute paths and of the
+        # stages before it as they were recorded then, means the same inputs; kept for the stages after it.
+        old = key_of("absolute_key", relative=False)
+        if seen.get("key") == old != key:
+            seen.update(key=key, absolute_key=old)
         reruns = seen.get("reruns", 0) + (name in self.rerun)
         if name in self.keep and seen.get("key") != key:
             seen["key"] = key
@@ -85,10 +110,10 @@ class Stages:
             if not done:
                 raise ConfigError(f"--only {self.only}: stage {name}, which comes before it, has not finished "
                                   f"with these settings; run without --only first (or --from {name})")
-            return seen["result"]
+            return _rebase(seen["result"], WORKDIR, self.root)
         if done:
             self.log(f"{name}: done earlier ({seen['seconds']:.0f} s), skipped")
-            return seen["result"]
+            return _rebase(seen["result"], WORKDIR, self.root)
         if self.dry:  # as if it had run: the stages reading it see its new key
             self.rerun.discard(name)
             self.record[name] = {"key": key, "reruns": reruns, "result": {}}
@@ -103,7 +128,8 @@ class Stages:
         start = time.time()
         result = fn()
         maybe_fail_stage(name)  # the reliability tests' crash between a stage's work and its record
-        self.record[name] = {"key": key, "reruns": reruns, "result": result, "seconds": round(time.time() - start, 1)}
+        self.record[name] = {"key": key, "reruns": reruns, "result": _rebase(result, self.root, WORKDIR),
+                             "seconds": round(time.time() - start, 1)}
         self._save()
         self.log(f"{name}: done in {time.time() - start:.0f} s")
         return result
