@@ -113,17 +113,21 @@ def test_the_layout_rows_train_gligen_and_label_scenes_by_their_layouts(loop, mo
         return real_finetune(c)
     real_finetune = toy.finetune
     monkeypatch.setattr(toy, "finetune", finetune)
-    gligen = dataclasses.replace(cfg.layout.gligen, max_steps=8, batch_size=16, warmup_steps=2,
-                                 run=dataclasses.replace(cfg.layout.gligen.run, checkpoint_every=4))
-    layout = dataclasses.replace(cfg.layout, gligen=gligen,
+    small = {"max_steps": 8, "batch_size": 16, "warmup_steps": 2}
+    gligen, inpaint = (dataclasses.replace(c, **small, run=dataclasses.replace(c.run, checkpoint_every=4))
+                       for c in (cfg.layout.gligen, cfg.layout.inpaint))
+    layout = dataclasses.replace(cfg.layout, gligen=gligen, inpaint=inpaint,
                                  rows=dataclasses.replace(cfg.layout.rows, rows_per_category=2, borrow_rows=2))
-    again = run_loop(dataclasses.replace(cfg, rows=["real_only", "layout", "layout_base"], layout=layout),
-                     log=messages.append)
+    again = run_loop(dataclasses.replace(cfg, rows=["real_only", "layout", "layout_base", "layout_inpaint"],
+                                         layout=layout), log=messages.append)
     assert [m.split(":")[0] for m in messages if m.endswith("running")] == [
-        "gligen", "layouts", "detector_layout", "gligen_base", "layouts_base", "detector_layout_base"]
+        "gligen", "layouts", "detector_layout", "gligen_base", "layouts_base", "detector_layout_base",
+        "gligen_inpaint", "layouts_inpaint", "detector_layout_inpaint"]
     assert "| + layouts (GLIGEN) |" in again["table"] and "| + layouts (GLIGEN, base boxes only) |" in again["table"]
+    assert "| + layouts (GLIGEN inpainting) |" in again["table"]
     # Every category's boxes for the layout row; the base ones alone for layout_base, as the head.
-    assert boxes_seen == {"gligen": cfg.world.base + cfg.world.novel, "gligen_base": cfg.world.base}
+    assert boxes_seen == {"gligen": cfg.world.base + cfg.world.novel, "gligen_base": cfg.world.base,
+                          "gligen_inpaint": cfg.world.base + cfg.world.novel}
     # GLIGEN trained what it adds and nothing else: the UNet's own weights are the pretrained ones.
     models = os.path.join(cfg.workdir, "models")
     gated = UNet2DConditionModel.from_pretrained(os.path.join(models, "gligen", "unet")).state_dict()
@@ -142,6 +146,14 @@ def test_the_layout_rows_train_gligen_and_label_scenes_by_their_layouts(loop, mo
         assert len(novel) <= 1 and (not novel or rec["layout"]["relabelled"][1] in novel)
     record = json.load(open(os.path.join(models, "detector_layout", "training.json")))
     assert record["config"]["synthetic"] == [os.path.join(cfg.workdir, "synthetic", "layouts")]
+    # Inpainting: the real scenes' own boxes, unmoved (the scene is kept around them), and a UNet
+    # that reads the kept scene and its mask.
+    samples = list(iter_samples(shard_urls(os.path.join(cfg.workdir, "synthetic", "layouts_inpaint"))))
+    assert len(samples) == 2 * 9
+    for s in samples:
+        rec = s["json"]
+        assert rec["boxes"] == pytest.approx([[v * 64 / rec["layout"]["width"] for v in b] for b in rec["layout"]["boxes"]])
+    assert UNet2DConditionModel.from_pretrained(os.path.join(models, "gligen_inpaint", "unet")).config.in_channels == 9
     run_loop(cfg, log=lambda m: None)  # the loop's own results.json again, for the other tests
 
 

@@ -206,6 +206,12 @@ def test_boxes_only_rows_keep_their_boxes_without_a_caption(coco):
     boxes = [r["prompt"] == "" and r["layout"] != NO_LAYOUT for r in rows]
     assert 0.14 < np.mean(both) < 0.26 and 0.33 < np.mean(boxes) < 0.47
     assert all(r["layout"] == k["layout"] for r, k, b in zip(rows, kept, both) if not b)
+    # Inpainting redraws inside the boxes also for guidance's unconditional rows: they keep them as holes.
+    _, holed, _, _ = prepare(_cfg(tmp, ann, root, caption_dropout=0.2, boxes_only=0.4, inpaint=True, **kw))
+    for r, h, k, b in zip(rows, holed, kept, both):
+        assert h == r if not b else json.loads(h["layout"]) == {"boxes": [], "labels": [], "holes": json.loads(k["layout"])["boxes"]}
+    with pytest.raises(ValueError, match="finetune.inpaint makes a GLIGEN inpainting model"):
+        prepare(_cfg(tmp, ann, root, inpaint=True, num_workers=1))
     with pytest.raises(ValueError, match="boxes_only keeps the boxes"):
         prepare(_cfg(tmp, ann, root, boxes_only=0.5, num_workers=1))
     with pytest.raises(ValueError, match="caption_dropout \\+ boxes_only below 1"):
@@ -371,6 +377,33 @@ def test_finetune_trains_checkpoints_resumes_and_generates(tmp_path, ray_cluster
     out = draw(pipe, ["a photograph of red square"], [0], SynthesisConfig(height=32, width=32, steps=2))
     assert out.images.shape == (1, 32, 32, 3) and out.finite.all()
     assert not any(n.startswith(".finetune-") for n in os.listdir(tmp_path))  # no temporaries left
+
+
+def test_gligen_inpainting_trains_the_unet_to_redraw_inside_the_boxes(tmp_path, ray_cluster):
+    """finetune.inpaint: the UNet gains the kept image and its mask as inputs and trains whole; the
+    saved folder loads as a GLIGEN inpainting pipeline (and is refused for generation) and draws."""
+    from engine.generation.layouts import Layout
+    from engine.generation.synthesis import draw
+    from engine.models.checkpoints import ModelLoadError
+    from engine.models.diffusion import load_pipeline
+    from engine.training.finetune import finetune
+
+    ann, root = make_coco_dataset(tmp_path / "data", n_images=6, categories=["red square", "blue disc", "green square"])
+    cfg = _cfg(tmp_path, ann, root, train="gligen", inpaint=True, gate=0.1, max_steps=4, overfit_batch=True)
+    losses = finetune(cfg).metrics["losses"]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    out = cfg.finetune.output_dir
+    with pytest.raises(ModelLoadError, match="GLIGEN inpainting model"):
+        load_pipeline(ModelConfig(source=out), "cpu", layout=True)
+    pipe = load_pipeline(ModelConfig(source=out), "cpu", layout=True, inpaint=True)
+    base = load_pipeline(ModelConfig(), "cpu")
+    w = pipe.unet.conv_in.weight
+    assert w.shape[1] == 9 and w[:, 4:].abs().sum() > 0  # it learnt to read the kept image and the mask
+    assert not torch.equal(pipe.unet.conv_out.weight, base.unet.conv_out.weight)  # the whole UNet trained
+    layout = Layout(((0.25, 0.25, 0.75, 0.75),), ("red square",), {})
+    drawn = draw(pipe, ["a photograph of red square"], [0], SynthesisConfig(height=32, width=32, steps=2),
+                 [layout], 1.0, torch.zeros(1, 3, 32, 32))
+    assert drawn.images.shape == (1, 32, 32, 3) and drawn.finite.all()
 
 
 # ---------------------------------------------------------------------------------------------

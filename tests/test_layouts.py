@@ -245,6 +245,25 @@ def test_a_plain_unet_gains_closed_gates_and_keeps_its_weights():
     assert torch.equal(plain, closed) and not torch.allclose(plain, opened)
 
 
+def test_an_inpainting_unet_starts_as_the_plain_one_and_reads_the_kept_image_once_trained():
+    """GLIGEN inpainting from a pretrained UNet: the first layer's new inputs (the kept latents and
+    their mask) start at zero, so it draws as the plain one whatever they hold until trained; the
+    saved folder is refused for generation and taken for inpainting."""
+    import torch
+    from engine.models.diffusion import build_tiny_pipeline, gated_unet
+    pipe = build_tiny_pipeline(ModelConfig().tiny)
+    unet = gated_unet(pipe.unet, inpaint=True)
+    assert unet.config.in_channels == 9 and unet.conv_in.weight.shape[1] == 9
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
+    text = torch.randn(2, 4, pipe.unet.config.cross_attention_dim)
+    kept = torch.randn(2, 5, 8, 8)
+    with torch.no_grad():
+        plain = pipe.unet(x, t, encoder_hidden_states=text).sample
+        assert torch.equal(unet(torch.cat([x, kept], 1), t, encoder_hidden_states=text).sample, plain)
+        unet.conv_in.weight[:, 4:].normal_()  # as training moves them
+        assert not torch.allclose(unet(torch.cat([x, kept], 1), t, encoder_hidden_states=text).sample, plain)
+
+
 def test_the_phrase_norm_folds_into_the_box_encoder_exactly():
     """GLIGEN trains its box encoder on phrase embeddings centred on the dataset's categories and
     saves it folded, taking raw embeddings as every GLIGEN pipeline gives them: the folded encoder

@@ -463,6 +463,10 @@ class FinetuneConfig:
     # before until training opens them, but its box encoder learns nothing while they are shut.
     boxes_only: float = 0.0
     gate: float = 0.0
+    # GLIGEN inpainting (layout.mode=inpainting draws with it): the UNet also reads the image kept
+    # outside the boxes and their mask (2 x latent + 1 inputs, the new ones starting at zero) and
+    # learns to redraw inside the boxes; the whole UNet is trained, as inpainting models are.
+    inpaint: bool = late(False)
     # Replay: this fraction of the crop rows is replaced by image-caption pairs from
     # replay_captions (a COCO captions JSON of data like the base model's own). Fine-tuning on
     # base crops alone makes the generator forget what they never show, the novel categories

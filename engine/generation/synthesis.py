@@ -22,7 +22,7 @@ from engine.data.datasets import open_image
 from engine.generation.expansion import Expander, cache_dir
 from engine.generation.layouts import Layout
 from engine.generation.prompts import PromptPlan, PromptSpec
-from engine.models.diffusion import UNetFeatureTap, grounding_tokens, load_pipeline
+from engine.models.diffusion import UNetFeatureTap, box_mask, grounding_tokens, load_pipeline
 from engine.runtime.faults import maybe_crash, poison_nonfinite
 
 
@@ -56,10 +56,7 @@ def inpaint_inputs(pipe, sources: torch.Tensor, layouts: list[Layout], shape: tu
     (outside every box), 0 inside the boxes that are redrawn."""
     vae = pipe.vae
     kept = vae.encode(sources.to(vae.device, vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
-    mask = torch.ones(len(layouts), 1, shape[1], shape[2])
-    for i, lay in enumerate(layouts):
-        for x0, y0, x1, y1 in lay.boxes:
-            mask[i, :, int(y0 * shape[1]):int(np.ceil(y1 * shape[1])), int(x0 * shape[2]):int(np.ceil(x1 * shape[2]))] = 0
+    mask = box_mask([lay.boxes for lay in layouts], shape[1], shape[2])
     return kept.to(pipe.unet.device, pipe.unet.dtype), mask.to(pipe.unet.device, pipe.unet.dtype)
 
 

@@ -7,6 +7,7 @@ fails at once with a message that says how to point at a local path instead.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import OrderedDict
 from typing import Optional, Sequence
@@ -220,14 +221,21 @@ def is_gligen_param(name: str) -> bool:
     return ".fuser." in name or name.startswith("position_net.")
 
 
-def gated_unet(unet, gate: float = 0.0):
+def gated_unet(unet, gate: float = 0.0, inpaint: bool = False):
     """GLIGEN's UNet from a plain one: the same weights plus the gated self-attention layers and
     the box encoder, the gates at `gate`. At 0 (tanh(0) = 0) it draws as the plain one until
     training opens them, as GLIGEN starts from a pretrained Stable Diffusion; but while they are
-    shut the box encoder gets no gradient at all, and a small opening lets both learn at once."""
+    shut the box encoder gets no gradient at all, and a small opening lets both learn at once.
+    `inpaint`: GLIGEN inpainting's UNet, whose first layer also reads the kept latents and their
+    mask (inpaint_channels); their weights start at zero, so that it first draws as the plain one."""
     from diffusers import UNet2DConditionModel
-    gated = UNet2DConditionModel.from_config({**unet.config, "attention_type": "gated"})
-    missing, unexpected = gated.load_state_dict(unet.state_dict(), strict=False)
+    channels = inpaint_channels(unet.config.out_channels) if inpaint else unet.config.in_channels
+    gated = UNet2DConditionModel.from_config({**unet.config, "attention_type": "gated", "in_channels": channels})
+    state = unet.state_dict()
+    w = state["conv_in.weight"]
+    if w.shape[1] < channels:
+        state["conv_in.weight"] = torch.cat([w, w.new_zeros(w.shape[0], channels - w.shape[1], *w.shape[2:])], 1)
+    missing, unexpected = gated.load_state_dict(state, strict=False)
     if unexpected or not all(is_gligen_param(k) for k in missing):
         raise ModelLoadError(f"could not make a GLIGEN UNet of this UNet: unexpected {unexpected[:3]}, missing "
                              f"{[k for k in missing if not is_gligen_param(k)][:3]}")
@@ -289,6 +297,16 @@ def check_source(cfg: ModelConfig, layout: bool = False, inpaint: bool = False) 
             f"single-file checkpoint such as sd-v1-4.ckpt.")
     raise ModelLoadError(f"model.source {cfg.source!r} does not exist; set it to 'tiny', a local "
                          f"diffusers folder, or a .ckpt/.safetensors file")
+
+
+def box_mask(layouts: Sequence[Sequence[Sequence[float]]], height: int, width: int) -> torch.Tensor:
+    """GLIGEN inpainting's mask on a latent grid, one per layout of normalised xyxy boxes
+    (N, 1, height, width): 1 where the image is kept, 0 inside the boxes, which are redrawn."""
+    mask = torch.ones(len(layouts), 1, height, width)
+    for i, boxes in enumerate(layouts):
+        for x0, y0, x1, y1 in boxes:
+            mask[i, :, int(y0 * height):math.ceil(y1 * height), int(x0 * width):math.ceil(x1 * width)] = 0
+    return mask
 
 
 def inpaint_channels(latent_channels: int) -> int:

@@ -45,6 +45,9 @@ train_detector, evaluate_detector), on a world small enough for a 2-core CPU
                        novel ones borrowed from them (a box relabelled), drawn by GLIGEN
       layout_base      the same with GLIGEN trained on base boxes alone (stages gligen_base,
                        layouts_base): how much of the layout row comes from seeing novel boxes
+      layout_inpaint   the same with GLIGEN inpainting (stages gligen_inpaint, layouts_inpaint):
+                       each real scene kept outside its boxes and redrawn inside them, the novel
+                       layouts' relabelled box redrawn as the novel category (seed 003's second mode)
       copy_paste       real base set, each image with objects of the instance pool pasted on
                        (X-Paste, DiverGen: seed 002); a row only when `rows` lists it. Its stages:
         pretrained_objects  one object per image on a plain picture, every category, labelled by
@@ -117,11 +120,11 @@ from engine.training.finetune import finetune
 from engine.training.grounding import train_grounding
 
 ROWS = ("real_only", "grounding_head", "self_training", "fine_tuning", "self_training_expanded", "synthetic_only",
-        "synthetic_only_clip", "layout", "layout_base", "copy_paste")
+        "synthetic_only_clip", "layout", "layout_base", "layout_inpaint", "copy_paste")
 # The layout rows and the boxes their GLIGEN learns from the pretraining pictures: every category's
 # (as the real GLIGEN learns from grounding data far beyond a detection set), or the base ones
 # alone (what InstaGen's grounding head is allowed to see).
-LAYOUT_ROWS = {"layout": "all", "layout_base": "base"}
+LAYOUT_ROWS = {"layout": "all", "layout_base": "base", "layout_inpaint": "all"}
 DEFAULT_ROWS = ROWS[:4]  # table 4's rows; each other row costs one more detector per seed
 METRICS = ("AP50", "AP50_base", "AP50_novel")
 ROW_TITLES = {"real_only": "real only", "grounding_head": "+ grounding head",
@@ -131,6 +134,7 @@ ROW_TITLES = {"real_only": "real only", "grounding_head": "+ grounding head",
               "synthetic_only_clip": "synthetic only, CLIP-filtered",
               "layout": "+ layouts (GLIGEN)",
               "layout_base": "+ layouts (GLIGEN, base boxes only)",
+              "layout_inpaint": "+ layouts (GLIGEN inpainting)",
               "copy_paste": "real + pasted objects (copy-paste)",
               "random_boxes": "random boxes (chance)"}
 
@@ -157,6 +161,9 @@ class LayoutRowConfig:
     # the novel categories borrow the base scenes' layouts).
     rows: LayoutConfig = field(default_factory=lambda: LayoutConfig(
         max_objects=3, one_category=False, rows_per_category=64, borrow_rows=64))
+    # The layout_inpaint row's GLIGEN inpainting, trained on the same pictures and boxes; its rows
+    # are `rows` with the real boxes unmoved (inpainting keeps the scene around them).
+    inpaint: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(train="gligen", inpaint=True))
 
 
 @dataclass
@@ -221,6 +228,9 @@ class AblationConfig:
             lr = self.layout
             if lr.gligen.train != "gligen":
                 raise ConfigError(f"layout.gligen.train must be gligen (got {lr.gligen.train!r})")
+            if "layout_inpaint" in self.rows and not (lr.inpaint.train == "gligen" and lr.inpaint.inpaint):
+                raise ConfigError("layout.inpaint trains the layout_inpaint row's GLIGEN inpainting: it needs "
+                                  f"train: gligen and inpaint: true (got {lr.inpaint.train!r}, {lr.inpaint.inpaint})")
             dataclasses.replace(lr.rows, annotations="world/train/instances.json", image_root="world/train",
                                 borrow_for=list(self.world.novel)).validate()
         if "copy_paste" in self.rows:
@@ -357,13 +367,16 @@ class Loop:
     def layouts(self, pretrained: str, row: str) -> tuple[str, str]:
         """GLIGEN on the pretrained generator, trained on the boxes LAYOUT_ROWS gives `row`, then the
         layout set it draws from the real scenes: (the set's stage name, its path)."""
-        suffix = row[len("layout"):]
+        suffix, inpaint = row[len("layout"):], row == "layout_inpaint"
         boxes = self.base + self.novel if LAYOUT_ROWS[row] == "all" else self.base
-        gligen = self.train_generator(f"gligen{suffix}", self.cfg.layout.gligen, pretrained, "pretrain_unet",
+        gligen = self.train_generator(f"gligen{suffix}", self.cfg.layout.inpaint if inpaint else self.cfg.layout.gligen,
+                                      pretrained, "pretrain_unet",
                                       annotations=self.path("world", "pretrain", "instances.json"),
                                       image_root=self.path("world", "pretrain"), base=boxes)
         ann, root = self.split("train")
-        rows = dataclasses.replace(self.cfg.layout.rows, annotations=ann, image_root=root, borrow_for=list(self.novel))
+        exact = {"mode": "inpainting", "jitter": 0.0, "scale_min": 1.0, "scale_max": 1.0} if inpaint else {}
+        rows = dataclasses.replace(self.cfg.layout.rows, annotations=ann, image_root=root, borrow_for=list(self.novel),
+                                   **exact)
         name = f"layouts{suffix}"
         return name, self.generate(name, gligen, "all", "layout", [f"gligen{suffix}"], layout=rows)
 

@@ -67,6 +67,7 @@ from engine.data.datasets import (
 from engine.models.diffusion import (
     FINETUNED_FROM,
     PromptEmbeddings,
+    box_mask,
     fold_phrase_norm,
     gated_unet,
     grounding_tokens,
@@ -270,12 +271,18 @@ def drop_captions(rows: list[dict], fc: FinetuneConfig) -> list[dict]:
     """Empties the prompt (and the layout, for GLIGEN) of a seeded caption_dropout fraction of the
     planned rows: the unconditional prediction classifier-free guidance needs, which sees neither;
     and the prompt alone of a further boxes_only fraction (GLIGEN). Done in the plan, not in the
-    worker, so that a resumed run trains on the same prompts."""
+    worker, so that a resumed run trains on the same prompts. GLIGEN inpainting keeps an emptied
+    layout's boxes as its `holes`: guidance's unconditional prediction is redrawn in them too."""
     if fc.caption_dropout == 0 and fc.boxes_only == 0:
         return rows
     draw = np.random.default_rng([fc.seed, 1]).random(len(rows))  # one draw per row decides both
-    empty = {"prompt": "", **({"layout": NO_LAYOUT} if rows and "layout" in rows[0] else {})}
-    return [{**r, **empty} if u < fc.caption_dropout else {**r, "prompt": ""}
+
+    def empty(r: dict) -> dict:
+        if "layout" not in r:
+            return {**r, "prompt": ""}
+        holes = {"holes": json.loads(r["layout"])["boxes"]} if fc.inpaint else {}
+        return {**r, "prompt": "", "layout": json.dumps({**json.loads(NO_LAYOUT), **holes}) if holes else NO_LAYOUT}
+    return [empty(r) if u < fc.caption_dropout else {**r, "prompt": ""}
             if u < fc.caption_dropout + fc.boxes_only else r for r, u in zip(rows, draw)]
 
 
@@ -422,11 +429,11 @@ def train_loop(config: dict) -> None:
     frozen_dtype = torch.bfloat16 if bf16 else torch.float32
     for m in (text_encoder, unet) if train_vae else (vae, text_encoder):
         m.requires_grad_(False).eval().to(device, frozen_dtype)
-    if train_gligen:  # only what GLIGEN adds is trained; the UNet's own weights stay as they are
-        unet = gated_unet(unet, fc.gate)
+    if train_gligen:  # only what GLIGEN adds is trained (all of it for inpainting, as inpainting models are)
+        unet = gated_unet(unet, fc.gate, fc.inpaint)
         norm = (torch.tensor(config["phrase_norm"]["mean"]), config["phrase_norm"]["scale"])
         for name, param in unet.named_parameters():
-            param.requires_grad_(is_gligen_param(name))
+            param.requires_grad_(fc.inpaint or is_gligen_param(name))
             if param.dim() == 0:  # GLIGEN's gates; DeepSpeed's broadcast views each parameter as bytes, not a 0-d one
                 param.data = param.data.reshape(1)
     trained = VAEObjective(vae, fc.kl_weight) if train_vae else unet
@@ -476,12 +483,15 @@ def train_loop(config: dict) -> None:
         text = encode_prompts(prompts)
         noise = torch.randn_like(latents)
         t = torch.randint(0, steps_t, (latents.shape[0],), device=device)  # uniform over training steps
-        kwargs = {}
+        kwargs, kept = {}, None
         if train_gligen:
             tokens = grounding_tokens(pipe.tokenizer, text_encoder, [(lay["boxes"], lay["labels"]) for lay in layouts],
                                       unet.config.cross_attention_dim, norm)
             kwargs["cross_attention_kwargs"] = {"gligen": {k: v.to(device, dtype) for k, v in tokens.items()}}
-        return latents, text, noise, t, kwargs
+        if fc.inpaint:  # the picture outside its boxes, as inpainting keeps it, and the mask
+            mask = box_mask([lay.get("holes", lay["boxes"]) for lay in layouts], *latents.shape[2:]).to(latents)
+            kept = torch.cat([latents * mask, mask], dim=1)
+        return latents, text, noise, t, kwargs, kept
 
     fixed = None
     t0, timed = None, 0  # throughput from the third step on: the first ones pay for warm-up
@@ -496,9 +506,11 @@ def train_loop(config: dict) -> None:
             if train_vae:
                 loss = engine(*batch)
             else:
-                latents, text, noise, t, kwargs = batch
+                latents, text, noise, t, kwargs, kept = batch
                 # Eq. 1: || eps - eps_theta(z_t, t, c) ||^2, z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps.
                 noisy = noise_sched.add_noise(latents.float(), noise.float(), t)
+                if kept is not None:
+                    noisy = torch.cat([noisy, kept.float()], dim=1)
                 pred = engine(noisy.to(dtype), t, encoder_hidden_states=text.to(dtype), **kwargs).sample
                 loss = F.mse_loss(pred.float(), noise.float())
             engine.backward(loss)
@@ -567,6 +579,8 @@ def _check_config(fc: FinetuneConfig, base: list[str]) -> None:
          f"empties: it needs finetune.train=gligen (got {fc.train!r})")
     need(0.0 <= fc.boxes_only and fc.caption_dropout + fc.boxes_only < 1.0,
          f"finetune.boxes_only must be >= 0 and caption_dropout + boxes_only below 1, got {fc.boxes_only}")
+    need(not fc.inpaint or fc.train == "gligen", "finetune.inpaint makes a GLIGEN inpainting model: it needs "
+         f"finetune.train=gligen (got {fc.train!r})")
     need(0.0 <= fc.gate <= 1.0, f"finetune.gate (where GLIGEN's gates start) must lie in [0, 1], got {fc.gate}")
     need(0.0 <= fc.replay < 1.0, f"finetune.replay must lie in [0, 1), got {fc.replay}")
     need(fc.replay == 0 or (fc.replay_captions and fc.annotations),
@@ -678,7 +692,7 @@ def finetune(cfg: Any) -> TrainSummary:
         base_pipe.vae.load_state_dict({k.removeprefix("vae."): v for k, v in state.items()})
         base_pipe.vae.register_to_config(scaling_factor=latent_scaling_factor(base_pipe.vae, rows, fc.crop_size))
     elif fc.train == "gligen":
-        base_pipe = gligen_pipeline(base_pipe, state)
+        base_pipe = gligen_pipeline(base_pipe, state, fc.inpaint)
         fold_phrase_norm(base_pipe.unet, mean, scale)  # the saved GLIGEN takes raw embeddings, as any GLIGEN
     else:
         base_pipe.unet.load_state_dict(state)
@@ -701,10 +715,11 @@ def latent_scaling_factor(vae, rows: list[dict], size: int, n: int = 256) -> flo
     return float(1.0 / z.std())
 
 
-def gligen_pipeline(pipe, state: dict):
-    """The GLIGEN pipeline of `pipe`'s parts, its UNet gated and given the trained `state`."""
+def gligen_pipeline(pipe, state: dict, inpaint: bool = False):
+    """The GLIGEN pipeline of `pipe`'s parts, its UNet gated (for inpainting with `inpaint`) and
+    given the trained `state`."""
     from diffusers import StableDiffusionGLIGENPipeline
-    unet = gated_unet(pipe.unet)
+    unet = gated_unet(pipe.unet, inpaint=inpaint)
     shapes = {k: v.shape for k, v in unet.state_dict().items()}
     unet.load_state_dict({k: v.reshape(shapes[k]) for k, v in state.items()})  # the gates trained as (1,)
     return StableDiffusionGLIGENPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
@@ -732,6 +747,7 @@ def _check_same_run(cfg: Any, fc: FinetuneConfig, base: list[str]) -> None:
 
     want = {"fingerprint": fingerprint({"model": to_dict(cfg.model), "base": base,
                                         **{k: getattr(fc, k) for k in _RUN_KEYS + (_GLIGEN_KEYS if fc.train == "gligen" else ())},
+                                        **({"inpaint": True} if fc.inpaint else {}),  # only when on: as before
                                         "zero_stage": fc.run.zero_stage})}
     path = f"{fc.run.storage_path.rstrip('/')}/{fc.run.name}/instagen_run.json"
     if "://" not in path:
