@@ -348,6 +348,11 @@ def test_inpainting_keeps_the_source_outside_the_boxes(layout_data, tmp_path):
     alone = draw(pipe, [rows[1].text], [rows[1].seed], cfg, [rows[1].layout], 1.0, sources[1:2])
     assert_same_sample(alone, 0, both, 1)
     assert both.finite.all()
+    # Outside the boxes the sample is the source, pixel for pixel; inside, it is redrawn.
+    keep = torch.nn.functional.interpolate(mask, size=(64, 64), mode="nearest")[:, 0].bool().numpy()
+    source_pixels = ((sources.permute(0, 2, 3, 1) / 2 + 0.5) * 255).round().to(torch.uint8).numpy()
+    assert np.array_equal(both.images[keep], source_pixels[keep])
+    assert not np.array_equal(both.images[~keep], source_pixels[~keep])
     other = draw(pipe, [rows[1].text], [rows[1].seed], cfg, [rows[1].layout], 1.0, -sources[1:2])
     assert not np.allclose(other.latents[0], alone.latents[0], atol=1e-3)
     # The Synthesizer reads each row's source image itself.
