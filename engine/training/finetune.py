@@ -281,7 +281,7 @@ def drop_captions(rows: list[dict], fc: FinetuneConfig) -> list[dict]:
         if "layout" not in r:
             return {**r, "prompt": ""}
         holes = {"holes": json.loads(r["layout"])["boxes"]} if fc.inpaint else {}
-        return {**r, "prompt": "", "layout": json.dumps({**json.loads(NO_LAYOUT), **holes}) if holes else NO_LAYOUT}
+        return {**r, "prompt": "", "layout": json.dumps({**json.loads(NO_LAYOUT), **holes})}
     return [empty(r) if u < fc.caption_dropout else {**r, "prompt": ""}
             if u < fc.caption_dropout + fc.boxes_only else r for r, u in zip(rows, draw)]
 
