@@ -429,7 +429,7 @@ def train_loop(config: dict) -> None:
     frozen_dtype = torch.bfloat16 if bf16 else torch.float32
     for m in (text_encoder, unet) if train_vae else (vae, text_encoder):
         m.requires_grad_(False).eval().to(device, frozen_dtype)
-    if train_gligen:  # only what GLIGEN adds is trained (all of it for inpainting, as inpainting models are)
+    if train_gligen:  # only what GLIGEN adds is trained (the whole UNet for inpainting, as inpainting models are)
         unet = gated_unet(unet, fc.gate, fc.inpaint)
         norm = (torch.tensor(config["phrase_norm"]["mean"]), config["phrase_norm"]["scale"])
         for name, param in unet.named_parameters():
