@@ -1,6 +1,6 @@
 """Does the toy world's generator draw what it was prompted? A judge trained on real pictures says.
 
-    .venv/bin/python bench/toy_world_judge.py WORKDIR [--epochs 6]
+    .venv/bin/python bench/toy_world_judge.py WORKDIR [--epochs 6] [--sets NAME ...]
 
 WORKDIR is a toy-world run's folder (`instagen toy-world workdir=...`). A small CNN learns which of
 the 9 categories an image holds from the world's real pretraining and training pictures (image
@@ -179,7 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("workdir")
     ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--sets", nargs="+", metavar="NAME", help="judge only these synthetic sets (WORKDIR/synthetic/NAME)")
     args = ap.parse_args(argv)
+    folders = sorted(glob.glob(os.path.join(args.workdir, "synthetic", "*")))
+    if args.sets:
+        unknown = sorted(set(args.sets) - {os.path.basename(f) for f in folders})
+        if unknown:
+            ap.error(f"no synthetic set {unknown[0]!r} under {args.workdir}/synthetic")
+        folders = [f for f in folders if os.path.basename(f) in args.sets]
     torch.manual_seed(0)
     world = os.path.join(args.workdir, "world")
     with open(os.path.join(world, "test", "instances.json")) as f:
@@ -208,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{float(test_right[tby == len(categories)].float().mean()):.1%}\n")
 
     rows, box_rows = [("real test images (ceiling)", len(tx), score(found, ty), score(found, shuffled(ty)))], []
-    for folder in sorted(glob.glob(os.path.join(args.workdir, "synthetic", "*"))):
+    for folder in folders:
         # What a trainer reads: a set filtered by CLIP (<set>_clip) without the images it refused
         samples = [s for s in iter_samples(shard_urls(folder)) if usable(s["json"])]
         if not samples:

@@ -107,10 +107,14 @@ def test_the_layout_rows_train_gligen_and_label_scenes_by_their_layouts(loop, mo
 
     import engine.toyworld.loop as toy
     cfg, results = loop
-    messages, boxes_seen = [], {}
+    messages, boxes_seen, files_seen = [], {}, {}
 
-    def finetune(c):  # the real one, noting which categories' boxes each GLIGEN learns from
+    def finetune(c):  # the real one, noting which categories' boxes and pictures each GLIGEN learns from
         boxes_seen[os.path.basename(c.finetune.output_dir)] = list(c.finetune.base)
+        with open(c.finetune.annotations) as f:
+            files = [os.path.join(c.finetune.image_root, im["file_name"]) for im in json.load(f)["images"]]
+        files_seen[os.path.basename(c.finetune.output_dir)] = {
+            os.path.basename(os.path.dirname(os.path.dirname(f))) if os.path.exists(f) else "missing" for f in files}
         return real_finetune(c)
     real_finetune = toy.finetune
     monkeypatch.setattr(toy, "finetune", finetune)
@@ -123,12 +127,15 @@ def test_the_layout_rows_train_gligen_and_label_scenes_by_their_layouts(loop, mo
                                          layout=layout), log=messages.append)
     assert [m.split(":")[0] for m in messages if m.endswith("running")] == [
         "gligen", "layouts", "detector_layout", "gligen_base", "layouts_base", "detector_layout_base",
-        "gligen_inpaint", "layouts_inpaint", "detector_layout_inpaint"]
+        "gligen_inpaint_data", "gligen_inpaint", "layouts_inpaint", "detector_layout_inpaint"]
     assert "| + layouts (GLIGEN) |" in again["table"] and "| + layouts (GLIGEN, base boxes only) |" in again["table"]
     assert "| + layouts (GLIGEN inpainting) |" in again["table"]
     # Every category's boxes for the layout row; the base ones alone for layout_base, as the head.
     assert boxes_seen == {"gligen": cfg.world.base + cfg.world.novel, "gligen_base": cfg.world.base,
                           "gligen_inpaint": cfg.world.base + cfg.world.novel}
+    # GLIGEN learns from the pretraining pictures; its inpainting also from the train split's
+    # cluttered scenes, the backgrounds it redraws in.
+    assert files_seen == {"gligen": {"pretrain"}, "gligen_base": {"pretrain"}, "gligen_inpaint": {"pretrain", "train"}}
     # GLIGEN trained what it adds and nothing else: the UNet's own weights are the pretrained ones.
     models = os.path.join(cfg.workdir, "models")
     gated = UNet2DConditionModel.from_pretrained(os.path.join(models, "gligen", "unet")).state_dict()
@@ -420,6 +427,8 @@ def test_bad_row_is_refused():
         load_ablation_config(CONFIG, ["rows=[self_training, synthetic_only_clip]"]).validate()
     with pytest.raises(ConfigError, match="layout.gligen.train must be gligen"):
         load_ablation_config(CONFIG, ["rows=[real_only, layout_base]", "layout.gligen.train=unet"]).validate()
+    with pytest.raises(ConfigError, match="layout.inpaint_splits must name pretrain and/or train"):
+        load_ablation_config(CONFIG, ["rows=[real_only, layout_inpaint]", "layout.inpaint_splits=[train, test]"]).validate()
     with pytest.raises(ConfigError, match="copy_paste's novel objects are labelled by the self_training row's head"):
         load_ablation_config(CONFIG, ["rows=[real_only, copy_paste]"]).validate()
     with pytest.raises(ConfigError, match="copy_paste.images_per_category"):

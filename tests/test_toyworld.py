@@ -11,7 +11,7 @@ from pycocotools.coco import COCO
 from engine.toyworld import world as toyworld
 from engine.config import ConfigError
 from engine.models.segmenter import build_segmenter
-from engine.toyworld.world import JITTER, SPLITS, WorldConfig, draw_scene, draw_world, object_masks
+from engine.toyworld.world import JITTER, SPLITS, WorldConfig, draw_scene, draw_world, merge_splits, object_masks
 
 
 def small(**changes) -> WorldConfig:
@@ -161,6 +161,29 @@ def test_coco_files_load_with_pycocotools_and_share_category_ids(world):
             assert im["file_name"] == f"images/{split}_{im['id'] - 1:06d}.jpg"
     captions = COCO(os.path.join(out, "pretrain", "captions.json"))
     assert len(captions.getAnnIds()) == cfg.pretrain_images
+
+
+def test_merged_splits_keep_every_image_and_box(world, tmp_path):
+    # GLIGEN inpainting learns from the pretraining pictures and the train scenes as one dataset.
+    out, cfg, summary = world
+    merged = str(tmp_path / "merged" / "instances.json")
+    counts = merge_splits(out, ["pretrain", "train"], merged)
+    coco = COCO(merged)
+    assert counts == {k: summary["splits"]["pretrain"][k] + summary["splits"]["train"][k] for k in ("images", "boxes")}
+    assert len(coco.getImgIds()) == counts["images"] and len(coco.getAnnIds()) == counts["boxes"]
+    # Each image, under the world folder, keeps exactly the boxes its split gave it.
+    want = {(split, im["file_name"]): sorted(map(tuple, boxes_by_image(load(out, split))[im["id"]]))
+            for split in ("pretrain", "train") for im in load(out, split)["images"]}
+    got = {}
+    for im in coco.loadImgs(coco.getImgIds()):
+        assert os.path.exists(os.path.join(out, im["file_name"]))
+        split, name = im["file_name"].split("/", 1)
+        got[(split, name)] = sorted((coco.cats[a["category_id"]]["name"], tuple(a["bbox"]))
+                                    for a in coco.loadAnns(coco.getAnnIds(imgIds=im["id"])))
+    assert got == {k: [(c, tuple(b)) for c, b in v] for k, v in want.items()}
+    with pytest.raises(ConfigError, match="cannot merge splits"):
+        merge_splits(out, ["pretrain", "validation"], str(tmp_path / "bad" / "instances.json"))
+    assert not os.path.exists(tmp_path / "bad")
 
 
 def files_of(out: str) -> dict[str, bytes]:

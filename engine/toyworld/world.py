@@ -282,6 +282,30 @@ def _draw_split(root: str, cfg: WorldConfig, split: str,
     return {"images": count, "boxes": len(boxes)}
 
 
+def merge_splits(world_dir: str, splits: list[str], out: str) -> dict:
+    """The world's `splits` as one COCO file at `out`, each image's file_name under `world_dir`
+    (so world_dir is its image root); returns its image and box counts. Ids are renumbered in
+    order; each split keeps the boxes it has (the train split's are base only)."""
+    unknown = sorted(set(splits) - set(SPLITS))
+    if unknown or not splits:
+        raise ConfigError(f"cannot merge splits {splits!r}; choose from {', '.join(SPLITS)}")
+    images, boxes, categories = [], [], None
+    for split in splits:
+        with open(os.path.join(world_dir, split, "instances.json"), encoding="utf-8") as f:
+            data = json.load(f)
+        categories = categories or data["categories"]
+        ids = {}
+        for im in data["images"]:
+            ids[im["id"]] = len(images) + 1
+            images.append({**im, "id": ids[im["id"]], "file_name": f"{split}/{im['file_name']}"})
+        boxes += [{**a, "id": len(boxes) + k + 1, "image_id": ids[a["image_id"]]}
+                  for k, a in enumerate(data["annotations"])]
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    _write_json(out, {"info": {"description": f"the world's {' + '.join(splits)} splits"}, "images": images,
+                      "annotations": boxes, "categories": categories})
+    return {"images": len(images), "boxes": len(boxes)}
+
+
 def _read_world(out: str) -> Optional[dict]:
     """What out/world.json holds; None where `out` is free to draw into. Refuses to let a draw
     replace a folder that is not a world, since atomic_folder swaps out whatever is there."""
