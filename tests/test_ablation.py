@@ -103,7 +103,7 @@ def test_the_synthetic_only_row_trains_one_detector_on_no_real_image(loop):
 
 def test_the_layout_rows_train_gligen_and_label_scenes_by_their_layouts(loop, monkeypatch):
     import torch
-    from diffusers import UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     import engine.toyworld.loop as toy
     cfg, results = loop
@@ -119,23 +119,25 @@ def test_the_layout_rows_train_gligen_and_label_scenes_by_their_layouts(loop, mo
     real_finetune = toy.finetune
     monkeypatch.setattr(toy, "finetune", finetune)
     small = {"max_steps": 8, "batch_size": 16, "warmup_steps": 2}
-    gligen, inpaint = (dataclasses.replace(c, **small, run=dataclasses.replace(c.run, checkpoint_every=4))
-                       for c in (cfg.layout.gligen, cfg.layout.inpaint))
-    layout = dataclasses.replace(cfg.layout, gligen=gligen, inpaint=inpaint,
+    gligen, inpaint, decoder = (dataclasses.replace(c, **small, run=dataclasses.replace(c.run, checkpoint_every=4))
+                                for c in (cfg.layout.gligen, cfg.layout.inpaint, cfg.layout.decoder))
+    layout = dataclasses.replace(cfg.layout, gligen=gligen, inpaint=inpaint, decoder=decoder,
                                  rows=dataclasses.replace(cfg.layout.rows, rows_per_category=2, borrow_rows=2))
     again = run_loop(dataclasses.replace(cfg, rows=["real_only", "layout", "layout_base", "layout_inpaint"],
                                          layout=layout), log=messages.append)
     assert [m.split(":")[0] for m in messages if m.endswith("running")] == [
         "gligen", "layouts", "detector_layout", "gligen_base", "layouts_base", "detector_layout_base",
-        "gligen_inpaint_data", "gligen_inpaint", "layouts_inpaint", "detector_layout_inpaint"]
+        "gligen_inpaint_data", "gligen_inpaint_decoder", "gligen_inpaint", "layouts_inpaint", "detector_layout_inpaint"]
     assert "| + layouts (GLIGEN) |" in again["table"] and "| + layouts (GLIGEN, base boxes only) |" in again["table"]
     assert "| + layouts (GLIGEN inpainting) |" in again["table"]
     # Every category's boxes for the layout row; the base ones alone for layout_base, as the head.
     assert boxes_seen == {"gligen": cfg.world.base + cfg.world.novel, "gligen_base": cfg.world.base,
+                          "gligen_inpaint_decoder": cfg.world.base + cfg.world.novel,
                           "gligen_inpaint": cfg.world.base + cfg.world.novel}
     # GLIGEN learns from the pretraining pictures; its inpainting also from the train split's
     # cluttered scenes, the backgrounds it redraws in.
-    assert files_seen == {"gligen": {"pretrain"}, "gligen_base": {"pretrain"}, "gligen_inpaint": {"pretrain", "train"}}
+    assert files_seen == {"gligen": {"pretrain"}, "gligen_base": {"pretrain"}, "gligen_inpaint_decoder": {"pretrain", "train"},
+                          "gligen_inpaint": {"pretrain", "train"}}
     # GLIGEN trained what it adds and nothing else: the UNet's own weights are the pretrained ones.
     models = os.path.join(cfg.workdir, "models")
     gated = UNet2DConditionModel.from_pretrained(os.path.join(models, "gligen", "unet")).state_dict()
@@ -163,6 +165,10 @@ def test_the_layout_rows_train_gligen_and_label_scenes_by_their_layouts(loop, mo
         real = np.asarray(rec["layout"]["boxes"]) * 64 / rec["layout"]["width"]
         assert np.asarray(rec["boxes"]).shape == real.shape and np.allclose(rec["boxes"], real)
     assert UNet2DConditionModel.from_pretrained(os.path.join(models, "gligen_inpaint", "unet")).config.in_channels == 9
+    # Its VAE: the decoder tuned on pictures and scenes, the encoder (the latent space) the pretrained one.
+    tuned, pretrained = (AutoencoderKL.from_pretrained(os.path.join(models, m, "vae")).state_dict()
+                         for m in ("gligen_inpaint", "pretrain_unet"))
+    assert all(torch.equal(v, tuned[k]) == (not k.startswith(("decoder.", "post_quant_conv."))) for k, v in pretrained.items())
     run_loop(cfg, log=lambda m: None)  # the loop's own results.json again, for the other tests
 
 

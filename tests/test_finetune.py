@@ -129,7 +129,7 @@ def coco(tmp_path_factory):
     ({"min_visible_fraction": 0.0}, "min_visible_fraction"),
     ({"zero_stage": 3}, "zero_stage"),
     ({"captions": "also.json"}, "exactly one of finetune.annotations"),
-    ({"train": "text_encoder"}, "finetune.train must be unet, vae or gligen"),
+    ({"train": "text_encoder"}, "finetune.train must be unet, vae, decoder or gligen"),
     ({"train": "gligen", "annotations": "", "captions": "c.json"}, "finetune.train=gligen learns boxes"),
 ])
 def test_impossible_config_is_clear_error(coco, change, match):
@@ -404,6 +404,25 @@ def test_gligen_inpainting_trains_the_unet_to_redraw_inside_the_boxes(tmp_path, 
     drawn = draw(pipe, ["a photograph of red square"], [0], SynthesisConfig(height=32, width=32, steps=2),
                  [layout], 1.0, torch.zeros(1, 3, 32, 32))
     assert drawn.images.shape == (1, 32, 32, 3) and drawn.finite.all()
+
+
+def test_decoder_training_keeps_the_latent_space(tmp_path, ray_cluster):
+    """finetune.train=decoder: the VAE's decoder learns to draw the images while the encoder, the
+    latent scale and the UNet stay as they were, so the pipeline's UNet still fits its latents."""
+    from engine.models.diffusion import load_pipeline
+    from engine.training.finetune import finetune
+
+    ann, root = make_coco_dataset(tmp_path / "data", n_images=6, categories=["red square", "blue disc", "green square"])
+    cfg = _cfg(tmp_path, ann, root, train="decoder", lr=1e-2, max_steps=4, overfit_batch=True, ema=False)
+    losses = finetune(cfg).metrics["losses"]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    tuned, base = (load_pipeline(ModelConfig(source=s), "cpu") for s in (cfg.finetune.output_dir, "tiny"))
+    before, after = base.vae.state_dict(), tuned.vae.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith(("decoder.", "post_quant_conv.")) for k in moved)
+    assert any(k.startswith("post_quant_conv.") for k in moved)
+    assert tuned.vae.config.scaling_factor == base.vae.config.scaling_factor
+    assert all(torch.equal(a, b) for a, b in zip(tuned.unet.state_dict().values(), base.unet.state_dict().values()))
 
 
 # ---------------------------------------------------------------------------------------------

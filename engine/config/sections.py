@@ -446,7 +446,9 @@ class FinetuneConfig:
     # model is pretrained on (the toy world trains its generator from scratch this way).
     captions: str = ""
     # What is trained: "unet" (paper 3.2), "vae" (MSE + kl_weight * KL; only when the generator
-    # itself is being built, e.g. the toy world's stand-in for a pretrained SD), or "gligen":
+    # itself is being built, e.g. the toy world's stand-in for a pretrained SD), "decoder" (the
+    # VAE's decoder alone, on MSE: the encoder, the latent space and the UNet stay as they are,
+    # and the decoder learns to draw the images' look, as SD's ft-MSE VAE), or "gligen":
     # GLIGEN's gated layers and box encoder added to the UNet and trained alone, on the whole
     # images of `annotations` with their boxes (a layout-conditioned generator, seed 003).
     train: str = "unet"

@@ -365,16 +365,24 @@ class LatentCache:
 class VAEObjective(torch.nn.Module):
     """The VAE's training loss as a module, so DeepSpeed can wrap it: reconstruction MSE of a
     posterior sample plus kl_weight times the KL to N(0, I), per image (LDM's autoencoder
-    objective without its perceptual and adversarial terms, which need pretrained networks)."""
+    objective without its perceptual and adversarial terms, which need pretrained networks).
+    `decoder_only`: the encoder stays as it is and only the reconstruction trains the decoder, so
+    the latent space, and every UNet trained on it, stays valid (as SD's ft-MSE VAE was made)."""
 
-    def __init__(self, vae, kl_weight: float):
+    def __init__(self, vae, kl_weight: float, decoder_only: bool = False):
         super().__init__()
-        self.vae, self.kl_weight = vae, kl_weight
+        self.vae, self.kl_weight, self.decoder_only = vae, kl_weight, decoder_only
+        if decoder_only:
+            for m in (vae.encoder, vae.quant_conv):
+                if m is not None:
+                    m.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        posterior = self.vae.encode(x).latent_dist
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.decoder_only):
+            posterior = self.vae.encode(x).latent_dist
         recon = self.vae.decode(posterior.sample()).sample
-        return torch.nn.functional.mse_loss(recon.float(), x.float()) + self.kl_weight * posterior.kl().mean()
+        loss = torch.nn.functional.mse_loss(recon.float(), x.float())
+        return loss if self.decoder_only else loss + self.kl_weight * posterior.kl().mean()
 
 
 def _batches(shard, batch_size: int, skips: dict):
@@ -425,7 +433,7 @@ def train_loop(config: dict) -> None:
     # bf16 on GPU.
     pipe = load_pipeline(dataclasses.replace(mc, dtype="float32"), device=device)
     vae, text_encoder, unet = pipe.vae, pipe.text_encoder, pipe.unet
-    train_vae, train_gligen = fc.train == "vae", fc.train == "gligen"
+    train_vae, train_gligen = fc.train in ("vae", "decoder"), fc.train == "gligen"
     frozen_dtype = torch.bfloat16 if bf16 else torch.float32
     for m in (text_encoder, unet) if train_vae else (vae, text_encoder):
         m.requires_grad_(False).eval().to(device, frozen_dtype)
@@ -436,7 +444,7 @@ def train_loop(config: dict) -> None:
             param.requires_grad_(fc.inpaint or is_gligen_param(name))
             if param.dim() == 0:  # GLIGEN's gates; DeepSpeed's broadcast views each parameter as bytes, not a 0-d one
                 param.data = param.data.reshape(1)
-    trained = VAEObjective(vae, fc.kl_weight) if train_vae else unet
+    trained = VAEObjective(vae, fc.kl_weight, fc.train == "decoder") if train_vae else unet
     trained.train()
     if fc.grad_checkpointing and cuda and not train_vae:
         unet.enable_gradient_checkpointing()
@@ -569,7 +577,8 @@ def _check_config(fc: FinetuneConfig, base: list[str]) -> None:
          "instances JSON: crops of base categories) and finetune.captions (a COCO captions JSON)")
     need(bool(base) or bool(fc.captions),
          "no base categories: set prompts.base (or finetune.base) to the categories to fine-tune on")
-    need(fc.train in ("unet", "vae", "gligen"), f"finetune.train must be unet, vae or gligen, got {fc.train!r}")
+    need(fc.train in ("unet", "vae", "decoder", "gligen"),
+         f"finetune.train must be unet, vae, decoder or gligen, got {fc.train!r}")
     need(fc.train != "gligen" or (fc.annotations and not fc.replay),
          "finetune.train=gligen learns boxes: set finetune.annotations (a COCO/LVIS instances JSON of whole images "
          "and their boxes) and leave finetune.captions and finetune.replay unset")
@@ -688,9 +697,10 @@ def finetune(cfg: Any) -> TrainSummary:
         meta = read_meta(d)
         state = (load_tensors(d, "ema") if fc.ema else None) or load_tensors(d, "model")
         state = {k: v.to(torch.float32) for k, v in state.items()}
-    if fc.train == "vae":
+    if fc.train in ("vae", "decoder"):
         base_pipe.vae.load_state_dict({k.removeprefix("vae."): v for k, v in state.items()})
-        base_pipe.vae.register_to_config(scaling_factor=latent_scaling_factor(base_pipe.vae, rows, fc.crop_size))
+        if fc.train == "vae":  # a new latent space; the decoder alone keeps the old one and its scale
+            base_pipe.vae.register_to_config(scaling_factor=latent_scaling_factor(base_pipe.vae, rows, fc.crop_size))
     elif fc.train == "gligen":
         base_pipe = gligen_pipeline(base_pipe, state, fc.inpaint)
         fold_phrase_norm(base_pipe.unet, mean, scale)  # the saved GLIGEN takes raw embeddings, as any GLIGEN
