@@ -9,7 +9,9 @@ wrote: the fraction of images where every category the prompt named is present (
 same against another image's prompt ("wrong prompt": the chance level for these pictures), and,
 as the ceiling, the real test images against their own categories. Where "prompted" is near
 "wrong prompt", the generator draws objects but not the ones asked for, and no labeller can fix
-that downstream.
+that downstream. A third CNN learns to tell the detection scenes (train split) from the plain
+pretraining pictures; the fraction of a set's images it calls scenes ("scene-like") says whether a
+generator learnt the detection data's look (paper 3.2's fine-tuning), against the real test scenes.
 
 A second judge scores the labellers' boxes: a small CNN learns, from crops of the real pretraining
 pictures' boxes (every object there is annotated) and crops that hold no object, which category a
@@ -77,6 +79,11 @@ def train(net: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: 
 @torch.no_grad()
 def present(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([net(c).sigmoid() > 0.5 for c in x.split(256)])
+
+
+def scene_like(look: nn.Module, x: torch.Tensor) -> float:
+    """Fraction of images the look judge calls detection scenes rather than pretraining pictures."""
+    return float(present(look, x).float().mean())
 
 
 def score(found: torch.Tensor, wanted: torch.Tensor) -> float:
@@ -214,7 +221,11 @@ def main(argv: list[str] | None = None) -> int:
           f"right {float(test_right[tby < len(categories)].float().mean()):.1%}, empty crops right "
           f"{float(test_right[tby == len(categories)].float().mean()):.1%}\n")
 
-    rows, box_rows = [("real test images (ceiling)", len(tx), score(found, ty), score(found, shuffled(ty)))], []
+    # Trained last, so that the two judges above draw the same random numbers as without it.
+    look = judge_net(1)  # 1 = a cluttered detection scene, 0 = a plain pretraining picture
+    train(look, x, torch.cat([torch.zeros(len(parts[0][0]), 1), torch.ones(len(parts[1][0]), 1)]), args.epochs)
+    rows = [("real test images (ceiling)", len(tx), score(found, ty), score(found, shuffled(ty)), scene_like(look, tx))]
+    box_rows = []
     for folder in folders:
         # What a trainer reads: a set filtered by CLIP (<set>_clip) without the images it refused
         samples = [s for s in iter_samples(shard_urls(folder)) if usable(s["json"])]
@@ -223,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         gx = to_tensor(np.stack([np.asarray(s["jpg"]) for s in samples]))
         gy = torch.tensor([[float(c in s["json"]["categories"]) for c in categories] for s in samples])
         found = present(net, gx)
-        rows.append((os.path.basename(folder), len(samples), score(found, gy), score(found, shuffled(gy))))
+        rows.append((os.path.basename(folder), len(samples), score(found, gy), score(found, shuffled(gy)),
+                     scene_like(look, gx)))
         prompted = {"base": 0, "novel": 0}
         for s in samples:
             for c in s["json"]["categories"]:
@@ -231,10 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         for kind, (n, right, by_chance) in judge_boxes(box_net, samples, categories, novel, rng).items():
             box_rows.append((os.path.basename(folder), kind, n, n / prompted[kind], right, by_chance))
 
-    print("| images | n | prompted categories all present | against the wrong prompt (chance) |")
-    print("|---|---|---|---|")
-    for name, n, ok, chance in rows:
-        print(f"| {name} | {n} | {ok:.1%} | {chance:.1%} |")
+    print("| images | n | prompted categories all present | against the wrong prompt (chance) | scene-like |")
+    print("|---|---|---|---|---|")
+    for name, n, ok, chance, scenes in rows:
+        print(f"| {name} | {n} | {ok:.1%} | {chance:.1%} | {scenes:.1%} |")
     print("\n| boxes | kind | n | per prompted object | box right | moved (chance) |")
     print("|---|---|---|---|---|---|")
     for name, kind, n, per, right, chance in box_rows:
