@@ -9,9 +9,7 @@ wrote: the fraction of images where every category the prompt named is present (
 same against another image's prompt ("wrong prompt": the chance level for these pictures), and,
 as the ceiling, the real test images against their own categories. Where "prompted" is near
 "wrong prompt", the generator draws objects but not the ones asked for, and no labeller can fix
-that downstream. A third CNN learns to tell the detection scenes (train split) from the plain
-pretraining pictures; the fraction of a set's images it calls scenes ("scene-like") says whether a
-generator learnt the detection data's look (paper 3.2's fine-tuning), against the real test scenes.
+that downstream.
 
 A second judge scores the labellers' boxes: a small CNN learns, from crops of the real pretraining
 pictures' boxes (every object there is annotated) and crops that hold no object, which category a
@@ -19,6 +17,10 @@ box holds, or none. On each synthetic set it reports the fraction of boxes whose
 the box's category ("box right"), against the same boxes moved to a random place in the image
 ("moved": the level of a box that found the colour and shape by chance), for base and novel
 boxes apart; and boxes per prompted object.
+
+A third CNN learns to tell the detection scenes (train split) from the plain pretraining
+pictures; the fraction of a set's images it calls scenes ("scene-like") says whether a generator
+learnt the detection data's look (paper 3.2's fine-tuning), against the real test scenes.
 """
 from __future__ import annotations
 
