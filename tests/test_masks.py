@@ -20,7 +20,7 @@ from engine.generation.pipeline import generate
 from engine.generation.pool import PoolError, build_pool
 from engine.models.segmenter import SegmenterError, build_segmenter, tiny_sam
 from engine.training.copy_paste import CopyPaste, CopyPasteError, Instance, PoolIndex, load_pool_index, paste
-from engine.training.detection import REAL, Augmenter
+from engine.training.detection import Augmenter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 4 base categories x 2 images in shards of 4; up to two boxes per category, so there are boxes.
@@ -410,18 +410,17 @@ def test_augmenter_pastes_onto_real_rows_only(masked, tmp_path):
     index = load_pool_index(CopyPasteConfig(pool=dest), cfg.prompts.base)
     path = tmp_path / "real.png"
     Image.new("RGB", (64, 64), (0, 0, 0)).save(path)
-    batch = {"source": np.array([REAL]), "file": np.array([str(path)]), "image": np.array([b""], dtype=object),
-             "boxes": np.array([json.dumps([[2, 2, 20, 20]])]), "labels": np.array([json.dumps(["dog"])]),
-             "seed": np.array([3])}
+    item = {"url": "", "rows": json.dumps([{"file": str(path), "boxes": json.dumps([[2, 2, 20, 20]]),
+                                            "labels": json.dumps(["dog"]), "seed": 3}])}
     no_jitter = {"flip_prob": 0.0, "min_scale": 1.0, "max_scale": 1.0}
-    plain = Augmenter(cfg.prompts.base, 64, no_jitter, True)(batch)
+    [plain] = Augmenter(cfg.prompts.base, 64, no_jitter, True)(item)
     # Instances scaled to the image's side: none is scaled to nothing.
     paste_cfg = CopyPasteConfig(pool=dest, per_image=2, min_size=1.0, max_size=1.0, min_visible=0.0)
-    pasted = Augmenter(cfg.prompts.base, 64, no_jitter, True, True, (asdict(paste_cfg), index))(batch)
+    [pasted] = Augmenter(cfg.prompts.base, 64, no_jitter, True, True, (asdict(paste_cfg), index))(item)
     expected = CopyPaste(paste_cfg, index)(np.zeros((64, 64, 3), np.uint8), [[2, 2, 20, 20]], ["dog"], 3)
-    assert len(expected[3]) == 2 and json.loads(plain["target"][0])["labels"] == [cfg.prompts.base.index("dog")]
-    assert json.loads(pasted["target"][0])["labels"] == [cfg.prompts.base.index(c) for c in expected[2]]
-    assert (pasted["pixels"][0] == expected[0]).all() and (pasted["pixels"] != plain["pixels"]).any()
+    assert len(expected[3]) == 2 and json.loads(plain["target"])["labels"] == [cfg.prompts.base.index("dog")]
+    assert json.loads(pasted["target"])["labels"] == [cfg.prompts.base.index(c) for c in expected[2]]
+    assert (pasted["pixels"] == expected[0]).all() and (pasted["pixels"] != plain["pixels"]).any()
 
 
 def test_pool_command_errors_are_one_line(tmp_path):

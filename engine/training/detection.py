@@ -269,7 +269,11 @@ def to_target(boxes: list[list[float]], valid: tuple[int, int]) -> list[list[flo
 
 
 class Augmenter:
-    """Ray Data batch function: decode, augment, and encode the targets of one batch of rows."""
+    """Ray Data flat_map (an actor): one work item of epoch_items in, its rows out, read, decoded,
+    augmented and their targets encoded. Reading and augmenting happen in the one call: as a read
+    task per item feeding an actor batches of 16, Ray's hand-off of every small block made the
+    input 4x slower than the work itself, and the trainer waited on it (docs/benchmarks.md,
+    "The detector's input")."""
 
     def __init__(self, categories: list[str], size: int, augment_cfg: dict, keep_aspect: bool, train: bool = True,
                  copy_paste: Optional[tuple[dict, PoolIndex]] = None):
@@ -279,37 +283,35 @@ class Augmenter:
         # Pool instances pasted onto real images, before the scale jitter (engine.training.copy_paste).
         self.paste = CopyPaste(CopyPasteConfig(**copy_paste[0]), copy_paste[1]) if copy_paste and train else None
 
-    def __call__(self, batch: dict) -> dict:
-        pixels, masks, targets, pasted = [], [], [], []
-        for i in range(len(batch["source"])):
-            image = open_image(batch["file"][i]) if batch["source"][i] == REAL else decode_image(batch["image"][i])
-            labels = json.loads(batch["labels"][i])
-            unknown = [label for label in labels if label not in self.index]
-            if unknown and batch["source"][i] == SYNTHETIC:
-                raise DetectionDataError(f"synthetic sample {batch['file'][i]} has category {unknown[0]!r}, "
-                                         f"which is not one of the detector's categories")
-            keep = [j for j, label in enumerate(labels) if label in self.index]
-            boxes = [json.loads(batch["boxes"][i])[j] for j in keep]
-            record = []
-            # Every draw from the row's seed (epoch_items): the same run draws the same augmentation.
-            seed = int(batch["seed"][i])
-            rng = np.random.default_rng(seed)
-            if self.paste is not None and batch["source"][i] == REAL:
-                pixels_in, boxes, pasted_labels, record = self.paste(np.asarray(image), boxes,
-                                                                     [labels[j] for j in keep], seed)
-                image, labels, keep = Image.fromarray(pixels_in), pasted_labels, list(range(len(pasted_labels)))
-            # The categories pasted and still visible: the trainer counts them per epoch.
-            pasted.append(json.dumps([p["category"] for p in record if p["box"] is not None]))
-            scale = rng.uniform(self.cfg.min_scale, self.cfg.max_scale) if self.train else 1.0
-            flip = bool(rng.random() < self.cfg.flip_prob) if self.train else False
-            crop = tuple(rng.random(2)) if self.train else (0.0, 0.0)
-            px, mask, boxes, kept, valid = augment(image, boxes, [labels[j] for j in keep], self.size, scale,
+    def __call__(self, item: dict) -> list[dict]:
+        return [self.row(r) for r in read_item(item)]
+
+    def row(self, r: dict) -> dict:
+        image = open_image(r["file"]) if r["source"] == REAL else decode_image(r["image"])
+        labels = json.loads(r["labels"])
+        unknown = [label for label in labels if label not in self.index]
+        if unknown and r["source"] == SYNTHETIC:
+            raise DetectionDataError(f"synthetic sample {r['file']} has category {unknown[0]!r}, "
+                                     f"which is not one of the detector's categories")
+        keep = [j for j, label in enumerate(labels) if label in self.index]
+        boxes = [json.loads(r["boxes"])[j] for j in keep]
+        record = []
+        # Every draw from the row's seed (epoch_items): the same run draws the same augmentation.
+        seed = int(r["seed"])
+        rng = np.random.default_rng(seed)
+        if self.paste is not None and r["source"] == REAL:
+            pixels_in, boxes, pasted_labels, record = self.paste(np.asarray(image), boxes,
+                                                                 [labels[j] for j in keep], seed)
+            image, labels, keep = Image.fromarray(pixels_in), pasted_labels, list(range(len(pasted_labels)))
+        scale = rng.uniform(self.cfg.min_scale, self.cfg.max_scale) if self.train else 1.0
+        flip = bool(rng.random() < self.cfg.flip_prob) if self.train else False
+        crop = tuple(rng.random(2)) if self.train else (0.0, 0.0)
+        pixels, mask, boxes, kept, valid = augment(image, boxes, [labels[j] for j in keep], self.size, scale,
                                                    flip, crop, self.keep_aspect)
-            pixels.append(px)
-            masks.append(mask)
-            targets.append(json.dumps({"boxes": to_target(boxes, valid), "labels": [self.index[c] for c in kept]}))
-        return {"pixels": np.stack(pixels), "mask": np.stack(masks), "target": np.array(targets, dtype=object),
-                "source": np.asarray(batch["source"], dtype=object), "pasted": np.array(pasted, dtype=object)}
+        return {"pixels": pixels, "mask": mask, "source": r["source"],
+                "target": json.dumps({"boxes": to_target(boxes, valid), "labels": [self.index[c] for c in kept]}),
+                # The categories pasted and still visible: the trainer counts them per epoch.
+                "pasted": json.dumps([p["category"] for p in record if p["box"] is not None])}
 
 
 def epoch_items(cfg: DetectorConfig, plan: EpochPlan, epoch: int, world: int) -> list[list[dict]]:
@@ -340,8 +342,8 @@ def epoch_items(cfg: DetectorConfig, plan: EpochPlan, epoch: int, world: int) ->
 
 
 def read_item(item: dict) -> list[dict]:
-    """Ray Data flat_map: the rows of one work item (epoch_items), in the item's order; a
-    synthetic item reads its shard's tar once."""
+    """The rows of one work item (epoch_items), in the item's order; a synthetic item reads its
+    shard's tar once."""
     rows = json.loads(item["rows"])
     if not item["url"]:
         return [{"source": REAL, "file": r["file"], "image": b"", "boxes": r["boxes"], "labels": r["labels"],
@@ -375,15 +377,13 @@ def build_train_datasets(cfg: DetectorConfig, plan: EpochPlan, categories: list[
     datasets = {}
     for epoch in range(epochs):
         for rank, items in enumerate(epoch_items(cfg, plan, epoch, cfg.run.num_workers)):
-            # One read task per item; a fraction of a CPU, since the trainer workers already hold
-            # most of a small machine.
+            # One block per item, read and augmented by one actor; a fraction of a CPU, since the
+            # trainer workers already hold most of a small machine.
             datasets[dataset_name(rank, epoch)] = (
                 ray.data.from_items(items, override_num_blocks=len(items))
-                .flat_map(read_item, num_cpus=0.25)
-                .map_batches(Augmenter, fn_constructor_args=(categories, cfg.image_size, asdict(cfg.augment),
-                                                             keep_aspect, True, paste),
-                             batch_size=cfg.batch_size, batch_format="numpy", num_cpus=0.25,
-                             compute=ray.data.ActorPoolStrategy(size=1)))
+                .flat_map(Augmenter, fn_constructor_args=(categories, cfg.image_size, asdict(cfg.augment),
+                                                          keep_aspect, True, paste),
+                          num_cpus=0.25, compute=ray.data.ActorPoolStrategy(size=1)))
     return datasets
 
 
