@@ -271,9 +271,9 @@ def to_target(boxes: list[list[float]], valid: tuple[int, int]) -> list[list[flo
 class Augmenter:
     """Ray Data flat_map (an actor): one work item of epoch_items in, its rows out, read, decoded,
     augmented and their targets encoded. Reading and augmenting happen in the one call: as a read
-    task per item feeding an actor batches of 16, Ray's hand-off of every small block made the
-    input 4x slower than the work itself, and the trainer waited on it (docs/benchmarks.md,
-    "The detector's input")."""
+    task per item feeding an actor batches of 16, Ray's hand-off of every small block made an
+    epoch's input take 4.5x as long, and the trainer waited on it (docs/benchmarks.md, the toy
+    world's fifteenth run)."""
 
     def __init__(self, categories: list[str], size: int, augment_cfg: dict, keep_aspect: bool, train: bool = True,
                  copy_paste: Optional[tuple[dict, PoolIndex]] = None):
