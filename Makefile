@@ -32,6 +32,6 @@ demo: env
 test: env
 	$(BIN)/python -m pytest -q tests
 
-# The InstaGen loop on a drawn world, table 4 in miniature (about 60 min on 2 cores).
+# The InstaGen loop on a drawn world, table 4 in miniature (about 55 min on 2 cores).
 toy-world: env
 	$(BIN)/instagen toy-world --config configs/toy_world.yaml
